@@ -1,0 +1,26 @@
+"""User-facing errors.
+
+Every error a user can fix (bad input, missing weights, unreachable endpoint) is raised as a
+`GasError` subclass with a message that says what was wrong and what to do. The CLI prints
+the message alone and exits with status 2; anything else is a bug and keeps its traceback.
+"""
+
+
+class GasError(Exception):
+    """An error the user can fix; the message is shown without a traceback."""
+
+
+class PlanError(GasError, ValueError):
+    """An edit plan (phrases, boxes, flags) is malformed."""
+
+
+class ModelLoadError(GasError):
+    """A model could not be loaded from the given id or path."""
+
+
+class GroundingError(GasError):
+    """A phrase could not be located in the image."""
+
+
+class PlannerError(GasError):
+    """A request could not be turned into subtasks."""
