@@ -1,0 +1,6 @@
+"""Planners: turn a user request into an EditPlan (see DESIGN.md, "Planning")."""
+
+from gas_lightning.planners.request import is_structured_request, parse_request, split_sentences
+from gas_lightning.planners.sentences import diff_sentences
+
+__all__ = ["parse_request", "is_structured_request", "split_sentences", "diff_sentences"]
