@@ -128,6 +128,9 @@ class EditPlan:
         intensities: Sequence[float] | None = None,
     ) -> "EditPlan":
         """Build a plan from parallel lists, the form configs and LLM replies use."""
+        for name, values in (("sources", sources), ("targets", targets), ("preserve_form", preserve_form)):
+            if isinstance(values, str):
+                raise PlanError(f"{name} must be a list (one entry per subtask), got the string {values!r}")
         n = len(sources)
         for name, values in (("targets", targets), ("boxes", boxes), ("preserve_form", preserve_form), ("intensities", intensities)):
             if values is not None and len(values) != n:
@@ -205,7 +208,7 @@ class EditPlan:
     def load(cls, path: str | Path) -> "EditPlan":
         p = Path(path)
         if not p.is_file():
-            raise PlanError(f"plan file {str(p)!r} does not exist")
+            raise PlanError(f"plan file {str(p)!r} " + ("is a directory" if p.is_dir() else "does not exist"))
         try:
             data = json.loads(p.read_text())
         except json.JSONDecodeError as e:

@@ -1,0 +1,262 @@
+"""Load a frozen text-to-image diffusion model (Stable Diffusion family) for score distillation.
+
+Components are loaded one by one with diffusers/transformers `from_pretrained` so that a hub
+id and a local folder take the same path, and so that a pixel-space model (no `vae/`, such as
+the bundled shapes model) is a first-class case through an identity codec.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from gas_lightning.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+ATTENTION_BACKENDS = ("auto", "sdpa", "xformers")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class LatentCodec(nn.Module):
+    """Maps images in [-1, 1] to the space the denoiser works in, and back."""
+
+    downscale: int = 1
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class IdentityCodec(LatentCodec):
+    """Pixel-space diffusion: the image itself is the latent."""
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        return image
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        return latent.clamp(-1, 1)
+
+
+class VaeCodec(LatentCodec):
+    """Latent diffusion: z = (VAE mean - shift) * scale, as in Stable Diffusion."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+        self.scale = float(vae.config.scaling_factor)
+        self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        self.downscale = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.vae.parameters()).dtype
+        posterior = self.vae.encode(image.to(dtype)).latent_dist
+        return ((posterior.mean - self.shift) * self.scale).float()
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.vae.parameters()).dtype
+        image = self.vae.decode((latent / self.scale + self.shift).to(dtype)).sample
+        return image.float().clamp(-1, 1)
+
+
+@dataclass
+class Backbone:
+    """The frozen networks of one diffusion model plus what guidance needs to know about it."""
+
+    unet: nn.Module
+    text_encoder: nn.Module
+    tokenizer: Any
+    codec: LatentCodec
+    alphas_cumprod: torch.Tensor  # (T,), float32
+    prediction_type: str  # "epsilon" | "v_prediction"
+    attention: str  # the attention backend that is in use
+    source: str  # id or path it was loaded from
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    @property
+    def default_resolution(self) -> int:
+        """The model's own working resolution: UNet sample size times the codec's downscale."""
+        return int(self.unet.config.sample_size) * self.codec.downscale
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this for the UNet's down/up-sampling to line up."""
+        return 2 ** (len(self.unet.config.block_out_channels) - 1) * self.codec.downscale
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def to(self, device: torch.device | str) -> "Backbone":
+        for net in (self.unet, self.text_encoder, self.codec):
+            net.to(device)
+        self.alphas_cumprod = self.alphas_cumprod.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text embeddings (len(prompts), L, D); warns when a prompt is cut by the encoder's length."""
+        max_len = min(int(self.tokenizer.model_max_length), int(self.text_encoder.config.max_position_embeddings))
+        for p in prompts:
+            n = len(self.tokenizer(p, truncation=False).input_ids)
+            if n > max_len:
+                log.warning("prompt %r is %d tokens; the text encoder keeps only %d", p, n, max_len)
+        tokens = self.tokenizer(
+            list(prompts), padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
+        )
+        out = self.text_encoder(tokens.input_ids.to(self.device))
+        hidden = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
+        return hidden.to(self.dtype)
+
+    def predict_eps(self, z_t: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """Noise prediction in float32, converting v-prediction models (eps = a v + s z_t)."""
+        out = self.unet(z_t.to(self.dtype), t, encoder_hidden_states=embeddings).sample.float()
+        if self.prediction_type == "epsilon":
+            return out
+        if self.prediction_type == "v_prediction":
+            a, s = alpha_sigma(self.alphas_cumprod, t, z_t.ndim)
+            return a * out + s * z_t.float()
+        raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
+
+
+def alpha_sigma(alphas_cumprod: torch.Tensor, t: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """sqrt(alphabar_t) and sqrt(1 - alphabar_t), shaped to broadcast over a batch of latents."""
+    ab = alphas_cumprod.to(t.device)[t].float().reshape(-1, *([1] * (ndim - 1)))
+    return ab.sqrt(), (1 - ab).sqrt()
+
+
+# loading ------------------------------------------------------------------------------------
+
+
+def resolve_dtype(dtype: str, device: str | torch.device) -> torch.dtype:
+    """'auto' is float16 on CUDA (bfloat16 where supported) and float32 on CPU."""
+    if dtype == "auto":
+        if torch.device(device).type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _from_pretrained(cls: Any, source: str, subfolder: str, **kwargs: Any) -> Any:
+    try:
+        return cls.from_pretrained(source, subfolder=subfolder, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as e:
+        local = Path(source).exists()
+        hint = (
+            f"the folder {source!r} has no loadable '{subfolder}/' component"
+            if local
+            else f"could not load {source!r} from the Hugging Face hub (offline, or no such model); "
+            "download the model once and pass the local folder with --model /path/to/model"
+        )
+        raise ModelLoadError(f"{hint} ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+
+
+def _model_index(source: str) -> dict:
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.load_config(source)
+    except (OSError, ValueError, EnvironmentError) as e:
+        if Path(source).exists():
+            raise ModelLoadError(
+                f"{source!r} is not a diffusers model folder (no model_index.json); "
+                "save the model with save_pretrained or point --model at the folder that holds unet/, text_encoder/ ..."
+            ) from None
+        raise ModelLoadError(
+            f"could not reach model {source!r} (offline, or no such hub id): {type(e).__name__}. "
+            "Pass a local folder with --model /path/to/model (a diffusers save_pretrained layout)."
+        ) from None
+
+
+def set_attention(unet: nn.Module, backend: str) -> str:
+    """Select the attention kernel; returns the backend actually in use.
+
+    `auto` uses xformers when it imports and the UNet is on CUDA, PyTorch SDPA otherwise.
+    Asking for `xformers` where it cannot run falls back to SDPA with a warning rather than
+    failing the edit: both compute the same attention.
+    """
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    if backend not in ATTENTION_BACKENDS:
+        raise ModelLoadError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
+    on_cuda = next(unet.parameters()).device.type == "cuda"
+    have_xformers = importlib.util.find_spec("xformers") is not None
+    if backend in ("auto", "xformers") and have_xformers and on_cuda:
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+            return "xformers"
+        except Exception as e:  # xformers built for another torch/CUDA fails here, not at import
+            log.warning("xformers could not be enabled (%s: %s); using PyTorch SDPA", type(e).__name__, e)
+    elif backend == "xformers":
+        why = "it is not installed (pip install 'gas-lightning[xformers]')" if not have_xformers else "it needs CUDA"
+        log.warning("attention backend 'xformers' requested but %s; using PyTorch SDPA", why)
+    unet.set_attn_processor(AttnProcessor2_0())
+    return "sdpa"
+
+
+def load_backbone(
+    model: str,
+    device: str | torch.device = "cpu",
+    dtype: str = "auto",
+    attention: str = "auto",
+    local_files_only: bool | None = None,
+) -> Backbone:
+    """Load UNet, text encoder, tokenizer, scheduler constants and (if present) the VAE."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    model = os.fspath(model)
+    if local_files_only is None:
+        local_files_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    torch_dtype = resolve_dtype(dtype, device)
+    kw = {"local_files_only": local_files_only}
+    index = _model_index(model)
+
+    unet = _from_pretrained(UNet2DConditionModel, model, "unet", torch_dtype=torch_dtype, **kw)
+    text_encoder = _from_pretrained(CLIPTextModel, model, "text_encoder", dtype=torch_dtype, **kw)
+    tokenizer = _from_pretrained(AutoTokenizer, model, "tokenizer", **kw)
+    scheduler = _from_pretrained(DDPMScheduler, model, "scheduler", **kw)
+    vae_entry = index.get("vae")
+    if vae_entry and vae_entry[0] is not None:
+        codec: LatentCodec = VaeCodec(_from_pretrained(AutoencoderKL, model, "vae", torch_dtype=torch_dtype, **kw))
+    else:
+        codec = IdentityCodec()
+
+    for net in (unet, text_encoder, codec):
+        net.requires_grad_(False).eval()
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ModelLoadError(f"{model!r} uses prediction_type={prediction_type!r}; only epsilon and v_prediction are supported")
+    backbone = Backbone(
+        unet=unet,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        codec=codec,
+        alphas_cumprod=scheduler.alphas_cumprod.float().clone(),
+        prediction_type=prediction_type,
+        attention="sdpa",
+        source=model,
+    ).to(device)
+    backbone.attention = set_attention(unet, attention)
+    log.info("loaded %s (%s, %s, attention=%s)", model, prediction_type, torch_dtype, backbone.attention)
+    return backbone

@@ -1,0 +1,194 @@
+"""Grounded Delta Denoising Score: the per-term gradients of Ground-A-Score.
+
+A *term* is one subtask (source phrase -> target phrase, masked to its box) or the
+whole-scene sentence pair (masked to the union, weighted by beta(t)). Each term's gradient on
+the latent z is
+
+    weight * gamma * M * [cfg(e(z_t, y)) - cfg(e(z_t^src, x))] / (h w)
+
+Two ways to evaluate them share this file so that they cannot drift apart:
+`term_gradient` (one term alone, 4 UNet samples: the reference's sequential schedule) and
+`batched_gradient` (all terms at one t and noise, 2n + 4 samples in one UNet call).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from gas_lightning.backbone import Backbone, alpha_sigma
+from gas_lightning.guidance.cds import CDSConfig, SelfAttentionCapture, patch_nce, to_maps
+from gas_lightning.plan import Box
+
+FULL_PROMPT_WEIGHTS = (0.5, 0.4, 0.3, 0.2, 0.1)
+
+
+@dataclass
+class GuidanceConfig:
+    """Constants of the method (DESIGN.md); defaults are the reference's."""
+
+    guidance_scale: float = 7.5
+    t_min: int = 50
+    t_max: int = 949
+    full_prompt: bool = True
+    full_prompt_weights: tuple[float, ...] = FULL_PROMPT_WEIGHTS
+    cds: CDSConfig = field(default_factory=CDSConfig)
+
+    def beta(self, t: int) -> float:
+        """Whole-scene weight beta(t): 0.5 at low noise down to 0.1 at high noise, in buckets of 200 steps."""
+        return float(self.full_prompt_weights[min(int(t) // 200, len(self.full_prompt_weights) - 1)])
+
+
+@dataclass(frozen=True)
+class Term:
+    """One guidance term, resolved to tensors on the model's device."""
+
+    name: str
+    src_emb: torch.Tensor  # (1, L, D)
+    tgt_emb: torch.Tensor  # (1, L, D)
+    mask: torch.Tensor  # (h, w)
+    weight: float  # intensity, or the whole-scene weight (times beta(t) at use)
+    is_full: bool = False
+    penalty: bool = False
+    preserve_form: bool = False
+    box: Box | None = None
+
+
+@dataclass
+class TermLog:
+    t: int
+    gamma: float
+    grad_norm: float
+    cds_loss: float | None = None
+
+
+class GroundedScoreGuidance:
+    """Frozen-model side of the edit: turns (z, z_src, terms, t, eps) into a gradient on z.
+
+    Deliberately not an nn.Module: it must never become a child of the LightningModule, so
+    the frozen networks stay out of state_dict, checkpoints and DDP.
+    """
+
+    def __init__(self, backbone: Backbone, config: GuidanceConfig | None = None, null_embedding: torch.Tensor | None = None):
+        self.backbone = backbone
+        self.config = config or GuidanceConfig()
+        self.null = null_embedding if null_embedding is not None else backbone.encode_prompts([""])
+        self._capture: SelfAttentionCapture | None = None
+        self.penalty_coefficient = 5.0
+
+    @property
+    def capture(self) -> SelfAttentionCapture:
+        if self._capture is None:
+            self._capture = SelfAttentionCapture(self.backbone.unet)
+        return self._capture
+
+    def to(self, device: torch.device) -> "GroundedScoreGuidance":
+        self.backbone.to(device)
+        self.null = self.null.to(device)
+        return self
+
+    # helpers --------------------------------------------------------------------------------
+    def _noisy(self, z: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        a, s = alpha_sigma(self.backbone.alphas_cumprod, t, z.ndim)
+        return a * z + s * eps
+
+    def _cfg(self, e0: torch.Tensor, ec: torch.Tensor) -> torch.Tensor:
+        return e0 + self.config.guidance_scale * (ec - e0)
+
+    def _weight(self, term: Term, t: int) -> float:
+        return term.weight * (self.config.beta(t) if term.is_full else 1.0)
+
+    def _gamma(self, term: Term, e0_tgt: torch.Tensor, ec_tgt: torch.Tensor) -> torch.Tensor:
+        """Null-text penalty: small when the target text barely changes the prediction in the box."""
+        if not term.penalty:
+            return torch.ones((), device=e0_tgt.device)
+        diff = ((e0_tgt - ec_tgt).abs() * term.mask).mean()
+        return (self.penalty_coefficient * diff).clamp(0.0, 1.0)
+
+    def _dds(self, term: Term, t: int, e0_src, e0_tgt, ec_src, ec_tgt) -> tuple[torch.Tensor, TermLog]:
+        h, w = e0_src.shape[-2:]
+        gamma = self._gamma(term, e0_tgt, ec_tgt)
+        direction = self._cfg(e0_tgt, ec_tgt) - self._cfg(e0_src, ec_src)
+        grad = self._weight(term, t) * gamma * term.mask * direction / (h * w)
+        grad = torch.nan_to_num(grad)
+        return grad, TermLog(t=t, gamma=float(gamma), grad_norm=float(grad.norm()))
+
+    def _cds(
+        self, z: torch.Tensor, z_src: torch.Tensor, terms: Sequence[Term], t: torch.Tensor, eps: torch.Tensor,
+        generator: torch.Generator,
+    ) -> tuple[torch.Tensor, list[float]]:
+        """Gradient of the PatchNCE losses of `terms` on z, each masked to its term's region."""
+        cfg = self.config.cds
+        bb = self.backbone
+        n = len(terms)
+        h, w = z.shape[-2:]
+        tt = t.expand(n)
+        src_emb = torch.cat([tm.src_emb for tm in terms])
+        tgt_emb = torch.cat([tm.tgt_emb for tm in terms])
+        with torch.no_grad(), self.capture.capture() as ref:
+            bb.unet(self._noisy(z_src, t, eps).expand(n, -1, -1, -1).to(bb.dtype), tt, encoder_hidden_states=src_emb)
+        with torch.enable_grad():
+            z_leaf = z.detach().requires_grad_(True)
+            # z*M + (z*(1-M)).detach(): the same value, a gradient that stays inside the mask.
+            masks = torch.stack([tm.mask for tm in terms])[:, None]
+            z_masked = z_leaf * masks + (z_leaf * (1 - masks)).detach()
+            with self.capture.capture() as cur:
+                bb.unet(self._noisy(z_masked, t, eps).to(bb.dtype), tt, encoder_hidden_states=tgt_emb)
+            losses = []
+            for i, tm in enumerate(terms):
+                loss = sum(
+                    patch_nce(to_maps(q, h, w)[i], to_maps(k, h, w)[i], tm.box or (0.0, 0.0, 1.0, 1.0), cfg, generator)
+                    for q, k in zip(cur, ref)
+                ) / max(len(cur), 1)
+                losses.append(loss)
+            total = cfg.weight * torch.stack(losses).sum()
+            (grad,) = torch.autograd.grad(total, z_leaf)
+        return grad.float(), [float(v) for v in losses]
+
+    # the two schedules ------------------------------------------------------------------------
+    @torch.no_grad()
+    def term_gradient(
+        self, z: torch.Tensor, z_src: torch.Tensor, term: Term, t: int, eps: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, TermLog]:
+        """One term alone: [null src, null tgt, x src, y tgt] in one UNet call."""
+        tt = torch.tensor([t], device=z.device)
+        z_t_src, z_t_tgt = self._noisy(z_src, tt, eps), self._noisy(z, tt, eps)
+        lat = torch.cat([z_t_src, z_t_tgt, z_t_src, z_t_tgt])
+        emb = torch.cat([self.null, self.null, term.src_emb, term.tgt_emb])
+        e = self.backbone.predict_eps(lat, tt.expand(4), emb)
+        grad, tlog = self._dds(term, t, e[0:1], e[1:2], e[2:3], e[3:4])
+        if term.preserve_form and generator is not None:
+            g, (loss,) = self._cds(z, z_src, [term], tt, eps, generator)
+            grad = grad + g
+            tlog.cds_loss = loss
+        return grad, tlog
+
+    @torch.no_grad()
+    def batched_gradient(
+        self, z: torch.Tensor, z_src: torch.Tensor, terms: Sequence[Term], t: int, eps: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, list[TermLog]]:
+        """All terms at one t and noise: 2n + 2 conditional and 2 shared null-text samples, one call."""
+        n = len(terms)
+        tt = torch.tensor([t], device=z.device)
+        z_t_src, z_t_tgt = self._noisy(z_src, tt, eps), self._noisy(z, tt, eps)
+        lat = torch.cat([z_t_src, z_t_tgt] + [z_t_src] * n + [z_t_tgt] * n)
+        emb = torch.cat([self.null, self.null] + [tm.src_emb for tm in terms] + [tm.tgt_emb for tm in terms])
+        e = self.backbone.predict_eps(lat, tt.expand(lat.shape[0]), emb)
+        e0_src, e0_tgt = e[0:1], e[1:2]
+        total = torch.zeros_like(z, dtype=torch.float32)
+        logs = []
+        for i, tm in enumerate(terms):
+            grad, tlog = self._dds(tm, t, e0_src, e0_tgt, e[2 + i : 3 + i], e[2 + n + i : 3 + n + i])
+            total += grad
+            logs.append(tlog)
+        preserve = [i for i, tm in enumerate(terms) if tm.preserve_form]
+        if preserve and generator is not None:
+            g, losses = self._cds(z, z_src, [terms[i] for i in preserve], tt, eps, generator)
+            total += g
+            for i, loss in zip(preserve, losses):
+                logs[i].cds_loss = loss
+        return total, logs

@@ -1,0 +1,176 @@
+"""The edit as a LightningModule: the image latent is the only parameter.
+
+One Trainer step is one Ground-A-Score iteration over all terms, so `max_steps` means the
+same in both schedules. The frozen networks live in a `GroundedScoreGuidance` held outside
+the module tree: they are never registered children, never in `state_dict`, never in a
+checkpoint and never wrapped by DDP. Optimisation is manual because the sequential schedule
+takes one optimiser step per term inside a single Trainer step.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from gas_lightning.guidance import GroundedScoreGuidance, Term, TermLog
+from gas_lightning.plan import EditPlan
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = ("batched", "sequential")
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """A generator that depends only on (seed, step, rank): resumed runs replay the same noise."""
+    state = np.random.SeedSequence([int(seed), int(step), int(rank)]).generate_state(2, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state[0] % (2**63)))
+
+
+class _Ticks(IterableDataset):
+    """An endless stream of dummy batches: the Trainer counts steps, the data is the latent."""
+
+    def __iter__(self) -> Iterator[int]:
+        while True:
+            yield 0
+
+
+class GroundAScoreEdit(L.LightningModule):
+    def __init__(
+        self,
+        guidance: GroundedScoreGuidance,
+        z_src: torch.Tensor,
+        terms: Sequence[Term],
+        plan: EditPlan,
+        schedule: str = "batched",
+        seed: int = 0,
+        loss_scale: float = 2000.0,
+        optimizer: OptimizerFactory | None = None,
+    ):
+        super().__init__()
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        self.automatic_optimization = False
+        self.latent = nn.Parameter(z_src.detach().clone().float())
+        self.register_buffer("z_src", z_src.detach().clone().float(), persistent=False)
+        # Plain attributes on purpose: not children, not buffers, not in checkpoints.
+        self.__dict__["guidance"] = guidance
+        self.terms: list[Term] = list(terms)
+        self.plan = plan
+        self.schedule = schedule
+        self.seed = int(seed)
+        self.loss_scale = float(loss_scale)
+        self._optimizer_factory = optimizer
+        self.last_logs: list[TermLog] = []
+
+    # set-up ----------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        self._move_frozen(self.device)
+
+    def on_fit_start(self) -> None:
+        self._move_frozen(self.device)
+
+    def _move_frozen(self, device: torch.device) -> None:
+        self.guidance.to(device)
+        self.terms = [replace(t, src_emb=t.src_emb.to(device), tgt_emb=t.tgt_emb.to(device), mask=t.mask.to(device))
+                      for t in self.terms]
+
+    def set_penalty(self, flags: Sequence[bool], coefficient: float) -> None:
+        """Switch the null-text penalty per subtask term (the whole-scene term never has it)."""
+        subtask_terms = [t for t in self.terms if not t.is_full]
+        if len(flags) != len(subtask_terms):
+            raise ValueError(f"{len(flags)} penalty flags for {len(subtask_terms)} subtasks")
+        it = iter(flags)
+        self.terms = [t if t.is_full else replace(t, penalty=bool(next(it))) for t in self.terms]
+        self.guidance.penalty_coefficient = float(coefficient)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self._optimizer_factory is None:
+            return torch.optim.SGD([self.latent], lr=0.1)
+        return self._optimizer_factory([self.latent])
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_Ticks(), batch_size=None)
+
+    # the step ----------------------------------------------------------------------------------
+    @property
+    def active_terms(self) -> list[Term]:
+        return [t for t in self.terms if t.weight > 0]
+
+    def _draw(self, gen: torch.Generator) -> tuple[int, torch.Tensor]:
+        cfg = self.guidance.config
+        t = int(torch.randint(cfg.t_min, cfg.t_max + 1, (1,), generator=gen))
+        eps = torch.randn(self.latent.shape, generator=gen).to(self.device)
+        return t, eps
+
+    def _optimise(self, grad: torch.Tensor, last: bool) -> None:
+        """Turn a gradient into an optimiser step through the surrogate loss scale * <z, grad>."""
+        opt = self.optimizers()
+        opt.zero_grad()
+        if last:
+            self.manual_backward(self.loss_scale * (self.latent * grad.detach()).sum())
+            opt.step()
+            return
+        # Inner steps of the sequential schedule: one backward per DDP forward is all DDP allows,
+        # so these gradients are averaged across ranks by hand and applied by the raw optimiser.
+        grad = self.trainer.strategy.reduce(grad.detach(), reduce_op="mean") if self.trainer.world_size > 1 else grad
+        self.latent.grad = (self.loss_scale * grad).to(self.latent.dtype)
+        opt.optimizer.step()
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        gen = step_generator(self.seed, self.global_step, self.global_rank)
+        terms = self.active_terms
+        z = self.latent.detach()
+        if self.schedule == "batched":
+            t, eps = self._draw(gen)
+            grad, logs = self.guidance.batched_gradient(z, self.z_src, terms, t, eps, gen)
+            self._optimise(grad, last=True)
+        else:
+            logs = []
+            for i, term in enumerate(terms):
+                t, eps = self._draw(gen)
+                grad, tlog = self.guidance.term_gradient(self.latent.detach(), self.z_src, term, t, eps, gen)
+                self._optimise(grad, last=i == len(terms) - 1)
+                logs.append(tlog)
+        self.last_logs = logs
+        self._log_terms(terms, logs)
+
+    def _log_terms(self, terms: Sequence[Term], logs: Sequence[TermLog]) -> None:
+        for term, tl in zip(terms, logs):
+            values = {"t": float(tl.t), "gamma": tl.gamma, "grad_norm": tl.grad_norm}
+            if tl.cds_loss is not None:
+                values["cds_loss"] = tl.cds_loss
+            for key, value in values.items():
+                self.log(f"{term.name}/{key}", value, on_step=True, on_epoch=False, sync_dist=False)
+        self.log("edit/latent_change", (self.latent.detach() - self.z_src).abs().mean(), on_step=True, on_epoch=False, prog_bar=True)
+
+    # outputs ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, latent: torch.Tensor | None = None) -> torch.Tensor:
+        """Image in [0, 1], shape (1, 3, H, W), of the current (or a given) latent."""
+        z = self.latent.detach() if latent is None else latent
+        return (self.guidance.backbone.codec.decode(z.to(self.guidance.backbone.device)) + 1) / 2
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # What the latent belongs to, so a resume with a different plan or seed is refused.
+        checkpoint["gas_lightning"] = {"plan": self.plan.to_dict(), "seed": self.seed, "schedule": self.schedule}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        meta = checkpoint.get("gas_lightning")
+        if meta is None:
+            return
+        from gas_lightning.errors import GasError
+
+        if meta["plan"] != self.plan.to_dict():
+            raise GasError("the checkpoint was made for a different edit plan; resume with the same --plan/--request/boxes "
+                           "(its plan.json is next to the checkpoints) or start a new run without --resume")
+        if meta["seed"] != self.seed or meta["schedule"] != self.schedule:
+            log.warning("resuming with seed/schedule %s/%s; the checkpoint used %s/%s",
+                        self.seed, self.schedule, meta["seed"], meta["schedule"])

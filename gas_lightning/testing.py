@@ -1,0 +1,91 @@
+"""Tiny random Stable-Diffusion-layout models for tests and smoke runs.
+
+No weights can be downloaded in CI, so tests write a randomly initialised model folder with
+`save_pretrained` and load it back through `load_backbone`, exercising the real loading path.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import torch
+
+TINY_RESOLUTION = 32
+
+
+def write_char_clip_tokenizer(folder: Path, max_length: int = 16) -> None:
+    """A CLIP BPE tokenizer whose vocabulary is single characters (no merges): any ASCII text encodes."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(string.ascii_lowercase + string.digits + ".,'-!?")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+    tok.save_pretrained(folder)
+
+
+def build_tiny_sd(
+    folder: str | Path,
+    prediction_type: str = "epsilon",
+    with_vae: bool = True,
+    seed: int = 0,
+) -> Path:
+    """Write a tiny random SD-style model (unet, text_encoder, tokenizer, scheduler[, vae]) to `folder`."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    max_length = 16
+    write_char_clip_tokenizer(folder / "tokenizer", max_length)
+    vocab_size = len(json.loads((folder / "tokenizer" / "vocab.json").read_text()))
+    text_cfg = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=max_length, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )
+    CLIPTextModel(text_cfg).save_pretrained(folder / "text_encoder")
+    latent_channels = 4 if with_vae else 3
+    vae_factor = 2 if with_vae else 1
+    unet = UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // vae_factor,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    unet.save_pretrained(folder / "unet")
+    DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        prediction_type=prediction_type,
+    ).save_pretrained(folder / "scheduler")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.30.0",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "vae": [None, None],
+    }
+    if with_vae:
+        AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            norm_num_groups=8, sample_size=TINY_RESOLUTION,
+        ).save_pretrained(folder / "vae")
+        index["vae"] = ["diffusers", "AutoencoderKL"]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
