@@ -1,0 +1,56 @@
+"""Previews of the edit while it runs: TensorBoard images and PNG files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from gas_lightning.pipeline import tensor_to_image
+
+
+def mask_overlay(source: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Source image (1, 3, H, W in [0, 1]) tinted red by the strongest subtask mask weight."""
+    if masks.shape[0] == 0:
+        return source
+    heat = F.interpolate(masks.max(dim=0).values[None, None].float(), size=source.shape[-2:], mode="nearest")
+    red = torch.tensor([1.0, 0.1, 0.1]).view(1, 3, 1, 1)
+    return source * (1 - 0.5 * heat) + red * 0.5 * heat
+
+
+class EditPreviews(Callback):
+    """Every `every_n_steps`, the decoded current image to TensorBoard and to `<output_dir>/previews/`."""
+
+    def __init__(self, every_n_steps: int = 50, save_png: bool = True):
+        self.every_n_steps = int(every_n_steps)
+        self.save_png = save_png
+
+    def _dir(self, trainer: L.Trainer) -> Path:
+        return Path(trainer.default_root_dir) / "previews"
+
+    def _log(self, trainer: L.Trainer, tag: str, image: torch.Tensor, step: int) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image(tag, image[0].clamp(0, 1).cpu(), global_step=step)
+
+    @rank_zero_only
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        source = pl_module.decode(pl_module.z_src).cpu()
+        self._log(trainer, "inputs/source", source, 0)
+        self._log(trainer, "inputs/masks", mask_overlay(source, pl_module.masks.subtasks.cpu()), 0)
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every_n_steps <= 0 or step % self.every_n_steps:
+            return
+        image = pl_module.decode().cpu()
+        self._log(trainer, "edit/preview", image, step)
+        if self.save_png:
+            self._dir(trainer).mkdir(parents=True, exist_ok=True)
+            tensor_to_image(image).save(self._dir(trainer) / f"step_{step:06d}.png")

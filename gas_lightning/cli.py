@@ -1,0 +1,176 @@
+"""`gas-edit`: one Ground-A-Score edit with the Lightning Trainer.
+
+Built on Lightning's own argument parser (jsonargparse), so config files, `--print_config`,
+`--trainer.*` flags and `class_path` callbacks behave as in LightningCLI. LightningCLI itself
+is not used because an edit needs work before the module exists (plan, grounding, model
+loading) and the module is built from tensors, not from config values.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from jsonargparse import ActionConfigFile, Namespace
+
+from gas_lightning.errors import GasError
+
+log = logging.getLogger("gas_lightning")
+
+DEFAULT_CALLBACKS = [
+    Namespace(class_path="gas_lightning.callbacks.NullTextPenalty", init_args=Namespace(area_threshold=0.15, coefficient=5.0)),
+    Namespace(class_path="gas_lightning.callbacks.EditPreviews", init_args=Namespace(every_n_steps=50)),
+]
+CHECKPOINT_EVERY = 50
+
+
+def build_parser():
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.cli import LightningArgumentParser, OptimizerCallable
+
+    from gas_lightning.guidance import GuidanceConfig
+    from gas_lightning.resolve import GroundingSpec, PlanSpec
+
+    p = LightningArgumentParser(
+        prog="gas-edit",
+        description="Edit several objects of an image at once with Ground-A-Score (grounded score distillation).",
+        default_env=False,
+    )
+    p.add_argument("--config", action=ActionConfigFile, help="YAML config file(s); later flags override them")
+    p.add_argument("--model", type=Optional[str], default=None,
+                   help="diffusers model: hub id, local folder, or gas-lightning:shapes-model (bundled)")
+    p.add_argument("--image", type=Optional[str], default=None, help="image to edit (any size; see README: working size)")
+    p.add_argument("--output_dir", type=str, default="outputs/edit")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--schedule", type=str, default="batched", choices=["batched", "sequential"])
+    p.add_argument("--resume", type=Optional[str], default=None, help="checkpoint to continue from, or 'last'")
+    p.add_argument("--overwrite", type=bool, default=False, help="replace an earlier edit's checkpoints in output_dir")
+    p.add_argument("--plan_only", type=bool, default=False, help="write plan.json and grounding.png, then stop")
+    p.add_argument("--resolution", type=Optional[int], default=None, help="short side of the working size (default: the model's)")
+    p.add_argument("--dtype", type=str, default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--attention", type=str, default="auto", choices=["auto", "sdpa", "xformers"])
+    p.add_argument("--loss_scale", type=float, default=2000.0)
+    p.add_argument("--checkpoint_every", type=int, default=CHECKPOINT_EVERY, help="steps between kept checkpoints")
+    p.add_argument("--optimizer", type=OptimizerCallable,
+                   default=Namespace(class_path="torch.optim.SGD", init_args=Namespace(lr=0.1)))
+    p.add_class_arguments(PlanSpec, nested_key=None, as_group=True, fail_untyped=True)
+    p.add_class_arguments(GroundingSpec, nested_key=None, as_group=True, skip={"device"})
+    p.add_dataclass_arguments(GuidanceConfig, "guidance")
+    p.add_lightning_class_args(Trainer, "trainer")
+    p.set_defaults({"trainer.max_steps": 500, "trainer.max_epochs": -1, "trainer.log_every_n_steps": 1,
+                    "trainer.callbacks": DEFAULT_CALLBACKS})
+    return p
+
+
+def _is_child_rank() -> bool:
+    """Lightning's DDP launcher re-runs this command in each extra process with LOCAL_RANK set."""
+    return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
+
+
+def _device_of(trainer) -> str:
+    return str(trainer.strategy.root_device)
+
+
+def run(argv: list[str] | None = None) -> int:
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from gas_lightning.backbone import load_backbone
+    from gas_lightning.callbacks import EditOutputs
+    from gas_lightning.pipeline import build_edit, load_image
+    from gas_lightning.plan import EditPlan
+    from gas_lightning.resolve import GroundingSpec, PlanSpec, ground, make_plan, resolve_bundled
+
+    parser = build_parser()
+    cfg = parser.parse_args(argv)
+    out = Path(cfg.output_dir)
+    ckpt_dir = out / "checkpoints"
+    child = _is_child_rank()
+
+    if cfg.image is None:
+        raise GasError("no image given: pass --image PATH (or --config configs/shapes.yaml for the bundled example)")
+    image = load_image(resolve_bundled(cfg.image))
+    plan_spec = PlanSpec(**{k: cfg[k] for k in PlanSpec.__dataclass_fields__})
+    ground_spec = GroundingSpec(**{k: cfg[k] for k in GroundingSpec.__dataclass_fields__ if k != "device"})
+
+    resume = cfg.resume
+    if resume == "last":
+        resume = str(ckpt_dir / "last.ckpt")
+    if resume is not None and not Path(resume).is_file():
+        raise GasError(f"--resume {cfg.resume!r}: no checkpoint at {resume}; checkpoints of an edit are in OUTPUT_DIR/checkpoints/")
+    if not child and resume is None and not cfg.plan_only and not cfg.overwrite and any(ckpt_dir.glob("*.ckpt")):
+        raise GasError(f"{out} already holds checkpoints of an earlier edit; continue it with --resume last, "
+                       "replace it with --overwrite true, or choose another --output_dir")
+
+    if child and (out / "plan.json").is_file():
+        plan = EditPlan.load(out / "plan.json")  # rank 0 resolved (and maybe asked an LLM) already
+    else:
+        plan = ground(make_plan(plan_spec, image), image, ground_spec)
+    out.mkdir(parents=True, exist_ok=True)
+    if not child:
+        plan.save(out / "plan.json")
+        parser.save(cfg, out / "config.yaml", overwrite=True, multifile=False, skip_check=True)
+    if cfg.plan_only:
+        from gas_lightning.grounding.base import draw_grounding
+
+        draw_grounding(image, plan, out / "grounding.png")
+        print(f"plan: {out / 'plan.json'}\ngrounding: {out / 'grounding.png'}")
+        return 0
+    if cfg.model is None:
+        raise GasError("no model given: pass --model HUB_ID_OR_FOLDER (a diffusers Stable Diffusion layout), "
+                       "or gas-lightning:shapes-model for the bundled one")
+
+    init = parser.instantiate_classes(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    callbacks = list(init.trainer.callbacks or [])
+    if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
+                                         every_n_train_steps=cfg.checkpoint_every, save_top_k=-1, save_last=True))
+    callbacks += [OnExceptionCheckpoint(dirpath=ckpt_dir, filename="interrupted"), EditOutputs(out)]
+    trainer_kwargs = {k: v for k, v in vars(init.trainer).items() if k != "callbacks"}
+    if trainer_kwargs.get("logger") in (None, True):
+        trainer_kwargs["logger"] = TensorBoardLogger(save_dir=str(out), name="", version="", default_hp_metric=False)
+    if trainer_kwargs.get("default_root_dir") is None:
+        trainer_kwargs["default_root_dir"] = str(out)
+    trainer = L.Trainer(callbacks=callbacks, **trainer_kwargs)
+
+    backbone = load_backbone(resolve_bundled(cfg.model), device=_device_of(trainer), dtype=cfg.dtype, attention=cfg.attention)
+    log.info("attention backend: %s", backbone.attention)
+    module = build_edit(backbone, image, plan, guidance_config=init.guidance, resolution=cfg.resolution,
+                        schedule=cfg.schedule, seed=cfg.seed, loss_scale=cfg.loss_scale, optimizer=init.optimizer)
+    trainer.fit(module, ckpt_path=resume)
+    if trainer.is_global_zero:
+        print(f"edited: {out / 'edited.png'}  (comparison.png, plan.json, config.yaml, checkpoints/ beside it; "
+              f"attention={backbone.attention}; tensorboard --logdir {out})")
+    return 0
+
+
+def _quiet_library_noise() -> None:
+    import warnings
+
+    # We checkpoint the latent after its update on purpose; this advice does not apply.
+    warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
+    warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
+
+
+def main(argv: list[str] | None = None) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    _quiet_library_noise()
+    try:
+        code = run(argv)
+    except GasError as e:
+        print(f"gas-edit: error: {e}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Request -> plan -> grounded plan: pick the planner and the box source the user asked for.
+
+Kept apart from the CLI so that scripts (tools/eval_world.py, notebooks) resolve plans the
+same way `gas-edit` does.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from PIL import Image
+
+from gas_lightning.errors import GasError, PlannerError
+from gas_lightning.plan import EditPlan
+
+log = logging.getLogger(__name__)
+
+BUNDLED_PREFIX = "gas-lightning:"
+PLAN_FORMS = (
+    "give the edit in one of these forms:\n"
+    "  --request 'change the dog into a cat. change the grass into snow.'\n"
+    "  --source 'a dog on grass' --target 'a cat on snow'   (two whole-scene sentences)\n"
+    "  --plan plan.json                                    (a saved plan)\n"
+    "  --sources '[a dog, grass]' --targets '[a cat, snow]' (explicit lists)\n"
+    "  --planner llm --llm_model NAME --request '<free text>' (an OpenAI-compatible endpoint)"
+)
+
+
+@dataclass
+class PlanSpec:
+    """Every way a user can describe an edit; exactly one of them may be used."""
+
+    request: str | None = None
+    source: str | None = None
+    target: str | None = None
+    plan: str | None = None
+    sources: list[str] | None = None
+    targets: list[str] | None = None
+    source_prompt: str | None = None
+    target_prompt: str | None = None
+    preserve_form: list[int] | None = None
+    intensities: list[float] | None = None
+    boxes: list[list[float]] | None = None
+    planner: str = "auto"  # auto | rules | llm
+    llm_model: str | None = None
+    llm_base_url: str | None = None
+
+
+@dataclass
+class GroundingSpec:
+    """Where boxes come from when the plan has none."""
+
+    detector: str | None = None  # hub id / path of a GroundingDINO, or "world" for the bundled shapes world
+    detector_backend: str = "transformers"  # transformers | groundingdino-py
+    detector_config: str | None = None
+    detector_checkpoint: str | None = None
+    box_threshold: float = 0.3
+    text_threshold: float = 0.25
+    grounding_fallback: str = "error"  # error | whole_image
+    device: str = "cpu"
+
+
+def resolve_bundled(path: str | None) -> str | None:
+    """'gas-lightning:NAME' names a file or folder shipped inside the package (worlds/assets/NAME)."""
+    if path is None or not str(path).startswith(BUNDLED_PREFIX):
+        return path
+    from gas_lightning.worlds import ASSETS_DIR
+
+    target = ASSETS_DIR / str(path)[len(BUNDLED_PREFIX):]
+    if not target.exists():
+        raise GasError(f"{path!r} is not shipped with this installation (looked in {ASSETS_DIR})")
+    return str(target)
+
+
+def make_plan(spec: PlanSpec, image: Image.Image | None = None) -> EditPlan:
+    """Turn whichever description the user gave into an EditPlan (boxes from --boxes only)."""
+    from gas_lightning.planners import diff_sentences, is_structured_request, parse_request
+
+    given = [name for name, used in (
+        ("--request", spec.request is not None),
+        ("--source/--target", spec.source is not None or spec.target is not None),
+        ("--plan", spec.plan is not None),
+        ("--sources/--targets", spec.sources is not None or spec.targets is not None),
+    ) if used]
+    if len(given) != 1:
+        what = "no edit was given" if not given else f"{' and '.join(given)} were both given"
+        raise PlannerError(f"{what}; {PLAN_FORMS}")
+
+    if spec.plan is not None:
+        plan = EditPlan.load(spec.plan)
+    elif spec.sources is not None or spec.targets is not None:
+        if spec.sources is None or spec.targets is None:
+            raise PlannerError("--sources and --targets go together (one target phrase per source phrase)")
+        plan = EditPlan.from_lists(spec.sources, spec.targets, spec.source_prompt, spec.target_prompt,
+                                   preserve_form=spec.preserve_form, intensities=spec.intensities)
+    elif spec.source is not None or spec.target is not None:
+        if spec.source is None or spec.target is None:
+            raise PlannerError("--source and --target go together: the whole-scene sentence before and after the edit")
+        plan = diff_sentences(spec.source, spec.target)
+    else:
+        use_llm = spec.planner == "llm" or (spec.planner == "auto" and spec.llm_model and not is_structured_request(spec.request))
+        if use_llm:
+            plan = _llm_plan(spec, image)
+        elif is_structured_request(spec.request) or spec.planner == "rules":
+            plan = parse_request(spec.request)
+        else:
+            raise PlannerError(
+                f"the request {spec.request!r} mixes forms or is free text, and no LLM planner is configured. "
+                f"Either write every sentence as 'change A into B.', or {PLAN_FORMS.splitlines()[-1].strip()}"
+            )
+    if spec.preserve_form is not None and spec.sources is None:
+        plan = _apply_list(plan, "preserve_form", [bool(v) for v in spec.preserve_form])
+    if spec.intensities is not None and spec.sources is None:
+        plan = _apply_list(plan, "intensity", [float(v) for v in spec.intensities])
+    if spec.boxes is not None:
+        plan = plan.with_boxes(spec.boxes)
+    return plan
+
+
+def _apply_list(plan: EditPlan, key: str, values: Sequence[Any]) -> EditPlan:
+    from dataclasses import replace
+
+    if len(values) != len(plan.subtasks):
+        raise PlannerError(f"{len(values)} values for --{key} but the plan has {len(plan.subtasks)} subtasks")
+    return plan.replace_subtasks([replace(s, **{key: v}) for s, v in zip(plan.subtasks, values)])
+
+
+def _llm_plan(spec: PlanSpec, image: Image.Image | None) -> EditPlan:
+    from gas_lightning.planners.llm import LLMPlanner
+
+    if not spec.llm_model:
+        raise PlannerError("--planner llm needs --llm_model NAME (the model name your endpoint serves)")
+    if image is None:
+        raise PlannerError("the LLM planner needs the image (--image)")
+    return LLMPlanner(model=spec.llm_model, base_url=spec.llm_base_url).plan(image, spec.request)
+
+
+def make_grounder(spec: GroundingSpec):
+    """The box source for subtasks without boxes, or None when the user configured none."""
+    if spec.detector is None:
+        return None
+    if spec.detector == "world":
+        from gas_lightning.worlds.grounder import WorldGrounder
+
+        return WorldGrounder()
+    if spec.detector_backend == "groundingdino-py":
+        from gas_lightning.grounding.gdino_py import GroundingDinoPyGrounder
+
+        return GroundingDinoPyGrounder(
+            config=spec.detector_config, checkpoint=spec.detector_checkpoint or spec.detector,
+            box_threshold=spec.box_threshold, text_threshold=spec.text_threshold, device=spec.device,
+        )
+    if spec.detector_backend != "transformers":
+        raise GasError(f"unknown --detector_backend {spec.detector_backend!r}; use transformers or groundingdino-py")
+    from gas_lightning.grounding.gdino_hf import GroundingDinoGrounder
+
+    return GroundingDinoGrounder(spec.detector, box_threshold=spec.box_threshold,
+                                 text_threshold=spec.text_threshold, device=spec.device)
+
+
+def ground(plan: EditPlan, image: Image.Image, spec: GroundingSpec) -> EditPlan:
+    from gas_lightning.grounding.base import ground_plan
+
+    if spec.grounding_fallback not in ("error", "whole_image"):
+        raise GasError(f"--grounding_fallback must be 'error' or 'whole_image', got {spec.grounding_fallback!r}")
+    if plan.grounded:
+        return plan
+    return ground_plan(plan, image, make_grounder(spec), fallback_whole_image=spec.grounding_fallback == "whole_image")

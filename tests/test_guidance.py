@@ -1,0 +1,95 @@
+"""The guidance terms: batched == sum of per-term, penalty formula, beta(t), v-prediction, CDS masking."""
+
+import pytest
+import torch
+
+from gas_lightning.backbone import alpha_sigma, load_backbone
+from gas_lightning.guidance import GroundedScoreGuidance, GuidanceConfig
+from gas_lightning.masks import EditMasks
+from gas_lightning.pipeline import build_terms
+from gas_lightning.plan import EditPlan
+
+PLAN = EditPlan.from_lists(
+    ["a dog", "grass", "a red ball"], ["a cat", "snow", "a blue ball"],
+    boxes=[[0.1, 0.1, 0.6, 0.6], [0.0, 0.0, 1.0, 1.0], [0.5, 0.5, 0.75, 0.9]], preserve_form=[1, 0, 1],
+)
+
+
+def _setup(backbone, plan=PLAN, penalty=(True, False, True)):
+    torch.manual_seed(0)
+    z_src = torch.randn(1, 4, 16, 16)
+    z = z_src + 0.3 * torch.randn_like(z_src)
+    masks = EditMasks.from_plan(plan, 16, 16)
+    terms = build_terms(backbone, plan, masks)
+    terms = [t if t.is_full else type(t)(**{**t.__dict__, "penalty": p}) for t, p in zip(terms, list(penalty) + [False])]
+    return GroundedScoreGuidance(backbone, GuidanceConfig()), z, z_src, terms
+
+
+@pytest.mark.parametrize("t", [120, 640, 930])
+def test_batched_gradient_equals_sum_of_per_term_gradients(backbone, t):
+    guidance, z, z_src, terms = _setup(backbone)
+    eps = torch.randn_like(z)
+    batched, logs = guidance.batched_gradient(z, z_src, terms, t, eps, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)
+    parts = [guidance.term_gradient(z, z_src, term, t, eps, gen) for term in terms]
+    summed = sum(g for g, _ in parts)
+    assert batched.abs().max() > 0
+    torch.testing.assert_close(batched, summed, rtol=1e-4, atol=1e-6)
+    for lb, (_, lp) in zip(logs, parts):
+        assert lb.gamma == pytest.approx(lp.gamma, rel=1e-4, abs=1e-6)
+        assert (lb.cds_loss is None) == (lp.cds_loss is None)
+        if lb.cds_loss is not None:
+            assert lb.cds_loss == pytest.approx(lp.cds_loss, rel=1e-4)
+
+
+def test_each_term_gradient_stays_inside_its_box(backbone):
+    guidance, z, z_src, terms = _setup(backbone)
+    eps = torch.randn_like(z)
+    assert any((term.mask == 0).any() for term in terms)
+    for term in terms:
+        g, _ = guidance.term_gradient(z, z_src, term, 500, eps, torch.Generator().manual_seed(0))
+        if (term.mask == 0).any():
+            assert g[..., term.mask == 0].abs().max() == 0, term.name
+        assert g[..., term.mask > 0].abs().max() > 0, term.name
+
+
+def test_penalty_factor_formula(backbone):
+    guidance, z, z_src, terms = _setup(backbone, penalty=(True, True, True))
+    t, eps = 400, torch.randn_like(z)
+    term = terms[0]
+    tt = torch.tensor([t])
+    a, s = alpha_sigma(backbone.alphas_cumprod, tt, 4)
+    z_t = a * z + s * eps
+    e0 = backbone.predict_eps(z_t, tt, guidance.null)
+    ey = backbone.predict_eps(z_t, tt, term.tgt_emb)
+    expected = (5.0 * ((e0 - ey).abs() * term.mask).mean()).clamp(0, 1)
+    _, tlog = guidance.term_gradient(z, z_src, term, t, eps)
+    assert tlog.gamma == pytest.approx(float(expected), rel=1e-5)
+    guidance.penalty_coefficient = 1e9  # saturates at 1
+    assert guidance.term_gradient(z, z_src, term, t, eps)[1].gamma == 1.0
+
+
+def test_penalty_scales_the_gradient(backbone):
+    guidance, z, z_src, terms = _setup(backbone, penalty=(True, False, False))
+    eps = torch.randn_like(z)
+    g_on, log_on = guidance.term_gradient(z, z_src, terms[0], 300, eps)
+    off = type(terms[0])(**{**terms[0].__dict__, "penalty": False})
+    g_off, log_off = guidance.term_gradient(z, z_src, off, 300, eps)
+    assert log_off.gamma == 1.0 and 0 < log_on.gamma < 1
+    torch.testing.assert_close(g_on, log_on.gamma * g_off, rtol=1e-4, atol=1e-7)
+
+
+def test_full_prompt_weight_beta():
+    cfg = GuidanceConfig()
+    assert [cfg.beta(t) for t in (0, 199, 200, 450, 799, 800, 999)] == [0.5, 0.5, 0.4, 0.3, 0.2, 0.1, 0.1]
+
+
+def test_v_prediction_is_converted_to_epsilon(tiny_sd_v):
+    bb = load_backbone(tiny_sd_v)
+    assert bb.prediction_type == "v_prediction"
+    z_t = torch.randn(1, 4, 16, 16)
+    t = torch.tensor([700])
+    emb = bb.encode_prompts(["a dog"])
+    v = bb.unet(z_t, t, encoder_hidden_states=emb).sample
+    a, s = alpha_sigma(bb.alphas_cumprod, t, 4)
+    torch.testing.assert_close(bb.predict_eps(z_t, t, emb), a * v + s * z_t)
