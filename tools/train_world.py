@@ -1,0 +1,195 @@
+"""Train the bundled shapes-world text-to-image model (pixel space, 32x32) on CPU.
+
+    python tools/train_world.py --steps 3600 --out runs/world
+
+Data are generated on the fly (gas_lightning.worlds.scenes), so there is no dataset to
+download and no epoch. The shipped weights are the EMA weights, written as a diffusers-format
+folder (see gas_lightning.worlds.model). Intermediate EMA folders are written every
+--save-every steps so that a run stopped early still leaves a usable model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader, IterableDataset
+
+from gas_lightning.worlds.model import build_all, save_folder
+from gas_lightning.worlds.scenes import render, sample_scene, training_caption
+
+
+class SceneStream(IterableDataset):
+    """Endless batches (images in [-1, 1], token ids) drawn from a seeded generator."""
+
+    def __init__(self, tokenizer, batch_size: int, seed: int):
+        self.tok, self.batch_size, self.seed = tokenizer, batch_size, seed
+        self._ids: dict[str, torch.Tensor] = {}
+
+    def ids(self, caption: str) -> torch.Tensor:
+        if caption not in self._ids:
+            self._ids[caption] = self.tok(
+                caption, padding="max_length", max_length=self.tok.model_max_length, truncation=True, return_tensors="pt"
+            ).input_ids[0]
+        return self._ids[caption]
+
+    def __iter__(self):
+        rng = np.random.default_rng(self.seed)
+        while True:
+            scenes = [sample_scene(rng) for _ in range(self.batch_size)]
+            imgs = np.stack([render(s) for s in scenes]).astype(np.float32) / 127.5 - 1.0
+            pixels = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
+            ids = torch.stack([self.ids(training_caption(s, rng)) for s in scenes])
+            yield pixels, ids
+
+
+class WorldDiffusion(L.LightningModule):
+    """Epsilon-prediction DDPM training of UNet + CLIP text encoder, with an EMA copy."""
+
+    def __init__(self, tokenizer, text_encoder, unet, scheduler, lr: float, text_lr: float, warmup: int,
+                 max_steps: int, ema_decay: float, min_snr: float):
+        super().__init__()
+        self.tokenizer, self.noise_scheduler = tokenizer, scheduler
+        self.text_encoder, self.unet = text_encoder, unet
+        self.ema_text = [p.detach().clone() for p in text_encoder.parameters()]
+        self.ema_unet = [p.detach().clone() for p in unet.parameters()]
+        self.lr, self.text_lr, self.warmup, self.max_steps = lr, text_lr, warmup, max_steps
+        self.ema_decay, self.min_snr = ema_decay, min_snr
+        self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False)
+
+    def training_step(self, batch, batch_idx):
+        x0, ids = batch
+        b = x0.shape[0]
+        t = torch.randint(0, self.alphas_cumprod.numel(), (b,), device=x0.device)
+        noise = torch.randn_like(x0)
+        ab = self.alphas_cumprod[t].view(b, 1, 1, 1)
+        xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        cond = self.text_encoder(ids)[0]
+        pred = self.unet(xt, t, encoder_hidden_states=cond).sample
+        per = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        # Min-SNR weighting: stop the many easy low-noise steps from dominating; colours and
+        # layout are decided at high noise.
+        snr = ab.view(b) / (1 - ab.view(b))
+        weight = torch.clamp(snr, max=self.min_snr) / snr
+        loss = (weight * per).mean()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/mse", per.mean())
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        n = self.global_step
+        d = min(self.ema_decay, (1 + n) / (10 + n))
+        with torch.no_grad():
+            for ema, mod in ((self.ema_text, self.text_encoder), (self.ema_unet, self.unet)):
+                for e, p in zip(ema, mod.parameters()):
+                    e.mul_(d).add_(p.detach(), alpha=1 - d)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(
+            [
+                {"params": self.unet.parameters(), "lr": self.lr},
+                {"params": self.text_encoder.parameters(), "lr": self.text_lr},
+            ],
+            weight_decay=0.01,
+        )
+
+        def factor(step: int) -> float:
+            if step < self.warmup:
+                return (step + 1) / self.warmup
+            p = min(1.0, (step - self.warmup) / max(1, self.max_steps - self.warmup))
+            return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def save_ema(self, folder: Path) -> None:
+        """Write the EMA weights as the diffusers-format model folder."""
+        import copy
+
+        text, unet = copy.deepcopy(self.text_encoder), copy.deepcopy(self.unet)
+        with torch.no_grad():
+            for ema, mod in ((self.ema_text, text), (self.ema_unet, unet)):
+                for e, p in zip(ema, mod.parameters()):
+                    p.copy_(e)
+        save_folder(folder, self.tokenizer, text.eval(), unet.eval(), self.noise_scheduler)
+
+
+class SaveEMA(L.Callback):
+    def __init__(self, out: Path, every: int):
+        self.out, self.every, self.t0 = out, every, time.time()
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        self.losses.append(float(outputs["loss"]))
+        if step % 100 == 0:
+            mean = sum(self.losses[-100:]) / len(self.losses[-100:])
+            print(f"[{(time.time() - self.t0) / 60:.1f} min] step {step}: loss (mean of 100) {mean:.4f}", flush=True)
+        if step % self.every == 0:
+            module.save_ema(self.out / "ema-latest")
+            print(f"[{(time.time() - self.t0) / 60:.1f} min] step {step}: saved EMA to {self.out / 'ema-latest'}", flush=True)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/world", help="run folder: TensorBoard logs, EMA folders, final model")
+    ap.add_argument("--steps", type=int, default=3600)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--text-lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--min-snr", type=float, default=5.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--save-every", type=int, default=500)
+    ap.add_argument("--max-minutes", type=float, default=85.0, help="hard stop; the EMA model is still saved")
+    ap.add_argument("--export", default=None, help="also copy the final model folder here (e.g. the package assets)")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    L.seed_everything(args.seed, workers=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok, text, unet, sched = build_all(out / "tokenizer-src")
+    print(f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, "
+          f"text encoder {sum(p.numel() for p in text.parameters()) / 1e6:.2f}M", flush=True)
+    module = WorldDiffusion(tok, text, unet, sched, args.lr, args.text_lr, args.warmup, args.steps, args.ema, args.min_snr)
+    data = DataLoader(SceneStream(tok, args.batch_size, args.seed), batch_size=None, num_workers=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=args.steps,
+        max_time={"minutes": args.max_minutes},
+        logger=TensorBoardLogger(str(out), name="tb"),
+        log_every_n_steps=25,
+        enable_checkpointing=False,
+        gradient_clip_val=1.0,
+        callbacks=[SaveEMA(out, args.save_every)],
+        enable_progress_bar=False,
+    )
+    t0 = time.time()
+    trainer.fit(module, data)
+    minutes = (time.time() - t0) / 60
+    final = out / "model"
+    module.save_ema(final)
+    loss = trainer.callback_metrics.get("train/loss")
+    print(f"done: {trainer.global_step} steps in {minutes:.1f} min, last loss {float(loss) if loss is not None else float('nan'):.4f}; "
+          f"model in {final}", flush=True)
+    if args.export:
+        dst = Path(args.export)
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(final, dst)
+        print(f"exported to {dst}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
