@@ -171,11 +171,11 @@ def _from_pretrained(cls: Any, source: str, subfolder: str, **kwargs: Any) -> An
         raise ModelLoadError(f"{hint} ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
 
 
-def _model_index(source: str) -> dict:
+def _model_index(source: str, local_files_only: bool) -> dict:
     from diffusers import DiffusionPipeline
 
     try:
-        return DiffusionPipeline.load_config(source)
+        return DiffusionPipeline.load_config(source, local_files_only=local_files_only)
     except (OSError, ValueError, EnvironmentError) as e:
         if Path(source).exists():
             raise ModelLoadError(
@@ -230,7 +230,7 @@ def load_backbone(
         local_files_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
     torch_dtype = resolve_dtype(dtype, device)
     kw = {"local_files_only": local_files_only}
-    index = _model_index(model)
+    index = _model_index(model, local_files_only)
 
     unet = _from_pretrained(UNet2DConditionModel, model, "unet", torch_dtype=torch_dtype, **kw)
     text_encoder = _from_pretrained(CLIPTextModel, model, "text_encoder", dtype=torch_dtype, **kw)

@@ -58,7 +58,7 @@ def build_parser():
                    default=Namespace(class_path="torch.optim.SGD", init_args=Namespace(lr=0.1)))
     p.add_class_arguments(PlanSpec, nested_key=None, as_group=True, fail_untyped=True)
     p.add_class_arguments(GroundingSpec, nested_key=None, as_group=True, skip={"device"})
-    p.add_dataclass_arguments(GuidanceConfig, "guidance")
+    p.add_class_arguments(GuidanceConfig, "guidance")
     p.add_lightning_class_args(Trainer, "trainer")
     p.set_defaults({"trainer.max_steps": 500, "trainer.max_epochs": -1, "trainer.log_every_n_steps": 1,
                     "trainer.callbacks": DEFAULT_CALLBACKS})
@@ -76,11 +76,11 @@ def _device_of(trainer) -> str:
 
 def run(argv: list[str] | None = None) -> int:
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from gas_lightning.backbone import load_backbone
-    from gas_lightning.callbacks import EditOutputs
+    from gas_lightning.callbacks import EditOutputs, FinalCheckpoint
     from gas_lightning.pipeline import build_edit, load_image
     from gas_lightning.plan import EditPlan
     from gas_lightning.resolve import GroundingSpec, PlanSpec, ground, make_plan, resolve_bundled
@@ -111,9 +111,12 @@ def run(argv: list[str] | None = None) -> int:
     else:
         plan = ground(make_plan(plan_spec, image), image, ground_spec)
     out.mkdir(parents=True, exist_ok=True)
+    if not child and cfg.overwrite and resume is None:
+        for old in ckpt_dir.glob("*.ckpt"):
+            old.unlink()
     if not child:
         plan.save(out / "plan.json")
-        parser.save(cfg, out / "config.yaml", overwrite=True, multifile=False, skip_check=True)
+        parser.save(cfg, out / "config.yaml", overwrite=True, multifile=False, skip_validation=True)
     if cfg.plan_only:
         from gas_lightning.grounding.base import draw_grounding
 
@@ -124,13 +127,13 @@ def run(argv: list[str] | None = None) -> int:
         raise GasError("no model given: pass --model HUB_ID_OR_FOLDER (a diffusers Stable Diffusion layout), "
                        "or gas-lightning:shapes-model for the bundled one")
 
-    init = parser.instantiate_classes(cfg)
+    init = parser.instantiate(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     callbacks = list(init.trainer.callbacks or [])
     if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
                                          every_n_train_steps=cfg.checkpoint_every, save_top_k=-1, save_last=True))
-    callbacks += [OnExceptionCheckpoint(dirpath=ckpt_dir, filename="interrupted"), EditOutputs(out)]
+    callbacks += [FinalCheckpoint(ckpt_dir), EditOutputs(out)]
     trainer_kwargs = {k: v for k, v in vars(init.trainer).items() if k != "callbacks"}
     if trainer_kwargs.get("logger") in (None, True):
         trainer_kwargs["logger"] = TensorBoardLogger(save_dir=str(out), name="", version="", default_hp_metric=False)

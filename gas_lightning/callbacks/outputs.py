@@ -32,3 +32,21 @@ class EditOutputs(Callback):
         tensor_to_image(torch.cat([source, edited], dim=-1)).save(self.output_dir / "comparison.png")
         tensor_to_image(mask_overlay(source, pl_module.masks.subtasks.cpu())).save(self.output_dir / "masks.png")
         torch.save({"latent": pl_module.latent.detach().cpu(), "step": trainer.global_step}, self.output_dir / "latent.pt")
+
+
+class FinalCheckpoint(Callback):
+    """`last.ckpt` at the very end (ModelCheckpoint only saves on its interval) and `interrupted.ckpt`
+    when the run dies or is stopped with Ctrl-C, so no optimisation step is lost.
+
+    Lightning's OnExceptionCheckpoint is not used: its presence makes a plain `fit()` resume from
+    "last" silently, and an edit must only resume when the user says `--resume`.
+    """
+
+    def __init__(self, dirpath: str | Path):
+        self.dirpath = Path(dirpath)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.save_checkpoint(self.dirpath / "last.ckpt")
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        trainer.save_checkpoint(self.dirpath / "interrupted.ckpt")

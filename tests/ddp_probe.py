@@ -1,0 +1,15 @@
+"""A callback the DDP test adds through --trainer.callbacks: every rank saves its final latent."""
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+class SaveLatentPerRank(Callback):
+    def __init__(self, dirpath: str):
+        self.dirpath = dirpath
+
+    def on_train_end(self, trainer, pl_module):
+        Path(self.dirpath).mkdir(parents=True, exist_ok=True)
+        torch.save(pl_module.latent.detach().cpu(), Path(self.dirpath) / f"rank{trainer.global_rank}.pt")
