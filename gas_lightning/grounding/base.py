@@ -1,0 +1,128 @@
+"""What every box source shares: the `Grounder` protocol, filling a plan's boxes, a picture.
+
+A grounder answers one question, "where is each of these phrases?", so the detectors stay
+independent of plans. `ground_plan` is the one place that decides which subtasks need a box
+and what happens when a phrase is not found (error, or the whole image when asked for).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Protocol, Sequence, runtime_checkable
+
+from PIL import Image, ImageDraw, ImageFont
+
+from gas_lightning.errors import GroundingError
+from gas_lightning.plan import Box, EditPlan
+
+log = logging.getLogger(__name__)
+
+WHOLE_IMAGE: Box = (0.0, 0.0, 1.0, 1.0)
+FALLBACK_HINT = (
+    "lower --box_threshold / --text_threshold, give the boxes yourself with "
+    "--boxes '[[x0, y0, x1, y1], ...]' (normalised to [0, 1]), or pass "
+    "--grounding_fallback whole_image to edit the whole image for such phrases"
+)
+
+
+class GroundingMiss(GroundingError):
+    """Some phrases were not found; `boxes` holds what was found (None for the misses).
+
+    Carrying the partial result lets `ground_plan` apply the whole-image fallback without
+    running the detector twice.
+    """
+
+    def __init__(self, message: str, boxes: Sequence[Box | None], missing: Sequence[str]):
+        super().__init__(message)
+        self.boxes = list(boxes)
+        self.missing = list(missing)
+
+
+@runtime_checkable
+class Grounder(Protocol):
+    """Anything that returns one normalised xyxy box per phrase, in order.
+
+    Implementations raise `GroundingMiss` (a GroundingError) when a phrase is not found.
+    """
+
+    def ground(self, image: Image.Image, phrases: list[str]) -> list[Box]: ...
+
+
+def ground_plan(
+    plan: EditPlan,
+    image: Image.Image,
+    grounder: Grounder | None,
+    fallback_whole_image: bool = False,
+) -> EditPlan:
+    """Return `plan` with a box for every subtask; boxes already given are kept as they are.
+
+    The detector is queried once with the distinct source phrases of the unboxed subtasks.
+    """
+    todo = [i for i, s in enumerate(plan.subtasks) if s.box is None]
+    if not todo:
+        return plan
+    phrases = list(dict.fromkeys(plan.subtasks[i].source for i in todo))
+    if grounder is None:
+        raise GroundingError(
+            f"no box for {', '.join(repr(p) for p in phrases)} and no detector configured: "
+            "give --boxes '[[x0, y0, x1, y1], ...]' or a detector with --detector ID_OR_PATH."
+        )
+    if len(phrases) < len(todo):
+        log.warning(
+            "several subtasks share a source phrase; they get the same detected box. "
+            "Give --boxes to separate them."
+        )
+    try:
+        found: list[Box | None] = list(grounder.ground(image, phrases))
+    except GroundingMiss as miss:
+        if not fallback_whole_image:
+            raise
+        found = miss.boxes
+        for phrase in miss.missing:
+            log.warning("'%s' was not found in the image; its subtask edits the whole image.", phrase)
+    if len(found) != len(phrases):
+        raise GroundingError(
+            f"the detector returned {len(found)} boxes for {len(phrases)} phrases; this is a bug in the grounder."
+        )
+    by_phrase = {p: (WHOLE_IMAGE if b is None else b) for p, b in zip(phrases, found)}
+    boxes = [s.box if s.box is not None else by_phrase[s.source] for s in plan.subtasks]
+    return plan.with_boxes(boxes)
+
+
+_COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+            (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40)]
+
+
+def draw_grounding(image: Image.Image, plan: EditPlan, path: str | Path) -> Path:
+    """Write `image` with each subtask's box and "k: source -> target" label; return the path.
+
+    This is what a user looks at (with --plan_only) before spending GPU time on an edit.
+    """
+    canvas = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    w, h = canvas.size
+    width = max(1, round(min(w, h) / 150))
+    unboxed = []
+    for k, s in enumerate(plan.subtasks):
+        label = f"{k}: {s.source} -> {s.target}"
+        if s.box is None:
+            unboxed.append(label + " (no box)")
+            continue
+        colour = _COLOURS[k % len(_COLOURS)]
+        x0, y0, x1, y1 = s.box
+        xy = (x0 * (w - 1), y0 * (h - 1), x1 * (w - 1), y1 * (h - 1))
+        draw.rectangle(xy, outline=colour, width=width)
+        tx, ty = xy[0] + width, xy[1] + width
+        left, top, right, bottom = draw.textbbox((tx, ty), label, font=font)
+        draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=colour)
+        draw.text((tx, ty), label, fill=(255, 255, 255), font=font)
+    y = 2
+    for label in unboxed:
+        draw.text((2, y), label, fill=(255, 255, 0), font=font)
+        y += 12
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+    return out

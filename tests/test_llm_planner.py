@@ -1,0 +1,292 @@
+"""LLMPlanner against a real chat-completions server on 127.0.0.1 started by the test:
+good and wrapped replies, malformed and hostile replies, retries, timeouts, HTTP errors,
+and the API key staying out of everything but the Authorization header."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from PIL import Image
+
+from gas_lightning.errors import PlannerError
+from gas_lightning.planners.llm import LLMPlanner, ReplyError, extract_json, parse_reply
+
+KEY = "sk-test-S3CRET-key-0123456789"
+GOOD = {
+    "source_phrases": ["the brown dog", "the grass"],
+    "target_phrases": ["a black cat", "snow"],
+    "source_prompt": "a brown dog on the grass",
+    "target_prompt": "a black cat on snow",
+    "preserve_form": [0, 1],
+}
+
+
+class ChatServer:
+    """A scripted OpenAI-compatible endpoint; records every request it receives."""
+
+    def __init__(self):
+        self.script: list[tuple] = []
+        self.requests: list[dict] = []
+        self.release = threading.Event()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
+                server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                action = server.script.pop(0) if server.script else ("status", 500, "script exhausted")
+                if action[0] == "hang":
+                    server.release.wait(5)
+                    return
+                if action[0] == "reply":
+                    status, payload = 200, {
+                        "id": "chatcmpl-1",
+                        "object": "chat.completion",
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": action[1]}, "finish_reason": "stop"}],
+                    }
+                    data = json.dumps(payload).encode()
+                else:
+                    status, data = action[1], action[2].encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = ChatServer()
+    yield s
+    s.close()
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+
+
+@pytest.fixture
+def image():
+    img = Image.new("RGB", (48, 32), (40, 160, 40))
+    img.paste((120, 80, 40), (10, 8, 30, 24))
+    return img
+
+
+def planner(server, **kw) -> LLMPlanner:
+    kw = {"timeout": 5.0, "max_retries": 2, "backoff": 0.01, **kw}
+    return LLMPlanner("test-vlm", base_url=server.url, **kw)
+
+
+# --- good replies ------------------------------------------------------------------------------
+def test_good_reply_gives_the_plan_and_the_request_carries_image_and_model(server, image):
+    server.script = [("reply", json.dumps(GOOD))]
+    plan = planner(server).plan(image, "make the dog a cat and the grass snow")
+    assert [(s.source, s.target, s.preserve_form, s.box) for s in plan.subtasks] == [
+        ("the brown dog", "a black cat", False, None),
+        ("the grass", "snow", True, None),
+    ]
+    assert (plan.source_prompt, plan.target_prompt) == ("a brown dog on the grass", "a black cat on snow")
+
+    (req,) = server.requests
+    assert req["path"] == "/v1/chat/completions"
+    body = json.loads(req["body"])
+    assert body["model"] == "test-vlm"
+    user = body["messages"][1]["content"]
+    assert any(p["type"] == "text" and "make the dog a cat" in p["text"] for p in user)
+    (url,) = [p["image_url"]["url"] for p in user if p["type"] == "image_url"]
+    assert url.startswith("data:image/png;base64,")
+    sent = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    assert sent.format == "PNG" and sent.size == image.size
+    assert "JSON" in body["messages"][0]["content"]
+    assert req["headers"]["Authorization"] == f"Bearer {KEY}"
+    assert KEY not in req["body"]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "Sure! Here is the plan:\n```json\n" + json.dumps(GOOD, indent=2) + "\n```\nLet me know {if} you need more.",
+        "I looked at the image {carefully}. " + json.dumps(GOOD) + " That's all.",
+        "```\n" + json.dumps(GOOD) + "\n```",
+    ],
+)
+def test_reply_wrapped_in_prose_or_markdown_is_extracted(server, image, content):
+    server.script = [("reply", content)]
+    plan = planner(server).plan(image, "make the dog a cat")
+    assert [s.target for s in plan.subtasks] == ["a black cat", "snow"]
+
+
+def test_content_given_as_parts_and_base_url_from_environment(server, image, monkeypatch):
+    monkeypatch.setenv("OPENAI_BASE_URL", server.url + "/")
+    parts = json.dumps({"choices": [{"message": {"content": [{"type": "text", "text": json.dumps(GOOD)}]}}]})
+    server.script = [("status", 200, parts)]
+    plan = LLMPlanner("test-vlm", backoff=0.01).plan(image, "edit")
+    assert len(plan.subtasks) == 2
+
+
+# --- invalid replies and retries -----------------------------------------------------------------
+def test_malformed_json_is_re_asked_with_the_problem(server, image):
+    server.script = [("reply", '{"source_phrases": ["the dog",}'), ("reply", json.dumps(GOOD))]
+    plan = planner(server).plan(image, "make the dog a cat")
+    assert len(plan.subtasks) == 2 and len(server.requests) == 2
+    retry = json.loads(server.requests[1]["body"])["messages"]
+    assert retry[2] == {"role": "assistant", "content": '{"source_phrases": ["the dog",}'}
+    assert "could not be used" in retry[3]["content"] and "no JSON object" in retry[3]["content"]
+
+
+def test_always_malformed_fails_after_bounded_retries_naming_endpoint(server, image):
+    server.script = [("reply", "I cannot help with that.")] * 5
+    with pytest.raises(PlannerError) as err:
+        planner(server, max_retries=2).plan(image, "make the dog a cat")
+    msg = str(err.value)
+    assert server.url + "/chat/completions" in msg and "3 attempts" in msg and "no JSON object" in msg
+    assert len(server.requests) == 3
+
+
+def test_wrong_list_lengths_are_rejected(server, image):
+    bad = {**GOOD, "target_phrases": ["a black cat"]}
+    server.script = [("reply", json.dumps(bad))]
+    with pytest.raises(PlannerError, match="differ in length"):
+        planner(server, max_retries=0).plan(image, "make the dog a cat")
+
+
+def test_python_code_in_the_reply_is_rejected_and_never_run(server, image, tmp_path):
+    marker = tmp_path / "pwned"
+    code = f"__import__('os').system('touch {marker}')"
+    python_dict = repr({**GOOD, "source_phrases": ["the brown dog", "the grass"]})  # single quotes: not JSON
+    hostile_json = json.dumps(GOOD).replace('["the brown dog", "the grass"]', code, 1)
+    server.script = [("reply", code), ("reply", python_dict), ("reply", hostile_json)]
+    with pytest.raises(PlannerError, match="unusable reply"):
+        planner(server, max_retries=2).plan(image, "make the dog a cat")
+    assert not marker.exists() and len(server.requests) == 3
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"extra": 1}, "unexpected keys \\['extra'\\]"),
+        ({"preserve_form": None}, "preserve_form"),
+        ({"preserve_form": [2, 0]}, "0/1"),
+        ({"preserve_form": [0.5, 1]}, "0/1"),
+        ({"source_phrases": ["", "the grass"]}, "non-empty string"),
+        ({"source_phrases": ["x" * 201, "the grass"]}, "under 200"),
+        ({"target_phrases": "a black cat"}, "list of 1 to 16"),
+        ({"source_phrases": [], "target_phrases": [], "preserve_form": []}, "list of 1 to 16"),
+        ({"source_phrases": ["a"] * 17, "target_phrases": ["b"] * 17, "preserve_form": [0] * 17}, "1 to 16"),
+        ({"source_prompt": 3}, "source_prompt"),
+        ({"target_phrases": [["a"], "snow"]}, "non-empty string"),
+    ],
+)
+def test_parse_reply_validates_strictly(change, match):
+    with pytest.raises(ReplyError, match=match):
+        parse_reply(json.dumps({**GOOD, **change}))
+
+
+def test_parse_reply_accepts_bools_and_missing_keys_are_named():
+    plan = parse_reply(json.dumps({**GOOD, "preserve_form": [True, False]}))
+    assert [s.preserve_form for s in plan.subtasks] == [True, False]
+    with pytest.raises(ReplyError, match="missing keys \\['target_prompt'\\]"):
+        parse_reply(json.dumps({k: v for k, v in GOOD.items() if k != "target_prompt"}))
+    assert extract_json('noise {"a": 1} more') == {"a": 1}
+    with pytest.raises(ReplyError, match="empty"):
+        extract_json("   ")
+
+
+# --- transport --------------------------------------------------------------------------------------
+def test_server_error_then_success_and_rate_limit_are_retried(server, image):
+    server.script = [("status", 500, '{"error": "overloaded"}'), ("status", 429, "slow down"), ("reply", json.dumps(GOOD))]
+    plan = planner(server).plan(image, "make the dog a cat")
+    assert len(plan.subtasks) == 2 and len(server.requests) == 3
+
+
+def test_hang_past_the_timeout_fails_fast_and_clearly(server, image):
+    server.script = [("hang",)]
+    start = time.monotonic()
+    with pytest.raises(PlannerError, match="no answer within 0.5 s"):
+        planner(server, timeout=0.5, max_retries=0).plan(image, "make the dog a cat")
+    assert time.monotonic() - start < 4
+
+
+def test_unauthorized_fails_at_once_without_leaking_the_key(server, image, caplog):
+    server.script = [("status", 401, json.dumps({"error": f"invalid key Bearer {KEY}"}))] * 4
+    p = planner(server, max_retries=3)
+    with caplog.at_level(logging.DEBUG), pytest.raises(PlannerError) as err:
+        p.plan(image, "make the dog a cat")
+    msg = str(err.value)
+    assert "OPENAI_API_KEY" in msg and "HTTP 401" in msg and KEY not in msg
+    assert len(server.requests) == 1
+    assert KEY not in repr(p) and KEY not in caplog.text and KEY not in repr(vars(p))
+
+
+def test_key_stays_out_of_repr_logs_errors_and_plan(server, image, caplog):
+    server.script = [("status", 503, f"upstream said {KEY}"), ("reply", json.dumps(GOOD))]
+    p = planner(server)
+    with caplog.at_level(logging.DEBUG):
+        plan = p.plan(image, "make the dog a cat")
+    assert KEY not in caplog.text and "503" in caplog.text
+    assert KEY not in json.dumps(plan.to_dict()) and KEY not in repr(p)
+    for req in server.requests:
+        assert KEY not in req["body"]
+        assert [k for k, v in req["headers"].items() if KEY in v] == ["Authorization"]
+    server.script = [("status", 503, f"upstream said {KEY}")] * 3
+    with pytest.raises(PlannerError) as err:
+        planner(server, max_retries=1).plan(image, "x")
+    assert KEY not in str(err.value) and "HTTP 503" in str(err.value)
+
+
+def test_not_found_and_unreachable_endpoint(server, image):
+    server.script = [("status", 404, "no such route")]
+    with pytest.raises(PlannerError, match="--llm_base_url"):
+        planner(server).plan(image, "make the dog a cat")
+    closed = ChatServer()
+    url = closed.url
+    closed.close()
+    with pytest.raises(PlannerError, match="cannot reach"):
+        LLMPlanner("m", base_url=url, timeout=1, max_retries=1, backoff=0.01).plan(image, "make the dog a cat")
+
+
+def test_no_key_means_no_authorization_header(server, image, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY")
+    server.script = [("reply", json.dumps(GOOD))]
+    planner(server).plan(image, "make the dog a cat")
+    assert "Authorization" not in server.requests[0]["headers"]
+
+
+def test_constructor_checks():
+    with pytest.raises(PlannerError, match="--llm_model"):
+        LLMPlanner("")
+    with pytest.raises(PlannerError, match="http"):
+        LLMPlanner("m", base_url="ftp://example.com/v1")
+    with pytest.raises(PlannerError, match="OPENAI_API_KEY") as err:
+        LLMPlanner("m", base_url="https://user:hunter2@example.com/v1/")
+    assert "hunter2" not in str(err.value)
+    assert "https://example.com/v1/chat/completions" in repr(LLMPlanner("m", base_url="https://example.com/v1/"))
+    assert LLMPlanner("m").url == "https://api.openai.com/v1/chat/completions"
+    with pytest.raises(PlannerError, match="empty"):
+        LLMPlanner("m").plan(Image.new("RGB", (4, 4)), "  ")
