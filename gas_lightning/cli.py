@@ -57,7 +57,7 @@ def build_parser():
     p.add_argument("--optimizer", type=OptimizerCallable,
                    default=Namespace(class_path="torch.optim.SGD", init_args=Namespace(lr=0.1)))
     p.add_class_arguments(PlanSpec, nested_key=None, as_group=True, fail_untyped=True)
-    p.add_class_arguments(GroundingSpec, nested_key=None, as_group=True, skip={"device"})
+    p.add_class_arguments(GroundingSpec, nested_key=None, as_group=True)
     p.add_class_arguments(GuidanceConfig, "guidance")
     p.add_lightning_class_args(Trainer, "trainer")
     p.set_defaults({"trainer.max_steps": 500, "trainer.max_epochs": -1, "trainer.log_every_n_steps": 1,
@@ -95,7 +95,7 @@ def run(argv: list[str] | None = None) -> int:
         raise GasError("no image given: pass --image PATH (or --config configs/shapes.yaml for the bundled example)")
     image = load_image(resolve_bundled(cfg.image))
     plan_spec = PlanSpec(**{k: cfg[k] for k in PlanSpec.__dataclass_fields__})
-    ground_spec = GroundingSpec(**{k: cfg[k] for k in GroundingSpec.__dataclass_fields__ if k != "device"})
+    ground_spec = GroundingSpec(**{k: cfg[k] for k in GroundingSpec.__dataclass_fields__})
 
     resume = cfg.resume
     if resume == "last":
@@ -112,7 +112,7 @@ def run(argv: list[str] | None = None) -> int:
         plan = ground(make_plan(plan_spec, image), image, ground_spec)
     out.mkdir(parents=True, exist_ok=True)
     if not child and cfg.overwrite and resume is None:
-        for old in ckpt_dir.glob("*.ckpt"):
+        for old in ckpt_dir.glob("*.ckpt"):  # else Lightning would version names and "last" would be stale
             old.unlink()
     if not child:
         plan.save(out / "plan.json")
@@ -132,7 +132,8 @@ def run(argv: list[str] | None = None) -> int:
     callbacks = list(init.trainer.callbacks or [])
     if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
-                                         every_n_train_steps=cfg.checkpoint_every, save_top_k=-1, save_last=True))
+                                         every_n_train_steps=cfg.checkpoint_every, save_top_k=-1, save_last=True,
+                                         enable_version_counter=False))
     callbacks += [FinalCheckpoint(ckpt_dir), EditOutputs(out)]
     trainer_kwargs = {k: v for k, v in vars(init.trainer).items() if k != "callbacks"}
     if trainer_kwargs.get("logger") in (None, True):
@@ -161,11 +162,11 @@ def _quiet_library_noise() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     _quiet_library_noise()
     try:
         code = run(argv)

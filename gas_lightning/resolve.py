@@ -42,7 +42,7 @@ class PlanSpec:
     target_prompt: str | None = None
     preserve_form: list[int] | None = None
     intensities: list[float] | None = None
-    boxes: list[list[float]] | None = None
+    boxes: list[list[float] | None] | None = None  # null entries: found by the detector
     planner: str = "auto"  # auto | rules | llm
     llm_model: str | None = None
     llm_base_url: str | None = None
@@ -54,12 +54,13 @@ class GroundingSpec:
 
     detector: str | None = None  # hub id / path of a GroundingDINO, or "world" for the bundled shapes world
     detector_backend: str = "transformers"  # transformers | groundingdino-py
-    detector_config: str | None = None
-    detector_checkpoint: str | None = None
+    detector_config: str | None = None  # groundingdino-py: the original config .py
+    detector_checkpoint: str | None = None  # groundingdino-py: the original .pth
+    detector_text_encoder: str | None = None  # groundingdino-py: a local bert-base-uncased folder (offline)
+    detector_device: str = "cpu"
     box_threshold: float = 0.3
     text_threshold: float = 0.25
     grounding_fallback: str = "error"  # error | whole_image
-    device: str = "cpu"
 
 
 def resolve_bundled(path: str | None) -> str | None:
@@ -139,32 +140,26 @@ def _llm_plan(spec: PlanSpec, image: Image.Image | None) -> EditPlan:
 
 def make_grounder(spec: GroundingSpec):
     """The box source for subtasks without boxes, or None when the user configured none."""
-    if spec.detector is None:
+    if spec.detector is None and spec.detector_backend == "transformers":
         return None
     if spec.detector == "world":
         from gas_lightning.worlds.grounder import WorldGrounder
 
         return WorldGrounder()
-    if spec.detector_backend == "groundingdino-py":
-        from gas_lightning.grounding.gdino_py import GroundingDinoPyGrounder
+    from gas_lightning.grounding import build_grounder
 
-        return GroundingDinoPyGrounder(
-            config=spec.detector_config, checkpoint=spec.detector_checkpoint or spec.detector,
-            box_threshold=spec.box_threshold, text_threshold=spec.text_threshold, device=spec.device,
-        )
-    if spec.detector_backend != "transformers":
-        raise GasError(f"unknown --detector_backend {spec.detector_backend!r}; use transformers or groundingdino-py")
-    from gas_lightning.grounding.gdino_hf import GroundingDinoGrounder
-
-    return GroundingDinoGrounder(spec.detector, box_threshold=spec.box_threshold,
-                                 text_threshold=spec.text_threshold, device=spec.device)
+    return build_grounder(
+        backend=spec.detector_backend, detector=spec.detector, config=spec.detector_config,
+        checkpoint=spec.detector_checkpoint, device=spec.detector_device, box_threshold=spec.box_threshold,
+        text_threshold=spec.text_threshold, text_encoder=spec.detector_text_encoder,
+    )
 
 
 def ground(plan: EditPlan, image: Image.Image, spec: GroundingSpec) -> EditPlan:
-    from gas_lightning.grounding.base import ground_plan
+    """Fill the boxes the plan lacks from the configured detector."""
+    from gas_lightning.grounding import fallback_whole_image, ground_plan
 
-    if spec.grounding_fallback not in ("error", "whole_image"):
-        raise GasError(f"--grounding_fallback must be 'error' or 'whole_image', got {spec.grounding_fallback!r}")
+    fallback = fallback_whole_image(spec.grounding_fallback)
     if plan.grounded:
         return plan
-    return ground_plan(plan, image, make_grounder(spec), fallback_whole_image=spec.grounding_fallback == "whole_image")
+    return ground_plan(plan, image, make_grounder(spec), fallback_whole_image=fallback)
