@@ -54,8 +54,9 @@ class WorldDiffusion(L.LightningModule):
     """Epsilon-prediction DDPM training of UNet + CLIP text encoder, with an EMA copy."""
 
     def __init__(self, tokenizer, text_encoder, unet, scheduler, lr: float, text_lr: float, warmup: int,
-                 max_steps: int, ema_decay: float, min_snr: float):
+                 max_steps: int, ema_decay: float, min_snr: float, max_seconds: float = float("inf")):
         super().__init__()
+        self.max_seconds, self.t_start = max_seconds, None
         self.tokenizer, self.noise_scheduler = tokenizer, scheduler
         self.text_encoder, self.unet = text_encoder, unet
         self.ema_text = [p.detach().clone() for p in text_encoder.parameters()]
@@ -103,7 +104,13 @@ class WorldDiffusion(L.LightningModule):
         def factor(step: int) -> float:
             if step < self.warmup:
                 return (step + 1) / self.warmup
-            p = min(1.0, (step - self.warmup) / max(1, self.max_steps - self.warmup))
+            if self.t_start is None:
+                self.t_start = time.time()
+            # Progress is steps or wall time, whichever is further along: on a shared CPU the
+            # run still ends inside its time budget with a fully decayed learning rate.
+            p = max((step - self.warmup) / max(1, self.max_steps - self.warmup),
+                    (time.time() - self.t_start) / self.max_seconds)
+            p = min(1.0, p)
             return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
@@ -121,6 +128,36 @@ class WorldDiffusion(L.LightningModule):
         save_folder(folder, self.tokenizer, text.eval(), unet.eval(), self.noise_scheduler)
 
 
+class ThreadTuner(L.Callback):
+    """Every `period` steps, time 10 steps with 1 thread and 10 with `max_threads`; keep the faster.
+
+    On a CPU shared with other jobs, two OpenMP threads often lose to one (each op waits for
+    the slower, preempted thread); on an idle CPU two win. The load changes, so re-measure.
+    """
+
+    def __init__(self, max_threads: int, period: int = 200, probe: int = 10):
+        self.max_threads, self.period, self.probe = max_threads, period, probe
+        self.t_mark, self.times = 0.0, {}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if self.max_threads < 2:
+            return
+        phase = trainer.global_step % self.period
+        if phase == 0:
+            torch.set_num_threads(1)
+            self.t_mark = time.perf_counter()
+        elif phase == self.probe:
+            self.times[1] = time.perf_counter() - self.t_mark
+            torch.set_num_threads(self.max_threads)
+            self.t_mark = time.perf_counter()
+        elif phase == 2 * self.probe:
+            self.times[2] = time.perf_counter() - self.t_mark
+            best = 1 if self.times[1] < self.times[2] else self.max_threads
+            torch.set_num_threads(best)
+            print(f"threads: 1 -> {self.times[1] / self.probe:.2f} s/step, {self.max_threads} -> "
+                  f"{self.times[2] / self.probe:.2f} s/step; using {best}", flush=True)
+
+
 class SaveEMA(L.Callback):
     def __init__(self, out: Path, every: int):
         self.out, self.every, self.t0 = out, every, time.time()
@@ -129,9 +166,10 @@ class SaveEMA(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         step = trainer.global_step
         self.losses.append(float(outputs["loss"]))
-        if step % 100 == 0:
+        if step % 50 == 0:
             mean = sum(self.losses[-100:]) / len(self.losses[-100:])
-            print(f"[{(time.time() - self.t0) / 60:.1f} min] step {step}: loss (mean of 100) {mean:.4f}", flush=True)
+            lr = trainer.optimizers[0].param_groups[0]["lr"]
+            print(f"[{(time.time() - self.t0) / 60:.1f} min] step {step}: loss (mean of 100) {mean:.4f} lr {lr:.2e}", flush=True)
         if step % self.every == 0:
             module.save_ema(self.out / "ema-latest")
             print(f"[{(time.time() - self.t0) / 60:.1f} min] step {step}: saved EMA to {self.out / 'ema-latest'}", flush=True)
@@ -150,7 +188,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save-every", type=int, default=500)
-    ap.add_argument("--max-minutes", type=float, default=85.0, help="hard stop; the EMA model is still saved")
+    ap.add_argument("--max-minutes", type=float, default=85.0, help="wall-time budget: the lr schedule ends and training stops by then")
     ap.add_argument("--export", default=None, help="also copy the final model folder here (e.g. the package assets)")
     args = ap.parse_args(argv)
 
@@ -161,7 +199,8 @@ def main(argv=None) -> None:
     tok, text, unet, sched = build_all(out / "tokenizer-src")
     print(f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, "
           f"text encoder {sum(p.numel() for p in text.parameters()) / 1e6:.2f}M", flush=True)
-    module = WorldDiffusion(tok, text, unet, sched, args.lr, args.text_lr, args.warmup, args.steps, args.ema, args.min_snr)
+    module = WorldDiffusion(tok, text, unet, sched, args.lr, args.text_lr, args.warmup, args.steps, args.ema, args.min_snr,
+                            max_seconds=60 * (args.max_minutes - 1.0))
     data = DataLoader(SceneStream(tok, args.batch_size, args.seed), batch_size=None, num_workers=0)
     trainer = L.Trainer(
         accelerator="cpu",
@@ -172,7 +211,7 @@ def main(argv=None) -> None:
         log_every_n_steps=25,
         enable_checkpointing=False,
         gradient_clip_val=1.0,
-        callbacks=[SaveEMA(out, args.save_every)],
+        callbacks=[SaveEMA(out, args.save_every), ThreadTuner(args.threads)],
         enable_progress_bar=False,
     )
     t0 = time.time()

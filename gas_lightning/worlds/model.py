@@ -17,7 +17,7 @@ from pathlib import Path
 
 from gas_lightning.worlds.vocab import MAX_LENGTH, write_tokenizer
 
-MODEL_DIR = Path(__file__).resolve().parent / "assets" / "shapes-model"
+MODEL_DIR = Path(__file__).resolve().parent / "assets" / "shapes-model"  # same as gas_lightning.worlds.MODEL_DIR
 """Where the trained model ships inside the package."""
 
 IMAGE_SIZE = 32
@@ -115,3 +115,40 @@ def load_folder(folder: str | Path = MODEL_DIR):
     unet = UNet2DConditionModel.from_pretrained(str(folder / "unet")).eval()
     sched = DDPMScheduler.from_pretrained(str(folder / "scheduler"))
     return tok, text, unet, sched
+
+
+def encode(tokenizer, text_encoder, prompts: list[str]):
+    """Prompt embeddings exactly as in training: padded to model_max_length, no attention mask."""
+    import torch
+
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return text_encoder(ids)[0]
+
+
+def sample_images(tokenizer, text_encoder, unet, scheduler, prompts: list[str], steps: int = 50,
+                  guidance: float = 6.0, seed: int = 0, batch_size: int = 64):
+    """Text-to-image with DDIM and classifier-free guidance; uint8 (N, H, W, 3) numpy array."""
+    import numpy as np
+    import torch
+    from diffusers import DDIMScheduler
+
+    ddim = DDIMScheduler.from_config(scheduler.config)
+    gen = torch.Generator().manual_seed(seed)
+    size = unet.config.sample_size
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        cond = encode(tokenizer, text_encoder, chunk)
+        uncond = encode(tokenizer, text_encoder, [""]).expand_as(cond)
+        x = torch.randn(len(chunk), 3, size, size, generator=gen)
+        ddim.set_timesteps(steps)
+        with torch.no_grad():
+            for t in ddim.timesteps:
+                eps = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+                e0, ec = eps.chunk(2)
+                x = ddim.step(e0 + guidance * (ec - e0), t, x).prev_sample
+        img = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        out.append(img)
+    return np.concatenate(out)

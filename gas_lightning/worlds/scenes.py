@@ -52,7 +52,8 @@ class SceneObject:
 
     @property
     def phrase(self) -> str:
-        return f"a {self.colour} {self.shape}"
+        article = "an" if self.colour[0] in "aeiou" else "a"
+        return f"{article} {self.colour} {self.shape}"
 
 
 @dataclass(frozen=True)
@@ -222,21 +223,31 @@ def training_caption(
     p_empty: float = 0.10,
     p_partial: float = 0.20,
     p_background_only: float = 0.4,
+    p_the: float = 0.25,
 ) -> str:
     """A caption for training: empty (for classifier-free guidance), partial, or full.
 
     Partial captions teach the model the short phrases that the editor sends per subtask:
     one object ("a red circle", "a red circle on snow") or the background alone ("snow",
-    "on snow"). Objects in full captions come in random order, so order carries no meaning.
+    "on snow", "the snow"). Requests are written "change the red circle into ...", so objects
+    are sometimes "the red circle" and the background sometimes "and the snow". Objects in
+    full captions come in random order, so order carries no meaning.
     """
     r = rng.random()
     if r < p_empty:
         return ""
-    phrases = scene.phrases
+
+    def obj(o: SceneObject) -> str:
+        return f"the {o.colour} {o.shape}" if rng.random() < p_the else o.phrase
+
+    bg = scene.background
     if r < p_empty + p_partial:
         if rng.random() < p_background_only:
-            return scene.background if rng.random() < 0.5 else f"on {scene.background}"
-        one = phrases[int(rng.integers(len(phrases)))]
-        return one if rng.random() < 0.5 else caption_of([one], scene.background)
-    order = rng.permutation(len(phrases))
-    return caption_of([phrases[i] for i in order], scene.background)
+            return [bg, f"on {bg}", f"the {bg}", f"on the {bg}"][int(rng.integers(4))]
+        one = obj(scene.objects[int(rng.integers(len(scene.objects)))])
+        return one if rng.random() < 0.5 else caption_of([one], bg)
+    order = rng.permutation(len(scene.objects))
+    phrases = [obj(scene.objects[i]) for i in order]
+    if rng.random() < 0.15:  # the joined form that request parsers produce
+        return caption_of([*phrases, f"the {bg}" if rng.random() < 0.5 else bg], None)
+    return caption_of(phrases, bg)
