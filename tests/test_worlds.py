@@ -1,0 +1,204 @@
+"""The shapes world: sampler, cases, scorer, grounder and the shipped model folder."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gas_lightning.errors import GroundingError
+from gas_lightning.grounding.base import Grounder, GroundingMiss
+from gas_lightning.worlds import MODEL_DIR, EXAMPLE_IMAGE, EXAMPLE_REQUEST
+from gas_lightning.worlds.cases import Change, example_case, held_out_cases, make_case, sample_case
+from gas_lightning.worlds.grounder import WorldGrounder, parse_phrase
+from gas_lightning.worlds.scenes import (
+    BACKGROUNDS, COLOURS, PALETTE, Scene, SceneObject, caption_of, render, sample_scene, training_caption,
+)
+from gas_lightning.worlds.scorer import aggregate, score
+
+
+def _scene(*objs, background="snow", size=32):
+    """Objects given as (shape, colour, x, y, side) in pixels of a 32x32 grid."""
+    return Scene(
+        objects=tuple(SceneObject(sh, co, (x / 32, y / 32, (x + s) / 32, (y + s) / 32)) for sh, co, x, y, s in objs),
+        background=background,
+        size=size,
+    )
+
+
+# scenes -----------------------------------------------------------------------------------
+def test_sampler_is_deterministic_and_distinct():
+    a = [sample_scene(np.random.default_rng(7)) for _ in range(2)]
+    assert a[0] == a[1]
+    assert np.array_equal(render(a[0]), render(a[1]))
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        s = sample_scene(rng)
+        assert 1 <= len(s.objects) <= 3
+        kinds = [(o.shape, o.colour) for o in s.objects]
+        assert len(set(kinds)) == len(kinds)
+        masks = [s.mask(i) for i in range(len(s.objects))]
+        for i in range(len(masks)):  # non-overlapping
+            for j in range(i + 1, len(masks)):
+                assert not (masks[i] & masks[j]).any()
+
+
+def test_exact_boxes_and_masks():
+    s = _scene(("square", "red", 2, 3, 10), ("circle", "blue", 18, 18, 12), ("triangle", "green", 18, 2, 12))
+    img = render(s)
+    assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+    assert s.pixel_box(0) == (2, 3, 12, 13)
+    assert s.box(0) == (2 / 32, 3 / 32, 12 / 32, 13 / 32)
+    assert s.mask(0).sum() == 100
+    assert (img[s.mask(0)] == COLOURS["red"]).all()
+    assert 0.7 < s.mask(1).sum() / 144 < 0.85  # circle ~ pi/4 of its box
+    assert 0.4 < s.mask(2).sum() / 144 < 0.6  # triangle ~ 1/2
+    x0, y0, x1, y1 = s.pixel_box(1)
+    assert (x0, y0) >= (18, 18) and (x1, y1) <= (30, 30)
+    assert (img[s.coverage.sum(0) == 0] == BACKGROUNDS["snow"]).all()  # anti-aliased rims excepted
+    big = render(s, 256)  # the same scene at another size
+    assert big.shape == (256, 256, 3)
+    assert (big[40, 40] == COLOURS["red"]).all()
+
+
+def test_captions_and_phrases():
+    s = _scene(("circle", "red", 2, 2, 10), ("square", "orange", 18, 18, 10), background="sand")
+    assert s.phrases == ["a red circle", "an orange square"]
+    assert s.caption == "a red circle and an orange square on sand"
+    assert caption_of(["a", "b", "c"], "snow") == "a, b and c on snow"
+    assert caption_of([], "snow") == "on snow"
+    rng = np.random.default_rng(0)
+    caps = [training_caption(s, rng) for _ in range(400)]
+    assert 0.05 < caps.count("") / 400 < 0.16
+    assert any(c in ("sand", "on sand", "the sand", "on the sand") for c in caps)
+    assert any(c == "a red circle" for c in caps)
+
+
+# cases ------------------------------------------------------------------------------------
+def test_cases_are_seeded_and_have_no_duplicates():
+    assert sample_case(5).request == sample_case(5).request
+    for c in held_out_cases(60, seed=1):
+        for scene in (c.source, c.target):
+            kinds = [(o.shape, o.colour) for o in scene.objects]
+            assert len(set(kinds)) == len(kinds)
+        assert 2 <= len(c.changes) <= 3
+        assert c.plan.grounded and len(c.plan.subtasks) == len(c.changes)
+        for ch in c.changes:
+            assert ch.before != ch.after
+
+
+def test_case_plan_and_request():
+    src = _scene(("circle", "red", 2, 2, 10), ("square", "blue", 18, 18, 10))
+    c = make_case(src, [Change("colour", 0, "red", "yellow"), Change("background", None, "snow", "sand")])
+    assert c.request == "change the red circle into a yellow circle. change the snow into sand."
+    p = c.plan
+    assert [(s.source, s.target) for s in p.subtasks] == [("a red circle", "a yellow circle"), ("snow", "sand")]
+    assert p.subtasks[0].box == src.box(0) and p.subtasks[1].box == (0.0, 0.0, 1.0, 1.0)
+    assert p.source_prompt == "a red circle and a blue square on snow"
+    assert p.target_prompt == "a yellow circle and a blue square on sand"
+    assert (c.target_image[src.coverage[0] == 1] == COLOURS["yellow"]).all()
+
+
+# scorer -----------------------------------------------------------------------------------
+def test_scorer_perfect_noop_and_wrong_object():
+    src = _scene(("circle", "red", 2, 2, 12), ("square", "blue", 18, 4, 10), ("triangle", "green", 8, 18, 12))
+    c = make_case(src, [Change("colour", 0, "red", "yellow"), Change("shape", 1, "square", "circle"),
+                        Change("background", None, "snow", "sand")])
+    perfect = score(c.target_image, c)
+    assert perfect["per_attribute"] == perfect["all_attributes"] == perfect["preserved"] == 1.0
+    assert perfect["erosion"] == 0.0 and perfect["bg_psnr_in_boxes"] == perfect["psnr_outside"] == 60.0
+    assert score(Image.fromarray(render(c.target, 128)), c)["all_attributes"] == 1.0  # any size
+
+    noop = score(c.source_image, c)
+    assert noop["per_attribute"] == 0.0 and noop["all_attributes"] == 0.0
+    assert noop["psnr_outside"] < 30
+
+    # the yellow lands on the green triangle instead of the red circle
+    wrong = make_case(src, [Change("colour", 2, "green", "yellow"), Change("shape", 1, "square", "circle"),
+                            Change("background", None, "snow", "sand")])
+    s = score(wrong.target_image, c)
+    assert [a["ok"] for a in s["attributes"]] == [False, True, True]
+    assert s["preserved"] == 0.0 and s["all_attributes"] == 0.0
+
+    # an edited object that vanished into the background is eroded
+    gone = make_case(src, [Change("background", None, "snow", "sand")])
+    img = gone.target_image.copy()
+    img[src.mask(0)] = PALETTE["sand"]
+    eroded = score(img, c)
+    assert eroded["erosion"] == 0.5 and eroded["eroded"] == 0.5  # one of the two edited objects
+
+    agg = aggregate([perfect, noop])
+    assert agg["per_attribute"] == 0.5 and agg["all_attributes"] == 0.5 and agg["cases"] == 2
+
+
+def test_scorer_on_held_out_cases():
+    cases = held_out_cases(15, seed=3)
+    assert aggregate(score(c.target_image, c) for c in cases)["all_attributes"] == 1.0
+    assert aggregate(score(c.source_image, c) for c in cases)["per_attribute"] == 0.0
+
+
+# grounder ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [32, 96, 256])
+def test_grounder_finds_exact_boxes(size):
+    g = WorldGrounder()
+    assert isinstance(g, Grounder)
+    for c in held_out_cases(8, seed=2):
+        scene = c.source.with_size(size)
+        img = Image.fromarray(render(scene))
+        phrases = [o.phrase for o in scene.objects] + [f"the {scene.background}", "the background"]
+        boxes = g.ground(img, phrases)
+        assert boxes[-2:] == [(0.0, 0.0, 1.0, 1.0)] * 2
+        for i, box in enumerate(boxes[:-2]):
+            assert np.abs(np.array(box) - np.array(scene.box(i))).max() * size <= 1.0
+
+
+def test_grounder_phrase_forms_and_errors():
+    assert parse_phrase("the red circle") == ("object", "red", "circle")
+    assert parse_phrase("Red Circle") == ("object", "red", "circle")
+    assert parse_phrase("snow") == ("background", None, None)
+    img = Image.open(EXAMPLE_IMAGE)
+    g = WorldGrounder()
+    assert g.ground(img, ["red circle"]) == g.ground(img, ["a red circle"])
+    with pytest.raises(GroundingError, match="unknown word 'dog'.*colours red"):
+        g.ground(img, ["a dog"])
+    with pytest.raises(GroundingMiss, match="no 'a purple square'.*it sees") as miss:
+        g.ground(img, ["the red circle", "a purple square"])
+    assert miss.value.boxes[0] is not None and miss.value.boxes[1] is None
+
+
+def test_bundled_example_is_groundable():
+    from gas_lightning.planners import parse_request
+
+    plan = parse_request(EXAMPLE_REQUEST.read_text())
+    assert len(plan.subtasks) == 3
+    boxes = WorldGrounder().ground(Image.open(EXAMPLE_IMAGE), [s.source for s in plan.subtasks])
+    case = example_case()
+    assert np.allclose(boxes[:2], [case.source.box(0), case.source.box(1)], atol=1 / 32)
+
+
+# the shipped model ------------------------------------------------------------------------
+def test_shipped_model_loads_and_denoises():
+    if not (MODEL_DIR / "model_index.json").exists():
+        pytest.skip(f"the model folder {MODEL_DIR} is not there yet (train it with tools/train_world.py)")
+    import torch
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    index = json.loads((MODEL_DIR / "model_index.json").read_text())
+    assert index["vae"] == [None, None]
+    tok = CLIPTokenizer.from_pretrained(MODEL_DIR / "tokenizer")
+    text = CLIPTextModel.from_pretrained(MODEL_DIR / "text_encoder").eval()
+    unet = UNet2DConditionModel.from_pretrained(MODEL_DIR / "unet").eval()
+    sched = DDPMScheduler.from_pretrained(MODEL_DIR / "scheduler")
+    assert sched.config.num_train_timesteps == 1000 and sched.config.prediction_type == "epsilon"
+    for word in [*COLOURS, *BACKGROUNDS, "circle", "square", "triangle"]:
+        assert len(tok.tokenize(word)) == 1
+    ids = tok(["a red circle on snow"], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    with torch.no_grad():
+        cond = text(ids)[0]
+        out = unet(torch.randn(1, 3, 32, 32), torch.tensor([500]), encoder_hidden_states=cond).sample
+    assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
+    size = sum(f.stat().st_size for f in MODEL_DIR.rglob("*") if f.is_file())
+    assert size < 30e6
