@@ -60,8 +60,9 @@ def build_tiny_sd(
         out_channels=latent_channels,
         block_out_channels=(16, 32),
         layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        # attention only at the lower resolution keeps a 32x32 pixel-space model cheap on CPU
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32,
         attention_head_dim=4,
         norm_num_groups=8,

@@ -1,0 +1,194 @@
+"""Score editing methods on held-out shapes-world cases, side by side, same seeds and step budget.
+
+    python tools/eval_world.py --cases 50 --seed 0 --json results.json --figure world_eval.png
+
+Every method edits every case with the same model, seed, step budget and optimiser; only the
+guidance differs. "dds" is full-prompt Delta Denoising Score (one term: whole source caption ->
+whole target caption, no mask); "gas" is Ground-A-Score, batched schedule; "gas_sequential" the
+reference schedule. Further methods are ablations of gas. Boxes are the cases' exact boxes, except
+"gas_grounded", which starts from the request text and the weight-free WorldGrounder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from gas_lightning.backbone import load_backbone
+from gas_lightning.callbacks import NullTextPenalty
+from gas_lightning.guidance import GuidanceConfig
+from gas_lightning.pipeline import build_edit, tensor_to_image
+from gas_lightning.plan import EditPlan, Subtask
+from gas_lightning.worlds import MODEL_DIR, aggregate, held_out_cases, render_pil, score
+from gas_lightning.worlds.cases import EditCase
+
+METRICS = ("per_attribute", "all_attributes", "colour", "shape", "background", "erosion", "bg_psnr_in_boxes",
+           "psnr_outside", "preserved", "seconds_per_edit")
+
+
+@dataclass(frozen=True)
+class Method:
+    """How one method turns a case into an edit: plan, schedule, whole-scene term, penalty."""
+
+    name: str
+    schedule: str = "batched"
+    full_prompt_only: bool = False  # plain DDS
+    full_prompt: bool = True
+    penalty: bool = True
+    preserve_form: bool = False
+    grounded: bool = False  # boxes from the request text and the WorldGrounder instead of the case
+
+    def plan(self, case: EditCase) -> EditPlan:
+        if self.full_prompt_only:
+            whole = Subtask(source=case.source.caption, target=case.target.caption, box=(0.0, 0.0, 1.0, 1.0))
+            return EditPlan(case.source.caption, case.target.caption, (whole,))
+        if self.grounded:
+            from gas_lightning.grounding import ground_plan
+            from gas_lightning.planners import parse_request
+            from gas_lightning.worlds.grounder import WorldGrounder
+
+            plan = parse_request(case.request)
+            plan = replace(plan, source_prompt=case.source.caption, target_prompt=case.target.caption)
+            plan = ground_plan(plan, render_pil(case.source), WorldGrounder())
+        else:
+            plan = case.plan
+        if self.preserve_form:
+            # keep the form of objects whose shape is not requested to change
+            shape_edit = {c.index for c in case.changes if c.kind == "shape"}
+            objs = [i for i in case.edited_objects]
+            subtasks = [replace(s, preserve_form=(k < len(objs) and objs[k] not in shape_edit))
+                        for k, s in enumerate(plan.subtasks)]
+            plan = plan.replace_subtasks(subtasks)
+        return plan
+
+
+METHODS = {
+    m.name: m
+    for m in (
+        Method("dds", full_prompt_only=True, full_prompt=False, penalty=False),
+        Method("gas"),
+        Method("gas_sequential", schedule="sequential"),
+        Method("gas_no_full", full_prompt=False),
+        Method("gas_no_penalty", penalty=False),
+        Method("gas_preserve", preserve_form=True),
+        Method("gas_grounded", grounded=True),
+    )
+}
+DEFAULT_METHODS = ("dds", "gas", "gas_sequential")
+
+
+def edit_case(backbone, case: EditCase, method: Method, args) -> tuple[np.ndarray, float]:
+    cfg = GuidanceConfig(guidance_scale=args.guidance_scale, full_prompt=method.full_prompt)
+    plan = method.plan(case)
+    module = build_edit(backbone, render_pil(case.source), plan, guidance_config=cfg, schedule=method.schedule,
+                        seed=args.seed * 1000 + (case.seed or 0), loss_scale=args.loss_scale,
+                        optimizer=lambda params: torch.optim.SGD(params, lr=args.lr))
+    callbacks = [NullTextPenalty()] if method.penalty else []
+    trainer = L.Trainer(max_steps=args.steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+    start = time.perf_counter()
+    trainer.fit(module)
+    seconds = time.perf_counter() - start
+    image = np.asarray(tensor_to_image(module.decode().cpu()))
+    return image, seconds
+
+
+def figure(rows: list[list[np.ndarray]], header: list[str], path: Path, scale: int = 4) -> None:
+    size = rows[0][0].shape[0] * scale
+    pad, top = 4, 14
+    width = len(header) * (size + pad) + pad
+    canvas = Image.new("RGB", (width, top + len(rows) * (size + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for j, name in enumerate(header):
+        draw.text((pad + j * (size + pad), 2), name, fill=(0, 0, 0))
+    for i, row in enumerate(rows):
+        for j, im in enumerate(row):
+            tile = Image.fromarray(im).resize((size, size), Image.Resampling.NEAREST)
+            canvas.paste(tile, (pad + j * (size + pad), top + i * (size + pad)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and math.isnan(v):
+        return "nan"
+    return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument("--model", default=str(MODEL_DIR))
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--loss_scale", type=float, default=2000.0)
+    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--json", type=Path, default=None, help="write the results object here ('-' for stdout)")
+    p.add_argument("--figure", type=Path, default=Path("outputs/world_eval.png"))
+    p.add_argument("--figure_cases", type=int, default=6)
+    args = p.parse_args(argv)
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    backbone = load_backbone(args.model, attention="sdpa")
+    cases = held_out_cases(args.cases, seed=args.seed)
+    results: dict[str, dict] = {}
+    fig_rows = [[c.source_image, c.target_image] for c in cases[: args.figure_cases]]
+    for name in names:
+        scores, times = [], []
+        for k, case in enumerate(cases):
+            image, seconds = edit_case(backbone, case, METHODS[name], args)
+            scores.append(score(image, case))
+            times.append(seconds)
+            if k < args.figure_cases:
+                fig_rows[k].append(image)
+        agg = aggregate(scores)
+        agg["seconds_per_edit"] = float(np.mean(times))
+        results[name] = agg
+        print(f"{name}: " + ", ".join(f"{k}={fmt(agg.get(k))}" for k in METRICS), file=sys.stderr, flush=True)
+
+    print("| method | " + " | ".join(METRICS) + " |")
+    print("|---" * (len(METRICS) + 1) + "|")
+    for name, agg in results.items():
+        print(f"| {name} | " + " | ".join(fmt(agg.get(k)) for k in METRICS) + " |")
+    if fig_rows:
+        figure(fig_rows, ["source", "ideal"] + names, args.figure)
+        print(f"figure: {args.figure}", file=sys.stderr)
+    payload = {
+        "methods": results,
+        "cases": args.cases, "seed": args.seed,
+        "settings": {"steps": args.steps, "lr": args.lr, "loss_scale": args.loss_scale,
+                     "guidance_scale": args.guidance_scale, "model": args.model},
+    }
+    if args.json is not None:
+        text = json.dumps(payload, indent=2)
+        if str(args.json) == "-":
+            print(text)
+        else:
+            args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
