@@ -290,3 +290,27 @@ def test_constructor_checks():
     assert LLMPlanner("m").url == "https://api.openai.com/v1/chat/completions"
     with pytest.raises(PlannerError, match="empty"):
         LLMPlanner("m").plan(Image.new("RGB", (4, 4)), "  ")
+
+
+def test_gas_edit_plan_only_with_the_llm_planner_keeps_the_key_out_of_outputs(server, tmp_path, monkeypatch, capsys):
+    """The whole CLI path: free-text request -> LLM plan -> explicit boxes -> plan.json, config.yaml."""
+    from gas_lightning.cli import main
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    server.script = [("reply", "Sure! ```json\n" + json.dumps(GOOD) + "\n```")]
+    image = tmp_path / "in.png"
+    Image.new("RGB", (64, 48), (10, 200, 10)).save(image)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--image", str(image), "--request", "make the dog a black cat and the grass snowy",
+              "--planner", "llm", "--llm_model", "test-model", "--llm_base_url", server.url,
+              "--boxes", "[[0.1, 0.2, 0.5, 0.9], [0, 0.6, 1, 1]]", "--output_dir", str(out), "--plan_only", "true"])
+    assert exit_info.value.code == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert [s["target"] for s in plan["subtasks"]] == GOOD["target_phrases"]
+    assert [s["preserve_form"] for s in plan["subtasks"]] == [False, True]
+    for path in out.iterdir():
+        assert KEY not in path.read_bytes().decode("latin-1"), path.name
+    captured = capsys.readouterr()
+    assert KEY not in captured.out + captured.err
+    assert json.loads(server.requests[0]["body"])["model"] == "test-model"
