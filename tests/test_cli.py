@@ -56,7 +56,7 @@ def test_edit_writes_all_outputs(edit_run):
 
     # non-square input keeps its aspect: 48x40 -> short side 32 -> 40x32 (multiple of 4 on the tiny model)
     assert Image.open(out / "edited.png").size == (40, 32)
-    assert Image.open(out / "comparison.png").size == (80, 32)
+    assert Image.open(out / "comparison.png").size == (80 * 8, 32 * 8)  # upscaled for viewing
 
 
 def test_tensorboard_has_per_term_scalars_and_images(edit_run):

@@ -13,11 +13,22 @@ from gas_lightning.callbacks.previews import mask_overlay
 from gas_lightning.pipeline import tensor_to_image
 
 
-class EditOutputs(Callback):
-    """edited.png, comparison.png (source | edited), masks.png and plan.json in `output_dir`."""
+def _viewable(image, min_side: int):
+    """Integer nearest-neighbour upscale so that tiny (pixel-world) outputs can be looked at."""
+    factor = max(1, -(-min_side // min(image.size)))
+    return image if factor == 1 else image.resize((image.width * factor, image.height * factor), resample=0)
 
-    def __init__(self, output_dir: str | Path):
+
+class EditOutputs(Callback):
+    """edited.png, comparison.png (source | edited), masks.png and plan.json in `output_dir`.
+
+    edited.png is at the working size; comparison.png and masks.png are upscaled (nearest) to at
+    least `min_view_side` pixels high, for viewing.
+    """
+
+    def __init__(self, output_dir: str | Path, min_view_side: int = 256):
         self.output_dir = Path(output_dir)
+        self.min_view_side = int(min_view_side)
 
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -29,8 +40,10 @@ class EditOutputs(Callback):
         source = pl_module.decode(pl_module.z_src).cpu()
         edited = pl_module.decode().cpu()
         tensor_to_image(edited).save(self.output_dir / "edited.png")
-        tensor_to_image(torch.cat([source, edited], dim=-1)).save(self.output_dir / "comparison.png")
-        tensor_to_image(mask_overlay(source, pl_module.masks.subtasks.cpu())).save(self.output_dir / "masks.png")
+        side = self.min_view_side
+        _viewable(tensor_to_image(torch.cat([source, edited], dim=-1)), side).save(self.output_dir / "comparison.png")
+        overlay = mask_overlay(source, pl_module.masks.subtasks.cpu())
+        _viewable(tensor_to_image(overlay), side).save(self.output_dir / "masks.png")
         torch.save({"latent": pl_module.latent.detach().cpu(), "step": trainer.global_step}, self.output_dir / "latent.pt")
 
 
