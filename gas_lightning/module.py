@@ -71,10 +71,8 @@ class GroundAScoreEdit(L.LightningModule):
         self.last_logs: list[TermLog] = []
 
     # set-up ----------------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        self._move_frozen(self.device)
-
     def on_fit_start(self) -> None:
+        # The strategy has moved the registered tensors by now; the frozen networks and terms follow.
         self._move_frozen(self.device)
 
     def _move_frozen(self, device: torch.device) -> None:

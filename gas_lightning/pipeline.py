@@ -110,6 +110,5 @@ def build_edit(
     guidance = GroundedScoreGuidance(backbone, cfg, null_embedding=backbone.encode_prompts([""]))
     module = GroundAScoreEdit(guidance, z_src, terms, plan, schedule=schedule, seed=seed, loss_scale=loss_scale,
                               optimizer=optimizer)
-    module.source_pixels = pixels.cpu()
     module.masks = masks
     return module
