@@ -115,6 +115,11 @@ def make_plan(spec: PlanSpec, image: Image.Image | None = None) -> EditPlan:
         plan = _apply_list(plan, "preserve_form", [bool(v) for v in spec.preserve_form])
     if spec.intensities is not None and spec.sources is None:
         plan = _apply_list(plan, "intensity", [float(v) for v in spec.intensities])
+    if spec.sources is None and (spec.source_prompt or spec.target_prompt):
+        from dataclasses import replace
+
+        plan = replace(plan, source_prompt=spec.source_prompt or plan.source_prompt,
+                       target_prompt=spec.target_prompt or plan.target_prompt)
     if spec.boxes is not None:
         plan = plan.with_boxes(spec.boxes)
     return plan

@@ -156,3 +156,12 @@ def test_two_process_ddp_keeps_the_latent_identical(tiny_sd, image_file, tmp_pat
     assert torch.equal(r0, r1)
     assert saved["global_step"] == 3 and torch.equal(r0, saved["state_dict"]["latent"])
     assert (out / "edited.png").is_file()
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_shipped_config_parses(config, image_file, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(REPO / "configs" / config), "--image", image_file, "--request", REQUEST, "--print_config"])
+    assert exit_info.value.code == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["trainer"]["max_steps"] > 0 and cfg["optimizer"]["class_path"].startswith("torch.optim.")
