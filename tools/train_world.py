@@ -189,6 +189,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save-every", type=int, default=500)
     ap.add_argument("--max-minutes", type=float, default=85.0, help="wall-time budget: the lr schedule ends and training stops by then")
+    ap.add_argument("--init", default=None, help="start from this model folder (continue a run) instead of random weights")
     ap.add_argument("--export", default=None, help="also copy the final model folder here (e.g. the package assets)")
     args = ap.parse_args(argv)
 
@@ -197,6 +198,13 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tok, text, unet, sched = build_all(out / "tokenizer-src")
+    if args.init:
+        from gas_lightning.worlds.model import load_folder
+
+        tok, text, unet, _ = load_folder(args.init)
+        text.train()
+        unet.train()
+        print(f"continuing from {args.init}", flush=True)
     print(f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, "
           f"text encoder {sum(p.numel() for p in text.parameters()) / 1e6:.2f}M", flush=True)
     module = WorldDiffusion(tok, text, unet, sched, args.lr, args.text_lr, args.warmup, args.steps, args.ema, args.min_snr,
