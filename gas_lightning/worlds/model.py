@@ -90,6 +90,7 @@ def save_folder(folder: str | Path, tokenizer, text_encoder, unet, scheduler) ->
     unet.save_pretrained(folder / "unet", safe_serialization=True)
     text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
     tokenizer.save_pretrained(folder / "tokenizer")
+    write_tokenizer(folder / "tokenizer", config=False)  # vocab.json + merges.txt for older transformers
     scheduler.save_pretrained(folder / "scheduler")
     index = {
         "_class_name": "GasPixelDiffusion",

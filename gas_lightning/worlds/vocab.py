@@ -65,8 +65,8 @@ def learn_merges(words: tuple[str, ...]) -> list[tuple[str, str]]:
     return merges
 
 
-def write_tokenizer(folder: str | Path) -> Path:
-    """Write vocab.json, merges.txt and the tokenizer config; load with CLIPTokenizer."""
+def write_tokenizer(folder: str | Path, config: bool = True) -> Path:
+    """Write vocab.json, merges.txt and (with `config`) the tokenizer config; load with CLIPTokenizer."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     base = list(byte_alphabet().values())
@@ -75,6 +75,8 @@ def write_tokenizer(folder: str | Path) -> Path:
     vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    if not config:
+        return folder
     config = {
         "tokenizer_class": "CLIPTokenizer",
         "model_max_length": MAX_LENGTH,
