@@ -1,0 +1,28 @@
+"""The README's main command on the bundled model: request -> world grounder -> edit -> outputs."""
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from gas_lightning.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bundled_default_edit_runs_and_writes_outputs(tmp_path):
+    out = tmp_path / "shapes"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(REPO / "configs" / "shapes.yaml"), "--output_dir", str(out),
+              "--trainer.max_steps", "5", "--trainer.enable_progress_bar", "false"])
+    assert exit_info.value.code == 0
+    edited = Image.open(out / "edited.png")
+    assert edited.size == (32, 32)
+    import json
+
+    plan = json.loads((out / "plan.json").read_text())
+    # the WorldGrounder found the circle and the square, and the background got the whole image
+    boxes = [s["box"] for s in plan["subtasks"]]
+    assert boxes[2] == [0.0, 0.0, 1.0, 1.0]
+    assert boxes[0][2] < 0.5 and boxes[1][0] > 0.5  # circle on the left, square on the right
+    assert (out / "checkpoints" / "last.ckpt").is_file()
