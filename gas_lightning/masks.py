@@ -13,10 +13,9 @@ from typing import Sequence
 
 import torch
 
-from gas_lightning.plan import Box, EditPlan
+from gas_lightning.plan import WHOLE_IMAGE, Box, EditPlan
 
 OVERLAP_WEIGHT = 0.3
-WHOLE_IMAGE: Box = (0.0, 0.0, 1.0, 1.0)
 
 
 def box_to_grid(box: Box, height: int, width: int) -> torch.Tensor:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from PIL import Image, UnidentifiedImageError

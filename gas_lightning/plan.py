@@ -17,6 +17,7 @@ from typing import Any, Sequence
 from gas_lightning.errors import PlanError
 
 Box = tuple[float, float, float, float]
+WHOLE_IMAGE: Box = (0.0, 0.0, 1.0, 1.0)  # the region of a subtask without a box, and of the background
 
 MAX_SUBTASKS = 16
 MAX_PHRASE_CHARS = 300

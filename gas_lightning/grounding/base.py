@@ -14,11 +14,10 @@ from typing import Protocol, Sequence, runtime_checkable
 from PIL import Image, ImageDraw, ImageFont
 
 from gas_lightning.errors import GroundingError
-from gas_lightning.plan import Box, EditPlan
+from gas_lightning.plan import WHOLE_IMAGE, Box, EditPlan
 
 log = logging.getLogger(__name__)
 
-WHOLE_IMAGE: Box = (0.0, 0.0, 1.0, 1.0)
 FALLBACK_HINT = (
     "lower --box_threshold / --text_threshold, give the boxes yourself with "
     "--boxes '[[x0, y0, x1, y1], ...]' (normalised to [0, 1]), or pass "

@@ -20,7 +20,7 @@ import torch
 
 from gas_lightning.backbone import Backbone, alpha_sigma
 from gas_lightning.guidance.cds import CDSConfig, SelfAttentionCapture, patch_nce, to_maps
-from gas_lightning.plan import Box
+from gas_lightning.plan import WHOLE_IMAGE, Box
 
 FULL_PROMPT_WEIGHTS = (0.5, 0.4, 0.3, 0.2, 0.1)
 
@@ -139,7 +139,7 @@ class GroundedScoreGuidance:
             losses = []
             for i, tm in enumerate(terms):
                 loss = sum(
-                    patch_nce(to_maps(q, h, w)[i], to_maps(k, h, w)[i], tm.box or (0.0, 0.0, 1.0, 1.0), cfg, generator)
+                    patch_nce(to_maps(q, h, w)[i], to_maps(k, h, w)[i], tm.box or WHOLE_IMAGE, cfg, generator)
                     for q, k in zip(cur, ref)
                 ) / max(len(cur), 1)
                 losses.append(loss)

@@ -13,14 +13,13 @@ from functools import cached_property
 
 import numpy as np
 
-from gas_lightning.plan import EditPlan, Subtask
+from gas_lightning.plan import WHOLE_IMAGE, EditPlan, Subtask
 from gas_lightning.worlds.scenes import (
     BACKGROUNDS, COLOURS, DEFAULT_SIZE, SHAPES, Scene, caption_of, render, sample_scene,
 )
 
 CASE_SALT = 0x6A5  # keeps case seeds apart from the training stream (default_rng(seed))
 KINDS = ("colour", "shape", "background")
-WHOLE_IMAGE = (0.0, 0.0, 1.0, 1.0)
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,9 @@ from PIL import Image
 
 from gas_lightning.errors import GroundingError
 from gas_lightning.grounding.base import GroundingMiss
-from gas_lightning.plan import Box
+from gas_lightning.plan import WHOLE_IMAGE, Box
 from gas_lightning.worlds.scenes import BACKGROUNDS, COLOURS, PALETTE, SHAPES, nearest_colour_names
 
-WHOLE_IMAGE: Box = (0.0, 0.0, 1.0, 1.0)
 FILLER = {"a", "an", "the", "on", "of", "in", "with", "and", "to", "colour", "color", "shape", "object"}
 BACKGROUND_WORDS = {*BACKGROUNDS, "background", "ground", "scene", "image"}
 NAMES = list(PALETTE)

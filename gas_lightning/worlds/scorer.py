@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from gas_lightning.worlds.cases import EditCase
-from gas_lightning.worlds.scenes import BACKGROUNDS, COLOURS, PALETTE, Scene, nearest_colour_names
+from gas_lightning.worlds.scenes import COLOURS, PALETTE, Scene, nearest_colour_names
 
 NAMES = list(PALETTE)
 N_OBJECT_COLOURS = len(COLOURS)
