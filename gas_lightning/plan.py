@@ -89,6 +89,16 @@ class Subtask:
             raise PlanError(f"penalty of '{self.source}' must be true, false or null, got {self.penalty!r}")
 
     @property
+    def keep(self) -> bool:
+        """A keep subtask names an object that must stay as it is (source == target).
+
+        Its DDS direction is zero at the source and pulls the region back when neighbouring
+        edits (a background change) drag it along; its box also claims its area under the
+        overlap rule, so the larger edit around it is damped there.
+        """
+        return self.source.strip().lower() == self.target.strip().lower()
+
+    @property
     def area(self) -> float:
         """Box area as a fraction of the image (1.0 without a box)."""
         if self.box is None:
@@ -160,6 +170,16 @@ class EditPlan:
                 f"({', '.join(repr(s.source) for s in self.subtasks)}): give one box per subtask, in order."
             )
         return replace(self, subtasks=tuple(replace(s, box=b) for s, b in zip(self.subtasks, boxes)))
+
+    def with_keep(self, phrases: Sequence[str], boxes: Sequence[Sequence[float] | None] | None = None) -> "EditPlan":
+        """Append one keep subtask (phrase -> itself, no null-text penalty) per phrase."""
+        if isinstance(phrases, str):
+            raise PlanError(f"keep must be a list of phrases, got the string {phrases!r}")
+        if boxes is not None and len(boxes) != len(phrases):
+            raise PlanError(f"{len(boxes)} boxes for {len(phrases)} keep phrases: give one per phrase, in order.")
+        keep = [Subtask(source=p, target=p, box=None if boxes is None else boxes[i], penalty=False)
+                for i, p in enumerate(phrases)]
+        return self.replace_subtasks(list(self.subtasks) + keep)
 
     def replace_subtasks(self, subtasks: Sequence[Subtask]) -> "EditPlan":
         return replace(self, subtasks=tuple(subtasks))

@@ -43,6 +43,7 @@ class PlanSpec:
     preserve_form: list[int] | None = None
     intensities: list[float] | None = None
     boxes: list[list[float] | None] | None = None  # null entries: found by the detector
+    keep: list[str] | None = None  # objects that must not change (keep subtasks, found by the detector)
     planner: str = "auto"  # auto | rules | llm
     llm_model: str | None = None
     llm_base_url: str | None = None
@@ -78,6 +79,7 @@ def resolve_bundled(path: str | None) -> str | None:
 def make_plan(spec: PlanSpec, image: Image.Image | None = None) -> EditPlan:
     """Turn whichever description the user gave into an EditPlan (boxes from --boxes only)."""
     from gas_lightning.planners import diff_sentences, is_structured_request, parse_request
+    from gas_lightning.planners.request import strip_quotes
 
     given = [name for name, used in (
         ("--request", spec.request is not None),
@@ -120,6 +122,8 @@ def make_plan(spec: PlanSpec, image: Image.Image | None = None) -> EditPlan:
 
         plan = replace(plan, source_prompt=spec.source_prompt or plan.source_prompt,
                        target_prompt=spec.target_prompt or plan.target_prompt)
+    if spec.keep:
+        plan = plan.with_keep([strip_quotes(k) for k in spec.keep])
     if spec.boxes is not None:
         plan = plan.with_boxes(spec.boxes)
     return plan

@@ -141,6 +141,16 @@ def test_plan_only_writes_plan_and_grounding_picture(image_file, tmp_path):
     assert not (out / "checkpoints").exists()
 
 
+def test_keep_flag_adds_keep_subtasks_with_their_boxes(image_file, tmp_path):
+    out = tmp_path / "keep"
+    boxes = "[[0.05, 0.05, 0.45, 0.5], [0, 0, 1, 1], [0.6, 0.6, 0.9, 0.9]]"
+    assert run_cli(["--image", image_file, "--request", REQUEST, "--keep", "[the blue ball]", "--boxes", boxes,
+                    "--output_dir", str(out), "--plan_only", "true"]) == 0
+    subtasks = json.loads((out / "plan.json").read_text())["subtasks"]
+    assert subtasks[2] == {"source": "the blue ball", "target": "the blue ball", "box": [0.6, 0.6, 0.9, 0.9],
+                           "preserve_form": False, "intensity": 1.0, "penalty": False}
+
+
 def test_two_process_ddp_keeps_the_latent_identical(tiny_sd, image_file, tmp_path):
     probe = tmp_path / "latents"
     out = tmp_path / "ddp"

@@ -201,6 +201,8 @@ def test_python_code_in_the_reply_is_rejected_and_never_run(server, image, tmp_p
         ({"source_phrases": ["a"] * 17, "target_phrases": ["b"] * 17, "preserve_form": [0] * 17}, "1 to 16"),
         ({"source_prompt": 3}, "source_prompt"),
         ({"target_phrases": [["a"], "snow"]}, "non-empty string"),
+        ({"keep_phrases": "the house"}, "keep_phrases' must be a list of 0 to 16"),
+        ({"keep_phrases": ["the house", 3]}, "non-empty string"),
     ],
 )
 def test_parse_reply_validates_strictly(change, match):
@@ -214,6 +216,9 @@ def test_parse_reply_accepts_bools_and_missing_keys_are_named():
     with pytest.raises(ReplyError, match="missing keys \\['target_prompt'\\]"):
         parse_reply(json.dumps({k: v for k, v in GOOD.items() if k != "target_prompt"}))
     assert extract_json('noise {"a": 1} more') == {"a": 1}
+    kept = parse_reply(json.dumps({**GOOD, "keep_phrases": ["the red house"]}))
+    assert [(s.source, s.target, s.keep) for s in kept.subtasks][-1] == ("the red house", "the red house", True)
+    assert len(parse_reply(json.dumps({**GOOD, "keep_phrases": []})).subtasks) == len(GOOD["source_phrases"])
     with pytest.raises(ReplyError, match="empty"):
         extract_json("   ")
 

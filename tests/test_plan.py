@@ -174,3 +174,17 @@ def test_join_phrases():
     assert join_phrases(["a"]) == "a"
     assert join_phrases(["a", "b"]) == "a and b"
     assert join_phrases(["a", "", "b", "c"]) == "a, b and c"
+
+
+def test_with_keep_appends_identity_subtasks_without_penalty():
+    plan = EditPlan.from_lists(["a dog"], ["a cat"], boxes=[[0, 0, 0.5, 0.5]])
+    kept = plan.with_keep(["a red ball"], [[0.6, 0.6, 0.9, 0.9]])
+    assert [s.keep for s in kept.subtasks] == [False, True]
+    assert kept.subtasks[1].target == "a red ball" and kept.subtasks[1].penalty is False
+    assert kept.subtasks[1].box == (0.6, 0.6, 0.9, 0.9) and kept.source_prompt == plan.source_prompt
+    assert plan.with_keep(["a ball"]).subtasks[1].box is None  # left to the detector
+    with pytest.raises(PlanError, match="1 boxes for 2 keep phrases"):
+        plan.with_keep(["a", "b"], [[0, 0, 1, 1]])
+    with pytest.raises(PlanError, match="list of phrases"):
+        plan.with_keep("a ball")
+    assert Subtask("The Ball", "the ball").keep and not Subtask("a ball", "a red ball").keep

@@ -172,3 +172,18 @@ def test_diff_plan_round_trips(tmp_path):
     plan = diff_sentences(*EXAMPLES[0][:2])
     plan.save(tmp_path / "plan.json")
     assert EditPlan.load(tmp_path / "plan.json") == plan
+
+
+def test_request_keep_sentences_become_keep_subtasks():
+    plan = parse_request("change the dog into a cat. keep the red ball. leave the tree unchanged.")
+    pairs = [(s.source, s.target, s.keep, s.penalty) for s in plan.subtasks]
+    assert pairs == [("the dog", "a cat", False, None), ("the red ball", "the red ball", True, False),
+                     ("the tree", "the tree", True, False)]
+    assert plan.source_prompt == "the dog, the red ball and the tree"
+    assert plan.target_prompt == "a cat, the red ball and the tree"
+    assert is_structured_request("change the dog into a cat. keep the ball.")
+
+
+def test_request_with_only_keep_sentences_is_rejected():
+    with pytest.raises(PlannerError, match="only keeps"):
+        parse_request("keep the dog. leave the tree as it is.")

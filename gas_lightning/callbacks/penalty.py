@@ -27,7 +27,8 @@ class NullTextPenalty(Callback):
     def flags(self, plan) -> list[bool]:
         out = []
         for i, s in enumerate(plan.subtasks):
-            out.append(s.penalty if s.penalty is not None else (s.area < self.area_threshold or i in self.subtasks))
+            auto = not s.keep and (s.area < self.area_threshold or i in self.subtasks)  # keep terms: nothing to damp
+            out.append(s.penalty if s.penalty is not None else auto)
         return out
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -26,7 +26,7 @@ from PIL import Image
 
 from gas_lightning.errors import PlanError, PlannerError
 from gas_lightning.plan import MAX_SUBTASKS, EditPlan
-from gas_lightning.planners.llm_prompt import REPLY_KEYS, SYSTEM_PROMPT, correction_text, user_text
+from gas_lightning.planners.llm_prompt import OPTIONAL_KEYS, REPLY_KEYS, SYSTEM_PROMPT, correction_text, user_text
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +77,10 @@ def extract_json(text: str) -> dict[str, Any]:
     raise ReplyError("the reply contains no JSON object")
 
 
-def _strings(data: dict[str, Any], key: str, limit: int) -> list[str]:
+def _strings(data: dict[str, Any], key: str, limit: int, least: int = 1) -> list[str]:
     values = data[key]
-    if not isinstance(values, list) or not 1 <= len(values) <= MAX_SUBTASKS:
-        raise ReplyError(f"'{key}' must be a list of 1 to {MAX_SUBTASKS} strings")
+    if not isinstance(values, list) or not least <= len(values) <= MAX_SUBTASKS:
+        raise ReplyError(f"'{key}' must be a list of {least} to {MAX_SUBTASKS} strings")
     return [_string(v, f"'{key}' entry {i}", limit) for i, v in enumerate(values)]
 
 
@@ -96,10 +96,11 @@ def parse_reply(text: str) -> EditPlan:
     """Validate the model's JSON strictly and build the plan (no boxes yet)."""
     data = extract_json(text)
     missing = [k for k in REPLY_KEYS if k not in data]
-    extra = sorted(set(data) - set(REPLY_KEYS))
+    extra = sorted(set(data) - set(REPLY_KEYS) - set(OPTIONAL_KEYS))
     if missing or extra:
         parts = ([f"missing keys {missing}"] if missing else []) + ([f"unexpected keys {extra}"] if extra else [])
-        raise ReplyError(f"{' and '.join(parts)}; the keys must be exactly {list(REPLY_KEYS)}")
+        raise ReplyError(f"{' and '.join(parts)}; the keys must be {list(REPLY_KEYS)}, optionally {list(OPTIONAL_KEYS)}")
+    keep = _strings(data, "keep_phrases", MAX_PHRASE, least=0) if "keep_phrases" in data else []
     sources = _strings(data, "source_phrases", MAX_PHRASE)
     targets = _strings(data, "target_phrases", MAX_PHRASE)
     flags = data["preserve_form"]
@@ -111,13 +112,14 @@ def parse_reply(text: str) -> EditPlan:
             f"{len(flags)} preserve_form); give one entry per subtask in each"
         )
     try:
-        return EditPlan.from_lists(
+        plan = EditPlan.from_lists(
             sources,
             targets,
             source_prompt=_string(data["source_prompt"], "'source_prompt'", MAX_SENTENCE),
             target_prompt=_string(data["target_prompt"], "'target_prompt'", MAX_SENTENCE),
             preserve_form=[bool(f) for f in flags],
         )
+        return plan.with_keep(keep) if keep else plan
     except PlanError as e:
         raise ReplyError(str(e)) from None
 

@@ -4,6 +4,7 @@ read and tuned on their own. The reply format mirrors EditPlan.from_lists."""
 from __future__ import annotations
 
 REPLY_KEYS = ("source_phrases", "target_phrases", "source_prompt", "target_prompt", "preserve_form")
+OPTIONAL_KEYS = ("keep_phrases",)
 
 SYSTEM_PROMPT = """\
 You plan image edits for Ground-A-Score, an editor that changes several objects of a photo at \
@@ -16,7 +17,8 @@ Look at the image and the user's request, then reply with ONE JSON object and no
   "target_phrases": ["<what that object or region becomes>", ...],
   "source_prompt": "<one sentence describing the whole image as it is>",
   "target_prompt": "<the same sentence with every requested change applied>",
-  "preserve_form": [1 or 0, ...]
+  "preserve_form": [1 or 0, ...],
+  "keep_phrases": ["<noun phrase of an object that must stay exactly as it is>", ...]
 }
 
 Rules:
@@ -27,6 +29,8 @@ e.g. "the brown dog", "the wooden table"; name each object once, as it looks in 
 - preserve_form is 1 when the object keeps its outline (colour, material, texture or style \
 changes) and 0 when its shape may change (one kind of object into another).
 - source_prompt and target_prompt differ only where the subtasks change things.
+- keep_phrases (may be empty) names the visible objects that must not change and that sit inside \
+a region being edited, e.g. the objects standing on a background that changes; name each once.
 - Use plain strings and the numbers 0 and 1; no comments, no code, no extra keys.
 - Do not add changes the user did not ask for. If the request names something that is not \
 in the image, still use the user's words as the source phrase."""

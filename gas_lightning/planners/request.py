@@ -8,6 +8,7 @@ requests are for an LLM planner, and `is_structured_request` lets the CLI route 
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 from gas_lightning.errors import PlannerError
 from gas_lightning.plan import EditPlan
@@ -24,7 +25,10 @@ _FORMS = [
     re.compile(r"^(?:please\s+)?turn\s+(?P<src>.+?)\s+into\s+(?P<tgt>.+)$", re.I | re.S),
 ]
 
-ACCEPTED_FORMS = ('"change A into B"', '"change A to B"', '"replace A with B"', '"turn A into B"')
+# "keep A." names an object that must not change (a keep subtask: A -> A).
+_KEEP = re.compile(r"^(?:please\s+)?(?:keep|leave)\s+(?P<src>.+?)(?:\s+(?:unchanged|as it is|as is|intact))?$", re.I | re.S)
+
+ACCEPTED_FORMS = ('"change A into B"', '"change A to B"', '"replace A with B"', '"turn A into B"', '"keep A"')
 EXAMPLE_REQUEST = "change the dog into a cat. replace the cup with a bowl."
 
 _QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019", "`": "`"}
@@ -44,6 +48,9 @@ def split_sentences(text: str) -> list[str]:
 
 
 def _match(sentence: str) -> tuple[str, str] | None:
+    m = _KEEP.match(sentence)
+    if m and strip_quotes(m["src"]):
+        return strip_quotes(m["src"]), strip_quotes(m["src"])
     for form in _FORMS:
         m = form.match(sentence)
         if m:
@@ -60,7 +67,7 @@ def is_structured_request(text: str) -> bool:
 
 
 def parse_request(text: str) -> EditPlan:
-    """Turn "change A into B. replace C with D." into one subtask per sentence.
+    """Turn "change A into B. replace C with D. keep E." into one subtask per sentence.
 
     The whole-scene sentences are the sources and the targets joined ("A and C" -> "B and D").
     """
@@ -78,8 +85,11 @@ def parse_request(text: str) -> EditPlan:
                 f'{", ".join(ACCEPTED_FORMS)}, e.g. "{EXAMPLE_REQUEST}" '
                 "(free-form requests need an LLM planner)."
             )
-        if pair[0].lower() == pair[1].lower():
+        if pair[0].lower() == pair[1].lower() and not _KEEP.match(sentence):
             raise PlannerError(f'"{sentence}" changes "{pair[0]}" into itself; nothing to edit.')
         sources.append(pair[0])
         targets.append(pair[1])
-    return EditPlan.from_lists(sources, targets)
+    if all(a.lower() == b.lower() for a, b in zip(sources, targets)):
+        raise PlannerError(f'the request only keeps things ({"; ".join(sentences)}); add at least one "change A into B."')
+    plan = EditPlan.from_lists(sources, targets)
+    return plan.replace_subtasks([replace(s, penalty=False) if s.keep else s for s in plan.subtasks])
