@@ -104,7 +104,9 @@ def build_edit(
     size = working_size(*image.size, resolution or backbone.default_resolution, backbone.size_multiple)
     pixels = image_to_tensor(image, size).to(backbone.device)
     z_src = backbone.codec.encode(pixels)
-    masks = EditMasks.from_plan(plan, z_src.shape[-2], z_src.shape[-1])
+    if not 0.0 <= cfg.overlap_weight <= 1.0:
+        raise GasError(f"guidance.overlap_weight must be in [0, 1], got {cfg.overlap_weight}")
+    masks = EditMasks.from_plan(plan, z_src.shape[-2], z_src.shape[-1], overlap_weight=cfg.overlap_weight)
     terms = build_terms(backbone, plan, masks, full_prompt=cfg.full_prompt)
     guidance = GroundedScoreGuidance(backbone, cfg, null_embedding=backbone.encode_prompts([""]))
     module = GroundAScoreEdit(guidance, z_src, terms, plan, schedule=schedule, seed=seed, loss_scale=loss_scale,

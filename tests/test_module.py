@@ -63,3 +63,27 @@ def test_noise_depends_only_on_seed_step_and_rank():
 )
 def test_working_size_keeps_aspect_and_multiple(size, expected):
     assert working_size(*size, resolution=512, multiple=64) == expected
+
+
+def test_keep_subtask_is_zero_at_the_source_and_acts_only_in_its_box(backbone):
+    """A keep term's direction is exactly zero at the source; a drift makes it act, inside its box only.
+    (That it pulls back is measured on the trained world model: tools/eval_world.py gas vs gas_no_keep.)"""
+    from gas_lightning.callbacks import NullTextPenalty
+    from gas_lightning.guidance import GuidanceConfig
+
+    plan = PLAN.with_keep(["a ball"], [[0.6, 0.6, 0.9, 0.9]])
+    module = build_edit(backbone, Image.new("RGB", (32, 32), (90, 120, 60)), plan,
+                        guidance_config=GuidanceConfig(overlap_weight=0.1))
+    keep = module.terms[2]
+    assert keep.name.startswith("subtask2") and not keep.is_full
+    assert NullTextPenalty().flags(plan) == [False, False, False]  # small boxes, but keep has none
+    assert NullTextPenalty(area_threshold=0.5).flags(plan) == [True, False, False]
+    # the background box holds both smaller boxes: lowered to overlap_weight there
+    assert module.masks.subtasks[1].min().item() == pytest.approx(0.1)
+    eps = torch.randn(module.latent.shape, generator=torch.Generator().manual_seed(0))
+    z_src = module.z_src
+    g0, _ = module.guidance.term_gradient(z_src, z_src, keep, 500, eps)
+    assert g0.abs().max().item() == 0.0
+    drift = z_src + 0.5 * keep.mask
+    g1, _ = module.guidance.term_gradient(drift, z_src, keep, 500, eps)
+    assert g1.abs().sum() > 0 and (g1 * (1 - keep.mask)).abs().max().item() == 0.0

@@ -20,6 +20,7 @@ import torch
 
 from gas_lightning.backbone import Backbone, alpha_sigma
 from gas_lightning.guidance.cds import CDSConfig, SelfAttentionCapture, patch_nce, to_maps
+from gas_lightning.masks import OVERLAP_WEIGHT
 from gas_lightning.plan import WHOLE_IMAGE, Box
 
 FULL_PROMPT_WEIGHTS = (0.5, 0.4, 0.3, 0.2, 0.1)
@@ -34,6 +35,7 @@ class GuidanceConfig:
     t_max: int = 949
     full_prompt: bool = True
     full_prompt_weights: tuple[float, ...] = FULL_PROMPT_WEIGHTS
+    overlap_weight: float = OVERLAP_WEIGHT  # a larger box's mask where a smaller box sits inside it
     cds: CDSConfig = field(default_factory=CDSConfig)
 
     def beta(self, t: int) -> float:
