@@ -62,8 +62,12 @@ def term_name(index: int, phrase: str) -> str:
     return f"subtask{index}_{slug}"
 
 
-def build_terms(backbone: Backbone, plan: EditPlan, masks: EditMasks, full_prompt: bool = True) -> list[Term]:
+def build_terms(
+    backbone: Backbone, plan: EditPlan, masks: EditMasks, full_prompt: bool = True, config: GuidanceConfig | None = None
+) -> list[Term]:
     """One text-encoder call for every phrase and both sentences; then one Term per subtask (+ whole scene)."""
+    cfg = config or GuidanceConfig(full_prompt=full_prompt)
+    wide = cfg.wide_guidance_scale
     n = len(plan.subtasks)
     prompts = [s.source for s in plan.subtasks] + [s.target for s in plan.subtasks]
     prompts += [plan.source_prompt, plan.target_prompt]
@@ -77,6 +81,7 @@ def build_terms(backbone: Backbone, plan: EditPlan, masks: EditMasks, full_promp
             weight=s.intensity,
             preserve_form=s.preserve_form,
             box=s.box,
+            guidance_scale=wide if wide is not None and s.area >= cfg.wide_area else None,
         )
         for i, s in enumerate(plan.subtasks)
     ]
@@ -107,7 +112,7 @@ def build_edit(
     if not 0.0 <= cfg.overlap_weight <= 1.0:
         raise GasError(f"guidance.overlap_weight must be in [0, 1], got {cfg.overlap_weight}")
     masks = EditMasks.from_plan(plan, z_src.shape[-2], z_src.shape[-1], overlap_weight=cfg.overlap_weight)
-    terms = build_terms(backbone, plan, masks, full_prompt=cfg.full_prompt)
+    terms = build_terms(backbone, plan, masks, full_prompt=cfg.full_prompt, config=cfg)
     guidance = GroundedScoreGuidance(backbone, cfg, null_embedding=backbone.encode_prompts([""]))
     module = GroundAScoreEdit(guidance, z_src, terms, plan, schedule=schedule, seed=seed, loss_scale=loss_scale,
                               optimizer=optimizer)

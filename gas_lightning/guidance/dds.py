@@ -31,6 +31,10 @@ class GuidanceConfig:
     """Constants of the method (DESIGN.md); defaults are the reference's."""
 
     guidance_scale: float = 7.5
+    # CFG scale of subtasks whose box covers at least `wide_area` of the image (backgrounds);
+    # None = guidance_scale. Wide uniform regions saturate at the scale small objects need.
+    wide_guidance_scale: float | None = None
+    wide_area: float = 0.5
     t_min: int = 50
     t_max: int = 949
     full_prompt: bool = True
@@ -56,6 +60,7 @@ class Term:
     penalty: bool = False
     preserve_form: bool = False
     box: Box | None = None
+    guidance_scale: float | None = None  # None: the config's guidance_scale
 
 
 @dataclass
@@ -96,8 +101,8 @@ class GroundedScoreGuidance:
         a, s = alpha_sigma(self.backbone.alphas_cumprod, t, z.ndim)
         return a * z + s * eps
 
-    def _cfg(self, e0: torch.Tensor, ec: torch.Tensor) -> torch.Tensor:
-        return e0 + self.config.guidance_scale * (ec - e0)
+    def _cfg(self, e0: torch.Tensor, ec: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        return e0 + (self.config.guidance_scale if scale is None else scale) * (ec - e0)
 
     def _weight(self, term: Term, t: int) -> float:
         return term.weight * (self.config.beta(t) if term.is_full else 1.0)
@@ -112,7 +117,7 @@ class GroundedScoreGuidance:
     def _dds(self, term: Term, t: int, e0_src, e0_tgt, ec_src, ec_tgt) -> tuple[torch.Tensor, TermLog]:
         h, w = e0_src.shape[-2:]
         gamma = self._gamma(term, e0_tgt, ec_tgt)
-        direction = self._cfg(e0_tgt, ec_tgt) - self._cfg(e0_src, ec_src)
+        direction = self._cfg(e0_tgt, ec_tgt, term.guidance_scale) - self._cfg(e0_src, ec_src, term.guidance_scale)
         grad = self._weight(term, t) * gamma * term.mask * direction / (h * w)
         grad = torch.nan_to_num(grad)
         return grad, TermLog(t=t, gamma=float(gamma), grad_norm=float(grad.norm()))
