@@ -21,8 +21,9 @@ def test_bundled_default_edit_runs_and_writes_outputs(tmp_path):
     import json
 
     plan = json.loads((out / "plan.json").read_text())
-    # the WorldGrounder found the circle and the square, and the background got the whole image
+    # the WorldGrounder found the circle, the square and the kept triangle; the background got the whole image
     boxes = [s["box"] for s in plan["subtasks"]]
     assert boxes[2] == [0.0, 0.0, 1.0, 1.0]
     assert boxes[0][2] < 0.5 and boxes[1][0] > 0.5  # circle on the left, square on the right
+    assert boxes[3][1] > 0.5 and plan["subtasks"][3]["source"] == plan["subtasks"][3]["target"]  # triangle below
     assert (out / "checkpoints" / "last.ckpt").is_file()

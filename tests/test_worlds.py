@@ -84,7 +84,9 @@ def test_cases_are_seeded_and_have_no_duplicates():
             kinds = [(o.shape, o.colour) for o in scene.objects]
             assert len(set(kinds)) == len(kinds)
         assert 2 <= len(c.changes) <= 3
-        assert c.plan.grounded and len(c.plan.subtasks) == len(c.changes)
+        assert c.plan.grounded and len(c.plan.subtasks) == len(c.edited_objects) + c.background_changed + len(c.kept_objects)
+        assert len(c.edit_plan(keep=False).subtasks) == len(c.changes)
+        assert [s.keep for s in c.plan.subtasks].count(True) == len(c.kept_objects)
         for ch in c.changes:
             assert ch.before != ch.after
 
@@ -92,10 +94,13 @@ def test_cases_are_seeded_and_have_no_duplicates():
 def test_case_plan_and_request():
     src = _scene(("circle", "red", 2, 2, 10), ("square", "blue", 18, 18, 10))
     c = make_case(src, [Change("colour", 0, "red", "yellow"), Change("background", None, "snow", "sand")])
-    assert c.request == "change the red circle into a yellow circle. change the snow into sand."
+    assert c.request == "change the red circle into a yellow circle. change the snow into sand. keep the blue square."
+    assert c.request_text(keep=False) == "change the red circle into a yellow circle. change the snow into sand."
     p = c.plan
-    assert [(s.source, s.target) for s in p.subtasks] == [("a red circle", "a yellow circle"), ("snow", "sand")]
+    assert [(s.source, s.target) for s in p.subtasks] == [
+        ("a red circle", "a yellow circle"), ("snow", "sand"), ("a blue square", "a blue square")]
     assert p.subtasks[0].box == src.box(0) and p.subtasks[1].box == (0.0, 0.0, 1.0, 1.0)
+    assert p.subtasks[2].box == src.box(1) and p.subtasks[2].keep and p.subtasks[2].penalty is False
     assert p.source_prompt == "a red circle and a blue square on snow"
     assert p.target_prompt == "a yellow circle and a blue square on sand"
     assert (c.target_image[src.coverage[0] == 1] == COLOURS["yellow"]).all()
@@ -172,10 +177,11 @@ def test_bundled_example_is_groundable():
     from gas_lightning.planners import parse_request
 
     plan = parse_request(EXAMPLE_REQUEST.read_text())
-    assert len(plan.subtasks) == 3
-    boxes = WorldGrounder().ground(Image.open(EXAMPLE_IMAGE), [s.source for s in plan.subtasks])
     case = example_case()
-    assert np.allclose(boxes[:2], [case.source.box(0), case.source.box(1)], atol=1 / 32)
+    assert EXAMPLE_REQUEST.read_text().strip() == case.request
+    assert [s.keep for s in plan.subtasks] == [False, False, False, True]
+    boxes = WorldGrounder().ground(Image.open(EXAMPLE_IMAGE), [s.source for s in plan.subtasks])
+    assert np.allclose([boxes[i] for i in (0, 1, 3)], [case.source.box(i) for i in range(3)], atol=1 / 32)
 
 
 # the shipped model ------------------------------------------------------------------------

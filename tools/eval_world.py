@@ -5,8 +5,9 @@
 Every method edits every case with the same model, seed, step budget and optimiser; only the
 guidance differs. "dds" is full-prompt Delta Denoising Score (one term: whole source caption ->
 whole target caption, no mask); "gas" is Ground-A-Score, batched schedule; "gas_sequential" the
-reference schedule. Further methods are ablations of gas. Boxes are the cases' exact boxes, except
-"gas_grounded", which starts from the request text and the weight-free WorldGrounder.
+reference schedule, both with this world's tuned settings (see `Method`); "gas_reference" uses
+DESIGN.md's constants. Further methods are one-change ablations of gas. Boxes are the cases' exact
+boxes, except "gas_grounded", which starts from the request text and the weight-free WorldGrounder.
 """
 
 from __future__ import annotations
@@ -40,13 +41,22 @@ METRICS = ("per_attribute", "all_attributes", "colour", "shape", "background", "
 
 @dataclass(frozen=True)
 class Method:
-    """How one method turns a case into an edit: plan, schedule, whole-scene term, penalty."""
+    """How one method turns a case into an edit: plan, schedule, guidance settings, penalty.
+
+    The defaults are this world's tuned Ground-A-Score (configs/shapes.yaml): keep subtasks for
+    the objects that must not change, overlap weight 0.1, guidance 5 for the background-sized
+    boxes, no whole-scene term, no null-text penalty (chosen on validation cases, --seed 1).
+    "gas_reference" is the method with DESIGN.md's constants, for comparison.
+    """
 
     name: str
     schedule: str = "batched"
     full_prompt_only: bool = False  # plain DDS
-    full_prompt: bool = True
-    penalty: bool = True
+    full_prompt: bool = False
+    penalty: bool = False
+    keep: bool = True
+    overlap_weight: float = 0.1
+    wide_guidance_scale: float | None = 5.0
     preserve_form: bool = False
     grounded: bool = False  # boxes from the request text and the WorldGrounder instead of the case
 
@@ -59,29 +69,37 @@ class Method:
             from gas_lightning.planners import parse_request
             from gas_lightning.worlds.grounder import WorldGrounder
 
-            plan = parse_request(case.request)
+            plan = parse_request(case.request_text(keep=self.keep))
             plan = replace(plan, source_prompt=case.source.caption, target_prompt=case.target.caption)
             plan = ground_plan(plan, render_pil(case.source), WorldGrounder())
         else:
-            plan = case.plan
+            plan = case.edit_plan(keep=self.keep)
         if self.preserve_form:
-            # keep the form of objects whose shape is not requested to change
+            # keep the form of edited objects whose shape is not requested to change
             shape_edit = {c.index for c in case.changes if c.kind == "shape"}
-            objs = [i for i in case.edited_objects]
+            objs = case.edited_objects
             subtasks = [replace(s, preserve_form=(k < len(objs) and objs[k] not in shape_edit))
                         for k, s in enumerate(plan.subtasks)]
             plan = plan.replace_subtasks(subtasks)
         return plan
 
+    def guidance(self, args) -> GuidanceConfig:
+        return GuidanceConfig(guidance_scale=args.guidance_scale, full_prompt=self.full_prompt,
+                              overlap_weight=self.overlap_weight, wide_guidance_scale=self.wide_guidance_scale)
+
 
 METHODS = {
     m.name: m
     for m in (
-        Method("dds", full_prompt_only=True, full_prompt=False, penalty=False),
+        Method("dds", full_prompt_only=True, keep=False),
         Method("gas"),
         Method("gas_sequential", schedule="sequential"),
-        Method("gas_no_full", full_prompt=False),
-        Method("gas_no_penalty", penalty=False),
+        Method("gas_reference", full_prompt=True, penalty=True, keep=False, overlap_weight=0.3, wide_guidance_scale=None),
+        Method("gas_no_keep", keep=False),
+        Method("gas_no_wide", wide_guidance_scale=None),
+        Method("gas_overlap_0.3", overlap_weight=0.3),
+        Method("gas_full_prompt", full_prompt=True),
+        Method("gas_penalty", penalty=True),
         Method("gas_preserve", preserve_form=True),
         Method("gas_grounded", grounded=True),
     )
@@ -90,7 +108,7 @@ DEFAULT_METHODS = ("dds", "gas", "gas_sequential")
 
 
 def edit_case(backbone, case: EditCase, method: Method, args) -> tuple[np.ndarray, float]:
-    cfg = GuidanceConfig(guidance_scale=args.guidance_scale, full_prompt=method.full_prompt)
+    cfg = method.guidance(args)
     plan = method.plan(case)
     module = build_edit(backbone, render_pil(case.source), plan, guidance_config=cfg, schedule=method.schedule,
                         seed=args.seed * 1000 + (case.seed or 0), loss_scale=args.loss_scale,

@@ -65,25 +65,43 @@ class EditCase:
         return (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
 
     @property
+    def kept_objects(self) -> list[int]:
+        return [i for i in range(len(self.source.objects)) if i not in self.edited_objects]
+
+    @property
     def plan(self) -> EditPlan:
-        """One subtask per edited object (phrase -> phrase, exact box), one for the background."""
+        return self.edit_plan(keep=True)
+
+    def edit_plan(self, keep: bool = True) -> EditPlan:
+        """One subtask per edited object (phrase -> phrase, exact box), one for the background,
+        and with `keep` one keep subtask (phrase -> itself) per object that must not change."""
         subtasks = [
             Subtask(source=self.source.objects[i].phrase, target=self.target.objects[i].phrase, box=self.object_box(i))
             for i in self.edited_objects
         ]
         if self.background_changed:
             subtasks.append(Subtask(source=self.source.background, target=self.target.background, box=WHOLE_IMAGE))
-        return EditPlan(source_prompt=self.source.caption, target_prompt=self.target.caption, subtasks=tuple(subtasks))
+        plan = EditPlan(source_prompt=self.source.caption, target_prompt=self.target.caption, subtasks=tuple(subtasks))
+        if keep and self.kept_objects:
+            plan = plan.with_keep([self.source.objects[i].phrase for i in self.kept_objects],
+                                  [self.source.box(i) for i in self.kept_objects])
+        return plan
 
     @property
     def request(self) -> str:
-        """The request text: "change the red circle into a yellow circle. change the snow into sand." """
+        return self.request_text(keep=True)
+
+    def request_text(self, keep: bool = True) -> str:
+        """The request a user would type: "change the red circle into a yellow circle. change the
+        snow into sand. keep the blue square." """
         parts = [
             f"change the {self.source.objects[i].colour} {self.source.objects[i].shape} into {self.target.objects[i].phrase}."
             for i in self.edited_objects
         ]
         if self.background_changed:
             parts.append(f"change the {self.source.background} into {self.target.background}.")
+        if keep:
+            parts += [f"keep the {self.source.objects[i].colour} {self.source.objects[i].shape}." for i in self.kept_objects]
         return " ".join(parts)
 
 
