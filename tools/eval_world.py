@@ -91,7 +91,7 @@ class Method:
 METHODS = {
     m.name: m
     for m in (
-        Method("dds", full_prompt_only=True, keep=False),
+        Method("dds", full_prompt_only=True, keep=False, wide_guidance_scale=None),
         Method("gas"),
         Method("gas_sequential", schedule="sequential"),
         Method("gas_reference", full_prompt=True, penalty=True, keep=False, overlap_weight=0.3, wide_guidance_scale=None),
