@@ -161,9 +161,22 @@ def _quiet_library_noise() -> None:
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now, so main() called twice in one process (tests,
+    notebooks) never logs into a stream an earlier call captured and closed."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     if not log.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)

@@ -111,6 +111,9 @@ def build_edit(
     z_src = backbone.codec.encode(pixels)
     if not 0.0 <= cfg.overlap_weight <= 1.0:
         raise GasError(f"guidance.overlap_weight must be in [0, 1], got {cfg.overlap_weight}")
+    if not 0.0 < cfg.wide_area <= 1.0 or (cfg.wide_guidance_scale is not None and cfg.wide_guidance_scale < 0):
+        raise GasError(f"guidance.wide_area must be in (0, 1] and guidance.wide_guidance_scale >= 0 (or null), "
+                       f"got {cfg.wide_area} and {cfg.wide_guidance_scale}")
     masks = EditMasks.from_plan(plan, z_src.shape[-2], z_src.shape[-1], overlap_weight=cfg.overlap_weight)
     terms = build_terms(backbone, plan, masks, full_prompt=cfg.full_prompt, config=cfg)
     guidance = GroundedScoreGuidance(backbone, cfg, null_embedding=backbone.encode_prompts([""]))

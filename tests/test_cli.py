@@ -115,6 +115,8 @@ def test_refuses_to_overwrite_an_earlier_edit(edit_run, tiny_sd, capsys):
         (["--request", "make it nicer please"], "no LLM planner is configured"),
         (["--image", "/nonexistent.png"], "does not exist"),
         (["--model", "/nonexistent/model"], "--model"),
+        (["--guidance.overlap_weight", "1.5"], "overlap_weight must be in [0, 1]"),
+        (["--guidance.wide_guidance_scale", "-1"], "wide_guidance_scale >= 0"),
     ],
 )
 def test_bad_input_is_one_clear_error(tiny_sd, image_file, tmp_path, capsys, extra, message):
