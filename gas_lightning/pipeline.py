@@ -62,11 +62,9 @@ def term_name(index: int, phrase: str) -> str:
     return f"subtask{index}_{slug}"
 
 
-def build_terms(
-    backbone: Backbone, plan: EditPlan, masks: EditMasks, full_prompt: bool = True, config: GuidanceConfig | None = None
-) -> list[Term]:
+def build_terms(backbone: Backbone, plan: EditPlan, masks: EditMasks, config: GuidanceConfig | None = None) -> list[Term]:
     """One text-encoder call for every phrase and both sentences; then one Term per subtask (+ whole scene)."""
-    cfg = config or GuidanceConfig(full_prompt=full_prompt)
+    cfg = config or GuidanceConfig()
     wide = cfg.wide_guidance_scale
     n = len(plan.subtasks)
     prompts = [s.source for s in plan.subtasks] + [s.target for s in plan.subtasks]
@@ -85,7 +83,7 @@ def build_terms(
         )
         for i, s in enumerate(plan.subtasks)
     ]
-    if full_prompt or n == 0:
+    if cfg.full_prompt or n == 0:
         terms.append(Term(name="full", src_emb=emb[2 * n : 2 * n + 1], tgt_emb=emb[2 * n + 1 : 2 * n + 2],
                           mask=masks.full.to(emb.device), weight=1.0, is_full=True))
     return terms
@@ -115,7 +113,7 @@ def build_edit(
         raise GasError(f"guidance.wide_area must be in (0, 1] and guidance.wide_guidance_scale >= 0 (or null), "
                        f"got {cfg.wide_area} and {cfg.wide_guidance_scale}")
     masks = EditMasks.from_plan(plan, z_src.shape[-2], z_src.shape[-1], overlap_weight=cfg.overlap_weight)
-    terms = build_terms(backbone, plan, masks, full_prompt=cfg.full_prompt, config=cfg)
+    terms = build_terms(backbone, plan, masks, config=cfg)
     guidance = GroundedScoreGuidance(backbone, cfg, null_embedding=backbone.encode_prompts([""]))
     module = GroundAScoreEdit(guidance, z_src, terms, plan, schedule=schedule, seed=seed, loss_scale=loss_scale,
                               optimizer=optimizer)

@@ -47,16 +47,17 @@ def split_sentences(text: str) -> list[str]:
     return [" ".join(s.split()) for s in _SENTENCE_SPLIT.split(strip_quotes(text)) if s.strip()]
 
 
-def _match(sentence: str) -> tuple[str, str] | None:
+def _match(sentence: str) -> tuple[str, str, bool] | None:
+    """(source, target, is_keep) of one sentence, or None when no accepted form matches."""
     m = _KEEP.match(sentence)
     if m and strip_quotes(m["src"]):
-        return strip_quotes(m["src"]), strip_quotes(m["src"])
+        return strip_quotes(m["src"]), strip_quotes(m["src"]), True
     for form in _FORMS:
         m = form.match(sentence)
         if m:
             src, tgt = strip_quotes(m["src"]), strip_quotes(m["tgt"])
             if src and tgt:
-                return src, tgt
+                return src, tgt, False
     return None
 
 
@@ -76,20 +77,22 @@ def parse_request(text: str) -> EditPlan:
     sentences = split_sentences(text)
     if not sentences:
         raise PlannerError(f'the edit request is empty; write one edit per sentence, e.g. "{EXAMPLE_REQUEST}"')
-    sources, targets = [], []
+    sources, targets, keeps = [], [], []
     for sentence in sentences:
-        pair = _match(sentence)
-        if pair is None:
+        matched = _match(sentence)
+        if matched is None:
             raise PlannerError(
                 f'could not read "{sentence}" as an edit. Write one edit per sentence in one of the forms '
                 f'{", ".join(ACCEPTED_FORMS)}, e.g. "{EXAMPLE_REQUEST}" '
                 "(free-form requests need an LLM planner)."
             )
-        if pair[0].lower() == pair[1].lower() and not _KEEP.match(sentence):
-            raise PlannerError(f'"{sentence}" changes "{pair[0]}" into itself; nothing to edit.')
-        sources.append(pair[0])
-        targets.append(pair[1])
-    if all(a.lower() == b.lower() for a, b in zip(sources, targets)):
+        src, tgt, keep = matched
+        if not keep and src.lower() == tgt.lower():
+            raise PlannerError(f'"{sentence}" changes "{src}" into itself; nothing to edit.')
+        sources.append(src)
+        targets.append(tgt)
+        keeps.append(keep)
+    if all(keeps):
         raise PlannerError(f'the request only keeps things ({"; ".join(sentences)}); add at least one "change A into B."')
     plan = EditPlan.from_lists(sources, targets)
-    return plan.replace_subtasks([replace(s, penalty=False) if s.keep else s for s in plan.subtasks])
+    return plan.replace_subtasks([replace(s, penalty=False) if k else s for s, k in zip(plan.subtasks, keeps)])
