@@ -1,6 +1,8 @@
-"""Train the bundled shapes-world text-to-image model (pixel space, 32x32) on CPU.
+"""Train the bundled shapes-world text-to-image model (pixel space, 32x32), on CPU or a GPU.
 
-    python tools/train_world.py --steps 3600 --out runs/world
+    python tools/train_world.py --steps 3600 --out runs/world                      # 2 CPU cores
+    python tools/train_world.py --steps 100000 --max-minutes 8 --batch-size 256 \
+        --workers 6 --out runs/world-gpu                                            # one GPU
 
 Data are generated on the fly (gas_lightning.worlds.scenes), so there is no dataset to
 download and no epoch. The shipped weights are the EMA weights, written as a diffusers-format
@@ -41,7 +43,9 @@ class SceneStream(IterableDataset):
         return self._ids[caption]
 
     def __iter__(self):
-        rng = np.random.default_rng(self.seed)
+        # Each DataLoader worker draws its own stream (same seed in every worker would repeat batches).
+        info = torch.utils.data.get_worker_info()
+        rng = np.random.default_rng([self.seed, info.id if info is not None else 0])
         while True:
             scenes = [sample_scene(rng) for _ in range(self.batch_size)]
             imgs = np.stack([render(s) for s in scenes]).astype(np.float32) / 127.5 - 1.0
@@ -84,13 +88,17 @@ class WorldDiffusion(L.LightningModule):
         self.log("train/mse", per.mean())
         return loss
 
+    def on_fit_start(self):
+        self.ema_text = [e.to(self.device) for e in self.ema_text]
+        self.ema_unet = [e.to(self.device) for e in self.ema_unet]
+
     def on_train_batch_end(self, outputs, batch, batch_idx):
         n = self.global_step
         d = min(self.ema_decay, (1 + n) / (10 + n))
         with torch.no_grad():
             for ema, mod in ((self.ema_text, self.text_encoder), (self.ema_unet, self.unet)):
-                for e, p in zip(ema, mod.parameters()):
-                    e.mul_(d).add_(p.detach(), alpha=1 - d)
+                # One fused update per model: on a GPU a per-tensor loop is launch-bound.
+                torch._foreach_lerp_(ema, [p.detach() for p in mod.parameters()], 1 - d)
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(
@@ -125,7 +133,7 @@ class WorldDiffusion(L.LightningModule):
             for ema, mod in ((self.ema_text, text), (self.ema_unet, unet)):
                 for e, p in zip(ema, mod.parameters()):
                     p.copy_(e)
-        save_folder(folder, self.tokenizer, text.eval(), unet.eval(), self.noise_scheduler)
+        save_folder(folder, self.tokenizer, text.eval().cpu(), unet.eval().cpu(), self.noise_scheduler)
 
 
 class ThreadTuner(L.Callback):
@@ -165,9 +173,10 @@ class SaveEMA(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         step = trainer.global_step
-        self.losses.append(float(outputs["loss"]))
+        self.losses.append(outputs["loss"].detach())  # no float(): a GPU sync per step
+        self.losses = self.losses[-100:]
         if step % 50 == 0:
-            mean = sum(self.losses[-100:]) / len(self.losses[-100:])
+            mean = float(torch.stack(self.losses).mean())
             lr = trainer.optimizers[0].param_groups[0]["lr"]
             print(f"[{(time.time() - self.t0) / 60:.1f} min] step {step}: loss (mean of 100) {mean:.4f} lr {lr:.2e}", flush=True)
         if step % self.every == 0:
@@ -191,13 +200,19 @@ def main(argv=None) -> None:
     ap.add_argument("--max-minutes", type=float, default=85.0, help="wall-time budget: the lr schedule ends and training stops by then")
     ap.add_argument("--init", default=None, help="start from this model folder (continue a run) instead of random weights")
     ap.add_argument("--export", default=None, help="also copy the final model folder here (e.g. the package assets)")
+    ap.add_argument("--channels", default="32,64,64", help="UNet block widths (the shipped model: 32,64,64)")
+    ap.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto picks a GPU when there is one")
+    ap.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed")
+    ap.add_argument("--workers", type=int, default=0, help="DataLoader worker processes rendering scenes")
     args = ap.parse_args(argv)
+    channels = tuple(int(c) for c in args.channels.split(","))
 
     torch.set_num_threads(args.threads)
     L.seed_everything(args.seed, workers=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tok, text, unet, sched = build_all(out / "tokenizer-src")
+    torch.set_float32_matmul_precision("high")  # TF32 on GPUs that have it; no effect on CPU
+    tok, text, unet, sched = build_all(out / "tokenizer-src", channels)
     if args.init:
         from gas_lightning.worlds.model import load_folder
 
@@ -209,9 +224,11 @@ def main(argv=None) -> None:
           f"text encoder {sum(p.numel() for p in text.parameters()) / 1e6:.2f}M", flush=True)
     module = WorldDiffusion(tok, text, unet, sched, args.lr, args.text_lr, args.warmup, args.steps, args.ema, args.min_snr,
                             max_seconds=60 * (args.max_minutes - 1.0))
-    data = DataLoader(SceneStream(tok, args.batch_size, args.seed), batch_size=None, num_workers=0)
+    data = DataLoader(SceneStream(tok, args.batch_size, args.seed), batch_size=None, num_workers=args.workers,
+                      persistent_workers=args.workers > 0, pin_memory=torch.cuda.is_available())
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=args.accelerator,
+        precision=args.precision,
         devices=1,
         max_steps=args.steps,
         max_time={"minutes": args.max_minutes},
@@ -219,7 +236,7 @@ def main(argv=None) -> None:
         log_every_n_steps=25,
         enable_checkpointing=False,
         gradient_clip_val=1.0,
-        callbacks=[SaveEMA(out, args.save_every), ThreadTuner(args.threads)],
+        callbacks=[SaveEMA(out, args.save_every)] + ([ThreadTuner(args.threads)] if not torch.cuda.is_available() else []),
         enable_progress_bar=False,
     )
     t0 = time.time()
@@ -228,6 +245,7 @@ def main(argv=None) -> None:
     final = out / "model"
     module.save_ema(final)
     loss = trainer.callback_metrics.get("train/loss")
+    print(f"device: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'}", flush=True)
     print(f"done: {trainer.global_step} steps in {minutes:.1f} min, last loss {float(loss) if loss is not None else float('nan'):.4f}; "
           f"model in {final}", flush=True)
     if args.export:

@@ -41,14 +41,14 @@ def text_encoder_config(vocab_size: int, bos_id: int, eos_id: int):
     )
 
 
-def build_unet():
+def build_unet(channels: tuple[int, int, int] = (32, 64, 64)):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
         sample_size=IMAGE_SIZE,
         in_channels=3,
         out_channels=3,
-        block_out_channels=(32, 64, 64),
+        block_out_channels=tuple(channels),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         layers_per_block=1,
@@ -73,14 +73,14 @@ def build_scheduler():
     )
 
 
-def build_all(tokenizer_dir: str | Path):
+def build_all(tokenizer_dir: str | Path, channels: tuple[int, int, int] = (32, 64, 64)):
     """Fresh (untrained) tokenizer, text encoder, UNet and scheduler."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
     write_tokenizer(tokenizer_dir)
     tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
     text = CLIPTextModel(text_encoder_config(len(tok), tok.bos_token_id, tok.eos_token_id))
-    return tok, text, build_unet(), build_scheduler()
+    return tok, text, build_unet(channels), build_scheduler()
 
 
 def save_folder(folder: str | Path, tokenizer, text_encoder, unet, scheduler) -> Path:
