@@ -208,3 +208,52 @@ def test_shipped_model_loads_and_denoises():
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
     size = sum(f.stat().st_size for f in MODEL_DIR.rglob("*") if f.is_file())
     assert size < 30e6
+
+
+# the training script ------------------------------------------------------------------------
+def _train_world():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "train_world.py"
+    spec = importlib.util.spec_from_file_location("train_world", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_train_world_writes_a_loadable_model(tmp_path):
+    """Three steps of a tiny UNet: the run folder gets TensorBoard logs and a model the loader reads."""
+    from gas_lightning.worlds.model import load_folder
+
+    import torch
+
+    tw = _train_world()
+    threads = torch.get_num_threads()  # the script sets the process's thread count
+    try:
+        tw.main(["--steps", "3", "--batch-size", "4", "--warmup", "1", "--save-every", "2", "--channels", "8,16,16",
+                 "--threads", "1", "--accelerator", "cpu", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    tok, text, unet, sched = load_folder(tmp_path / "model")
+    assert list(unet.config.block_out_channels) == [8, 16, 16]
+    assert (tmp_path / "ema-latest" / "unet").is_dir()
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+
+
+def test_train_world_workers_draw_different_scenes(monkeypatch):
+    """Each DataLoader worker seeds its own stream; the same seed everywhere would repeat batches."""
+    import types
+
+    import torch.utils.data
+    from transformers import CLIPTokenizer
+
+    tw = _train_world()
+    tok = CLIPTokenizer.from_pretrained(MODEL_DIR / "tokenizer")
+    stream = tw.SceneStream(tok, batch_size=4, seed=0)
+    batches = []
+    for worker in (0, 1, 0):
+        monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda w=worker: types.SimpleNamespace(id=w))
+        batches.append(next(iter(stream))[0])
+    assert not np.array_equal(batches[0].numpy(), batches[1].numpy())
+    assert np.array_equal(batches[0].numpy(), batches[2].numpy())

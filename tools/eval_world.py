@@ -44,9 +44,10 @@ class Method:
     """How one method turns a case into an edit: plan, schedule, guidance settings, penalty.
 
     The defaults are this world's tuned Ground-A-Score (configs/shapes.yaml): keep subtasks for
-    the objects that must not change, overlap weight 0.1, guidance 5 for the background-sized
-    boxes, no whole-scene term, no null-text penalty (chosen on validation cases, --seed 1).
-    "gas_reference" is the method with DESIGN.md's constants, for comparison.
+    the objects that must not change, guidance --guidance_scale (12.5) for object boxes and 7.5
+    for background-sized boxes, overlap weight 0.3, no whole-scene term, no null-text penalty
+    (chosen on validation cases, --seed 1). "gas_reference" is the method with DESIGN.md's
+    constants (guidance 7.5), for comparison; "dds_7.5" is DDS at that guidance.
     """
 
     name: str
@@ -55,8 +56,9 @@ class Method:
     full_prompt: bool = False
     penalty: bool = False
     keep: bool = True
-    overlap_weight: float = 0.1
-    wide_guidance_scale: float | None = 5.0
+    overlap_weight: float = 0.3
+    guidance_scale: float | None = None  # None: --guidance_scale
+    wide_guidance_scale: float | None = 7.5
     preserve_form: bool = False
     grounded: bool = False  # boxes from the request text and the WorldGrounder instead of the case
 
@@ -84,20 +86,25 @@ class Method:
         return plan
 
     def guidance(self, args) -> GuidanceConfig:
-        return GuidanceConfig(guidance_scale=args.guidance_scale, full_prompt=self.full_prompt,
-                              overlap_weight=self.overlap_weight, wide_guidance_scale=self.wide_guidance_scale)
+        wide = self.wide_guidance_scale
+        if wide is not None and args.wide_guidance_scale is not None:
+            wide = args.wide_guidance_scale
+        scale = args.guidance_scale if self.guidance_scale is None else self.guidance_scale
+        return GuidanceConfig(guidance_scale=scale, full_prompt=self.full_prompt,
+                              overlap_weight=self.overlap_weight, wide_guidance_scale=wide)
 
 
 METHODS = {
     m.name: m
     for m in (
         Method("dds", full_prompt_only=True, keep=False, wide_guidance_scale=None),
+        Method("dds_7.5", full_prompt_only=True, keep=False, guidance_scale=7.5, wide_guidance_scale=None),
         Method("gas"),
         Method("gas_sequential", schedule="sequential"),
-        Method("gas_reference", full_prompt=True, penalty=True, keep=False, overlap_weight=0.3, wide_guidance_scale=None),
+        Method("gas_reference", full_prompt=True, penalty=True, keep=False, guidance_scale=7.5, wide_guidance_scale=None),
         Method("gas_no_keep", keep=False),
         Method("gas_no_wide", wide_guidance_scale=None),
-        Method("gas_overlap_0.3", overlap_weight=0.3),
+        Method("gas_overlap_0.1", overlap_weight=0.1),
         Method("gas_full_prompt", full_prompt=True),
         Method("gas_penalty", penalty=True),
         Method("gas_preserve", preserve_form=True),
@@ -156,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--loss_scale", type=float, default=2000.0)
-    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--guidance_scale", type=float, default=12.5,
+                   help="CFG scale of the methods that do not fix their own (all but gas_reference, dds_7.5)")
+    p.add_argument("--wide_guidance_scale", type=float, default=None,
+                   help="override the background-sized boxes' scale of the methods that have one")
     p.add_argument("--json", type=Path, default=None, help="write the results object here ('-' for stdout)")
     p.add_argument("--figure", type=Path, default=Path("outputs/world_eval.png"))
     p.add_argument("--figure_cases", type=int, default=6)
@@ -197,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         "methods": results,
         "cases": args.cases, "seed": args.seed,
         "settings": {"steps": args.steps, "lr": args.lr, "loss_scale": args.loss_scale,
-                     "guidance_scale": args.guidance_scale, "model": args.model},
+                     "guidance_scale": args.guidance_scale, "wide_guidance_scale": args.wide_guidance_scale,
+                     "model": args.model},
     }
     if args.json is not None:
         text = json.dumps(payload, indent=2)
