@@ -44,16 +44,16 @@ def read_sample(img: np.ndarray) -> dict:
     out = {"colour": None, "shape": None, "background": None, "colours": {}, "objects": 0}
     if bg.size:
         out["background"] = list(BACKGROUNDS)[int(np.bincount(bg - N_OBJ, minlength=len(BACKGROUNDS)).argmax())]
+    comps = [components(labels == k) for k in range(N_OBJ)]
     if obj.size >= 0.02 * labels.size:
         k = int(np.bincount(obj, minlength=N_OBJ).argmax())
         out["colour"] = list(COLOURS)[k]
-        comps = components(labels == k)
-        out["shape"] = classify_shape(max(comps, key=len))
+        out["shape"] = classify_shape(max(comps[k], key=len))
     for k, name in enumerate(COLOURS):
-        comps = [c for c in components(labels == k) if len(c) >= 0.02 * labels.size]
-        if comps:
-            out["colours"][name] = classify_shape(max(comps, key=len))
-            out["objects"] += len(comps)
+        large = [c for c in comps[k] if len(c) >= 0.02 * labels.size]
+        if large:
+            out["colours"][name] = classify_shape(max(large, key=len))
+            out["objects"] += len(large)
     return out
 
 
