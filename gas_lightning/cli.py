@@ -29,7 +29,7 @@ CHECKPOINT_EVERY = 50
 
 def build_parser():
     from lightning.pytorch import Trainer
-    from lightning.pytorch.cli import LightningArgumentParser, OptimizerCallable
+    from lightning.pytorch.cli import LightningArgumentParser, LRSchedulerCallable, OptimizerCallable
 
     from gas_lightning.guidance import GuidanceConfig
     from gas_lightning.resolve import GroundingSpec, PlanSpec
@@ -56,6 +56,9 @@ def build_parser():
     p.add_argument("--checkpoint_every", type=int, default=CHECKPOINT_EVERY, help="steps between kept checkpoints")
     p.add_argument("--optimizer", type=OptimizerCallable,
                    default=Namespace(class_path="torch.optim.SGD", init_args=Namespace(lr=0.1)))
+    p.add_argument("--lr_scheduler", type=Optional[LRSchedulerCallable], default=None,
+                   help="a torch.optim.lr_scheduler class stepped once per Trainer step, e.g. CosineAnnealingLR "
+                        "with T_max = trainer.max_steps (configs/shapes.yaml)")
     p.add_class_arguments(PlanSpec, nested_key=None, as_group=True, fail_untyped=True)
     p.add_class_arguments(GroundingSpec, nested_key=None, as_group=True)
     p.add_class_arguments(GuidanceConfig, "guidance")
@@ -128,6 +131,7 @@ def run(argv: list[str] | None = None) -> int:
                        "or gas-lightning:shapes-model for the bundled one")
 
     init = parser.instantiate(cfg)
+    _check_lr_scheduler(init.lr_scheduler, cfg.trainer.max_steps)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     callbacks = list(init.trainer.callbacks or [])
     if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
@@ -145,12 +149,30 @@ def run(argv: list[str] | None = None) -> int:
     backbone = load_backbone(resolve_bundled(cfg.model), device=_device_of(trainer), dtype=cfg.dtype, attention=cfg.attention)
     log.info("attention backend: %s", backbone.attention)
     module = build_edit(backbone, image, plan, guidance_config=init.guidance, resolution=cfg.resolution,
-                        schedule=cfg.schedule, seed=cfg.seed, loss_scale=cfg.loss_scale, optimizer=init.optimizer)
+                        schedule=cfg.schedule, seed=cfg.seed, loss_scale=cfg.loss_scale, optimizer=init.optimizer,
+                        lr_scheduler=init.lr_scheduler)
     trainer.fit(module, ckpt_path=resume)
     if trainer.is_global_zero:
         print(f"edited: {out / 'edited.png'}  (comparison.png, plan.json, config.yaml, checkpoints/ beside it; "
               f"attention={backbone.attention}; tensorboard --logdir {out})")
     return 0
+
+
+def _check_lr_scheduler(factory, max_steps: int) -> None:
+    """Refuse schedulers an edit cannot step, and warn when the schedule's length is not the run's:
+    a cosine that ends before max_steps climbs back up, one that ends after never decays."""
+    if factory is None:
+        return
+    import torch
+
+    probe = factory(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0))
+    if isinstance(probe, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise GasError("--lr_scheduler ReduceLROnPlateau needs a validation metric and an edit has none; "
+                       "use a step-based scheduler such as torch.optim.lr_scheduler.CosineAnnealingLR")
+    length = getattr(probe, "T_max", None) or getattr(probe, "total_iters", None)
+    if length is not None and max_steps > 0 and length != max_steps:
+        log.warning("the lr schedule %s spans %d steps but trainer.max_steps is %d; set its T_max/total_iters to %d "
+                    "(also when raising max_steps to continue an edit)", type(probe).__name__, length, max_steps, max_steps)
 
 
 def _quiet_library_noise() -> None:

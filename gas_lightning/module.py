@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 SCHEDULES = ("batched", "sequential")
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -53,6 +54,7 @@ class GroundAScoreEdit(L.LightningModule):
         seed: int = 0,
         loss_scale: float = 2000.0,
         optimizer: OptimizerFactory | None = None,
+        lr_scheduler: SchedulerFactory | None = None,
     ):
         super().__init__()
         if schedule not in SCHEDULES:
@@ -68,6 +70,7 @@ class GroundAScoreEdit(L.LightningModule):
         self.seed = int(seed)
         self.loss_scale = float(loss_scale)
         self._optimizer_factory = optimizer
+        self._scheduler_factory = lr_scheduler
         self.last_logs: list[TermLog] = []
 
     # set-up ----------------------------------------------------------------------------------
@@ -89,10 +92,16 @@ class GroundAScoreEdit(L.LightningModule):
         self.terms = [t if t.is_full else replace(t, penalty=bool(next(it))) for t in self.terms]
         self.guidance.penalty_coefficient = float(coefficient)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         if self._optimizer_factory is None:
-            return torch.optim.SGD([self.latent], lr=0.1)
-        return self._optimizer_factory([self.latent])
+            opt = torch.optim.SGD([self.latent], lr=0.1)
+        else:
+            opt = self._optimizer_factory([self.latent])
+        if self._scheduler_factory is None:
+            return opt
+        # Returned to Lightning so its state is checkpointed and restored on resume; stepped by hand
+        # once per Trainer step (manual optimisation), so its step count is max_steps in both schedules.
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self._scheduler_factory(opt), "interval": "step"}}
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(_Ticks(), batch_size=None)
@@ -137,6 +146,9 @@ class GroundAScoreEdit(L.LightningModule):
                 grad, tlog = self.guidance.term_gradient(self.latent.detach(), self.z_src, term, t, eps, gen)
                 self._optimise(grad, last=i == len(terms) - 1)
                 logs.append(tlog)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
         self.last_logs = logs
         self._log_terms(terms, logs)
 

@@ -16,7 +16,7 @@ from gas_lightning.backbone import Backbone
 from gas_lightning.errors import GasError
 from gas_lightning.guidance import GroundedScoreGuidance, GuidanceConfig, Term
 from gas_lightning.masks import EditMasks
-from gas_lightning.module import GroundAScoreEdit, OptimizerFactory
+from gas_lightning.module import GroundAScoreEdit, OptimizerFactory, SchedulerFactory
 from gas_lightning.plan import EditPlan
 
 MAX_ASPECT = 2.0
@@ -99,6 +99,7 @@ def build_edit(
     seed: int = 0,
     loss_scale: float = 2000.0,
     optimizer: OptimizerFactory | None = None,
+    lr_scheduler: SchedulerFactory | None = None,
 ) -> GroundAScoreEdit:
     """Everything the Trainer needs for one edit; the backbone is shared, not copied."""
     cfg = guidance_config or GuidanceConfig()
@@ -116,6 +117,6 @@ def build_edit(
     terms = build_terms(backbone, plan, masks, config=cfg)
     guidance = GroundedScoreGuidance(backbone, cfg, null_embedding=backbone.encode_prompts([""]))
     module = GroundAScoreEdit(guidance, z_src, terms, plan, schedule=schedule, seed=seed, loss_scale=loss_scale,
-                              optimizer=optimizer)
+                              optimizer=optimizer, lr_scheduler=lr_scheduler)
     module.masks = masks
     return module

@@ -99,6 +99,21 @@ def test_resume_gives_the_same_latent_as_an_uninterrupted_run(edit_run, tiny_sd,
     torch.testing.assert_close(resumed["latent"], expected["latent"], rtol=0, atol=1e-6)
 
 
+def test_resume_restores_the_lr_schedule(tiny_sd, image_file, tmp_path, capsys):
+    """A cosine schedule resumed at step 2 continues its decay: same latent as 4 uninterrupted steps."""
+    cosine = ["--lr_scheduler", "torch.optim.lr_scheduler.CosineAnnealingLR", "--lr_scheduler.T_max", "4"]
+    ref, out = tmp_path / "ref", tmp_path / "resumed"
+    assert run_cli(edit_args(tiny_sd, image_file, ref, "--trainer.max_steps", "4", *cosine)) == 0
+    assert run_cli(edit_args(tiny_sd, image_file, out, "--trainer.max_steps", "2", *cosine)) == 0
+    assert "spans 4 steps but trainer.max_steps is 2" in capsys.readouterr().err
+    assert run_cli(edit_args(tiny_sd, image_file, out, "--trainer.max_steps", "4", "--resume", "last", *cosine)) == 0
+    assert "spans" not in capsys.readouterr().err
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert ckpt["lr_schedulers"][0]["last_epoch"] == 4
+    torch.testing.assert_close(torch.load(out / "latent.pt")["latent"], torch.load(ref / "latent.pt")["latent"],
+                               rtol=0, atol=1e-6)
+
+
 def test_refuses_to_overwrite_an_earlier_edit(edit_run, tiny_sd, capsys):
     out, image = edit_run
     assert run_cli(edit_args(tiny_sd, image, out, "--trainer.max_steps", "1")) == 2
@@ -117,6 +132,7 @@ def test_refuses_to_overwrite_an_earlier_edit(edit_run, tiny_sd, capsys):
         (["--model", "/nonexistent/model"], "--model"),
         (["--guidance.overlap_weight", "1.5"], "overlap_weight must be in [0, 1]"),
         (["--guidance.wide_guidance_scale", "-1"], "wide_guidance_scale >= 0"),
+        (["--lr_scheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau"], "needs a validation metric"),
     ],
 )
 def test_bad_input_is_one_clear_error(tiny_sd, image_file, tmp_path, capsys, extra, message):

@@ -1,5 +1,7 @@
 """The LightningModule: the latent is the only parameter; one Trainer step = one iteration."""
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -41,6 +43,17 @@ def test_one_trainer_step_is_one_iteration_over_all_terms(backbone, schedule):
     # batched: one call of 2n+4 = 8 samples per step; sequential: n+1 = 3 calls of 4 samples per step.
     assert calls == ([8] * 2 if schedule == "batched" else [4] * 6)
     assert [log.t for log in module.last_logs] and len(module.last_logs) == 3  # every term logged
+
+
+@pytest.mark.parametrize("schedule", ["batched", "sequential"])
+def test_lr_scheduler_steps_once_per_trainer_step(backbone, schedule):
+    """T_max counts Trainer steps in both schedules (sequential takes 3 optimiser steps per Trainer step)."""
+    module = build_edit(backbone, Image.new("RGB", (32, 32)), PLAN, schedule=schedule,
+                        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+                        lr_scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=8))
+    trainer = _fit(module, 2)
+    lr = trainer.optimizers[0].param_groups[0]["lr"]
+    assert lr == pytest.approx(0.1 * (1 + math.cos(math.pi * 2 / 8)) / 2)
 
 
 def test_intensity_zero_disables_a_subtask(backbone):
