@@ -181,6 +181,8 @@ def _quiet_library_noise() -> None:
     # We checkpoint the latent after its update on purpose; this advice does not apply.
     warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
+    # The "data" is a stream of dummy ticks; DataLoader workers would only add processes.
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 
 class _StderrHandler(logging.StreamHandler):

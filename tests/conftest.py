@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lightning.pytorch  # noqa: F401  (first import here, see below)
 import pytest
 import torch
 from PIL import Image
@@ -9,6 +10,9 @@ from PIL import Image
 from gas_lightning.testing import build_tiny_sd
 
 torch.set_num_threads(2)
+# Lightning binds a log handler to sys.stderr when first imported. Imported here, that is the
+# session's stream; imported first inside a test, it would be that test's capsys stream, closed
+# after it, and later tests' Lightning messages would print "--- Logging error ---" tracebacks.
 
 
 @pytest.fixture(scope="session")
