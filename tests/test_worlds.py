@@ -210,16 +210,40 @@ def test_shipped_model_loads_and_denoises():
     assert size < 30e6
 
 
-# the training script ------------------------------------------------------------------------
-def _train_world():
+# the tools ------------------------------------------------------------------------------------
+def _tool(name: str):
     import importlib.util
+    import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "tools" / "train_world.py"
-    spec = importlib.util.spec_from_file_location("train_world", path)
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
+
+
+def _train_world():
+    return _tool("train_world")
+
+
+def test_eval_world_json_has_every_metric_per_method(tmp_path):
+    """The results object the README's table is built from: every method, every metric, the settings."""
+    import json
+
+    ev = _tool("eval_world")
+    out = tmp_path / "r.json"
+    assert ev.main(["--cases", "1", "--steps", "2", "--methods", "dds,gas", "--json", str(out),
+                    "--figure", str(tmp_path / "f.png"), "--figure_cases", "1"]) == 0
+    payload = json.loads(out.read_text())
+    assert list(payload["methods"]) == ["dds", "gas"]
+    for agg in payload["methods"].values():
+        assert set(ev.METRICS) <= set(agg) and agg["cases"] == 1
+    assert payload["settings"]["lr_schedule"] == "cosine" and payload["settings"]["steps"] == 2
+    from PIL import Image
+
+    assert Image.open(tmp_path / "f.png").size[0] > 4 * 32 * 4  # source, ideal and two methods
 
 
 def test_train_world_writes_a_loadable_model(tmp_path):

@@ -2,8 +2,9 @@
 
     python tools/eval_world.py --cases 50 --seed 0 --json results.json --figure world_eval.png
 
-Every method edits every case with the same model, seed, step budget and optimiser; only the
-guidance differs. "dds" is full-prompt Delta Denoising Score (one term: whole source caption ->
+Every method edits every case with the same model, seed, step budget, optimiser and lr schedule
+(defaults: configs/shapes.yaml's 150 steps of SGD from lr 0.2, cosine decay); only the guidance
+differs. "dds" is full-prompt Delta Denoising Score (one term: whole source caption ->
 whole target caption, no mask); "gas" is Ground-A-Score, batched schedule; "gas_sequential" the
 reference schedule, both with this world's tuned settings (see `Method`); "gas_reference" uses
 DESIGN.md's constants. Further methods are one-change ablations of gas. Boxes are the cases' exact
@@ -119,15 +120,23 @@ def edit_case(backbone, case: EditCase, method: Method, args) -> tuple[np.ndarra
     plan = method.plan(case)
     module = build_edit(backbone, render_pil(case.source), plan, guidance_config=cfg, schedule=method.schedule,
                         seed=args.seed * 1000 + (case.seed or 0), loss_scale=args.loss_scale,
-                        optimizer=lambda params: torch.optim.SGD(params, lr=args.lr))
+                        optimizer=lambda params: torch.optim.SGD(params, lr=args.lr),
+                        lr_scheduler=scheduler_factory(args))
     callbacks = [NullTextPenalty()] if method.penalty else []
-    trainer = L.Trainer(max_steps=args.steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_steps=args.steps, accelerator=args.accelerator, devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
     start = time.perf_counter()
     trainer.fit(module)
     seconds = time.perf_counter() - start
     image = np.asarray(tensor_to_image(module.decode().cpu()))
     return image, seconds
+
+
+def scheduler_factory(args):
+    """--lr_schedule cosine: torch's cosine decay over the step budget to --lr_final * lr."""
+    if args.lr_schedule == "constant":
+        return None
+    return lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps, eta_min=args.lr * args.lr_final)
 
 
 def figure(rows: list[list[np.ndarray]], header: list[str], path: Path, scale: int = 4) -> None:
@@ -160,13 +169,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list of {', '.join(METHODS)}")
     p.add_argument("--model", default=str(MODEL_DIR))
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--lr", type=float, default=0.2)
+    p.add_argument("--lr_schedule", choices=("constant", "cosine"), default="cosine")
+    p.add_argument("--lr_final", type=float, default=0.0, help="cosine: the last steps' lr as a fraction of --lr")
     p.add_argument("--loss_scale", type=float, default=2000.0)
     p.add_argument("--guidance_scale", type=float, default=12.5,
                    help="CFG scale of the methods that do not fix their own (all but gas_reference, dds_7.5)")
     p.add_argument("--wide_guidance_scale", type=float, default=None,
                    help="override the background-sized boxes' scale of the methods that have one")
+    p.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu",
+                   help="gpu: for wide validation sweeps; the README's numbers are CPU runs (float results differ slightly)")
     p.add_argument("--json", type=Path, default=None, help="write the results object here ('-' for stdout)")
     p.add_argument("--figure", type=Path, default=Path("outputs/world_eval.png"))
     p.add_argument("--figure_cases", type=int, default=6)
@@ -179,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    backbone = load_backbone(args.model, attention="sdpa")
+    backbone = load_backbone(args.model, device="cuda" if args.accelerator == "gpu" else "cpu", attention="sdpa")
     cases = held_out_cases(args.cases, seed=args.seed)
     results: dict[str, dict] = {}
     fig_rows = [[c.source_image, c.target_image] for c in cases[: args.figure_cases]]
@@ -206,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "methods": results,
         "cases": args.cases, "seed": args.seed,
-        "settings": {"steps": args.steps, "lr": args.lr, "loss_scale": args.loss_scale,
+        "settings": {"steps": args.steps, "lr": args.lr, "lr_schedule": args.lr_schedule, "lr_final": args.lr_final,
+                     "loss_scale": args.loss_scale,
                      "guidance_scale": args.guidance_scale, "wide_guidance_scale": args.wide_guidance_scale,
                      "model": args.model},
     }
