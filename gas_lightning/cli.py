@@ -165,14 +165,22 @@ def _check_lr_scheduler(factory, max_steps: int) -> None:
         return
     import torch
 
-    probe = factory(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0))
+    try:
+        probe = factory(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0))
+    except (TypeError, ValueError) as e:
+        raise GasError(f"--lr_scheduler could not be built: {e}") from None
+    name = type(probe).__name__
     if isinstance(probe, torch.optim.lr_scheduler.ReduceLROnPlateau):
         raise GasError("--lr_scheduler ReduceLROnPlateau needs a validation metric and an edit has none; "
                        "use a step-based scheduler such as torch.optim.lr_scheduler.CosineAnnealingLR")
-    length = getattr(probe, "T_max", None) or getattr(probe, "total_iters", None)
+    if isinstance(probe, torch.optim.lr_scheduler.OneCycleLR) and 0 < probe.total_steps < max_steps:
+        # OneCycleLR raises once stepped past its end, which would stop the edit part-way.
+        raise GasError(f"--lr_scheduler OneCycleLR has total_steps {probe.total_steps} < trainer.max_steps {max_steps}; "
+                       f"set --lr_scheduler.total_steps {max_steps}")
+    length = getattr(probe, "T_max", None) or getattr(probe, "total_iters", None) or getattr(probe, "total_steps", None)
     if length is not None and max_steps > 0 and length != max_steps:
         log.warning("the lr schedule %s spans %d steps but trainer.max_steps is %d; set its T_max/total_iters to %d "
-                    "(also when raising max_steps to continue an edit)", type(probe).__name__, length, max_steps, max_steps)
+                    "(also when raising max_steps to continue an edit)", name, length, max_steps, max_steps)
 
 
 def _quiet_library_noise() -> None:

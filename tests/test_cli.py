@@ -133,6 +133,10 @@ def test_refuses_to_overwrite_an_earlier_edit(edit_run, tiny_sd, capsys):
         (["--guidance.overlap_weight", "1.5"], "overlap_weight must be in [0, 1]"),
         (["--guidance.wide_guidance_scale", "-1"], "wide_guidance_scale >= 0"),
         (["--lr_scheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau"], "needs a validation metric"),
+        (["--lr_scheduler", "torch.optim.lr_scheduler.OneCycleLR", "--lr_scheduler.max_lr", "0.1",
+          "--lr_scheduler.total_steps", "1", "--trainer.max_steps", "2"], "set --lr_scheduler.total_steps 2"),
+        (["--lr_scheduler", "torch.optim.lr_scheduler.LinearLR", "--lr_scheduler.start_factor", "2"],
+         "--lr_scheduler could not be built"),
     ],
 )
 def test_bad_input_is_one_clear_error(tiny_sd, image_file, tmp_path, capsys, extra, message):
