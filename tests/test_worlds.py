@@ -224,10 +224,6 @@ def _tool(name: str):
     return mod
 
 
-def _train_world():
-    return _tool("train_world")
-
-
 def test_eval_world_json_has_every_metric_per_method(tmp_path):
     """The results object the README's table is built from: every method, every metric, the settings."""
     import json
@@ -252,7 +248,7 @@ def test_train_world_writes_a_loadable_model(tmp_path):
 
     import torch
 
-    tw = _train_world()
+    tw = _tool("train_world")
     threads = torch.get_num_threads()  # the script sets the process's thread count
     try:
         tw.main(["--steps", "3", "--batch-size", "4", "--warmup", "1", "--save-every", "2", "--channels", "8,16,16",
@@ -272,7 +268,7 @@ def test_train_world_workers_draw_different_scenes(monkeypatch):
     import torch.utils.data
     from transformers import CLIPTokenizer
 
-    tw = _train_world()
+    tw = _tool("train_world")
     tok = CLIPTokenizer.from_pretrained(MODEL_DIR / "tokenizer")
     stream = tw.SceneStream(tok, batch_size=4, seed=0)
     batches = []
