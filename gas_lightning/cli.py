@@ -84,6 +84,7 @@ def run(argv: list[str] | None = None) -> int:
 
     from gas_lightning.backbone import load_backbone
     from gas_lightning.callbacks import EditOutputs, FinalCheckpoint
+    from gas_lightning.io import with_atomic_io
     from gas_lightning.pipeline import build_edit, load_image
     from gas_lightning.plan import EditPlan
     from gas_lightning.resolve import GroundingSpec, PlanSpec, ground, make_plan, resolve_bundled
@@ -144,6 +145,7 @@ def run(argv: list[str] | None = None) -> int:
         trainer_kwargs["logger"] = TensorBoardLogger(save_dir=str(out), name="", version="", default_hp_metric=False)
     if trainer_kwargs.get("default_root_dir") is None:
         trainer_kwargs["default_root_dir"] = str(out)
+    trainer_kwargs["plugins"] = with_atomic_io(trainer_kwargs.get("plugins"))  # kill-safe writes, data-only loads
     trainer = L.Trainer(callbacks=callbacks, **trainer_kwargs)
 
     backbone = load_backbone(resolve_bundled(cfg.model), device=_device_of(trainer), dtype=cfg.dtype, attention=cfg.attention)
@@ -151,7 +153,7 @@ def run(argv: list[str] | None = None) -> int:
     module = build_edit(backbone, image, plan, guidance_config=init.guidance, resolution=cfg.resolution,
                         schedule=cfg.schedule, seed=cfg.seed, loss_scale=cfg.loss_scale, optimizer=init.optimizer,
                         lr_scheduler=init.lr_scheduler)
-    trainer.fit(module, ckpt_path=resume)
+    trainer.fit(module, ckpt_path=resume, weights_only=True)
     if trainer.is_global_zero:
         print(f"edited: {out / 'edited.png'}  (comparison.png, plan.json, config.yaml, checkpoints/ beside it; "
               f"attention={backbone.attention}; tensorboard --logdir {out})")

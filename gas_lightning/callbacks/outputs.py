@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
+from typing_extensions import override
 
-from gas_lightning.callbacks.previews import mask_overlay
+from gas_lightning.callbacks.previews import mask_overlay, save_png
+from gas_lightning.io import atomic_write
 from gas_lightning.pipeline import tensor_to_image
 
 
@@ -23,7 +26,8 @@ class EditOutputs(Callback):
     """edited.png, comparison.png (source | edited), masks.png and plan.json in `output_dir`.
 
     edited.png is at the working size; comparison.png and masks.png are upscaled (nearest) to at
-    least `min_view_side` pixels high, for viewing.
+    least `min_view_side` pixels high, for viewing. latent.pt holds plain tensors and ints, so it
+    loads with `torch.load(weights_only=True)`. Every file is written atomically (`atomic_write`).
     """
 
     def __init__(self, output_dir: str | Path, min_view_side: int = 256):
@@ -32,19 +36,20 @@ class EditOutputs(Callback):
 
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        pl_module.plan.save(self.output_dir / "plan.json")
+        with atomic_write(self.output_dir / "plan.json", "w") as f:
+            f.write(json.dumps(pl_module.plan.to_dict(), indent=2) + "\n")
 
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         source = pl_module.decode(pl_module.z_src).cpu()
         edited = pl_module.decode().cpu()
-        tensor_to_image(edited).save(self.output_dir / "edited.png")
+        save_png(tensor_to_image(edited), self.output_dir / "edited.png")
         side = self.min_view_side
-        _viewable(tensor_to_image(torch.cat([source, edited], dim=-1)), side).save(self.output_dir / "comparison.png")
+        save_png(_viewable(tensor_to_image(torch.cat([source, edited], dim=-1)), side), self.output_dir / "comparison.png")
         overlay = mask_overlay(source, pl_module.masks.subtasks.cpu())
-        _viewable(tensor_to_image(overlay), side).save(self.output_dir / "masks.png")
-        torch.save({"latent": pl_module.latent.detach().cpu(), "step": trainer.global_step}, self.output_dir / "latent.pt")
+        save_png(_viewable(tensor_to_image(overlay), side), self.output_dir / "masks.png")
+        with atomic_write(self.output_dir / "latent.pt") as f:
+            torch.save({"latent": pl_module.latent.detach().cpu(), "step": trainer.global_step}, f)
 
 
 class FinalCheckpoint(Callback):
@@ -53,13 +58,27 @@ class FinalCheckpoint(Callback):
 
     Lightning's OnExceptionCheckpoint is not used: its presence makes a plain `fit()` resume from
     "last" silently, and an edit must only resume when the user says `--resume`.
+
+    `interrupted.ckpt` is only written once training has started: an error while restoring (a
+    refused checkpoint, a resume with another plan) would otherwise replace a good
+    `interrupted.ckpt` with the state of a run that never took a step.
     """
 
     def __init__(self, dirpath: str | Path):
         self.dirpath = Path(dirpath)
+        self._training = False
 
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._training = True
+
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        trainer.save_checkpoint(self.dirpath / "last.ckpt")
+        # weights_only=False: the full state (optimiser, scheduler, loops), said explicitly so
+        # Lightning does not log that it defaulted.
+        trainer.save_checkpoint(self.dirpath / "last.ckpt", weights_only=False)
 
+    @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        trainer.save_checkpoint(self.dirpath / "interrupted.ckpt")
+        if self._training:
+            trainer.save_checkpoint(self.dirpath / "interrupted.ckpt", weights_only=False)

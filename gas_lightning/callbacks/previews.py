@@ -11,7 +11,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from gas_lightning.io import atomic_write
 from gas_lightning.pipeline import tensor_to_image
+
+
+def save_png(image, path: Path) -> None:
+    """A PIL image as PNG, atomically: a kill mid-write leaves the old file or none, never half a PNG."""
+    with atomic_write(path) as f:
+        image.save(f, format="PNG")
 
 
 def mask_overlay(source: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -52,5 +59,4 @@ class EditPreviews(Callback):
         image = pl_module.decode().cpu()
         self._log(trainer, "edit/preview", image, step)
         if self.save_png:
-            self._dir(trainer).mkdir(parents=True, exist_ok=True)
-            tensor_to_image(image).save(self._dir(trainer) / f"step_{step:06d}.png")
+            save_png(tensor_to_image(image), self._dir(trainer) / f"step_{step:06d}.png")
