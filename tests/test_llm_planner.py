@@ -35,15 +35,23 @@ class ChatServer:
         self.script: list[tuple] = []
         self.requests: list[dict] = []
         self.release = threading.Event()
+        self.done = threading.Event()  # a stream ended (all sent, or the client hung up)
+        self.sent = 0
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # a followed 302 arrives as a GET
+                self.do_POST()
+
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
                 server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
                 action = server.script.pop(0) if server.script else ("status", 500, "script exhausted")
                 if action[0] == "hang":
                     server.release.wait(5)
+                    return
+                if action[0] in ("stream", "trickle"):
+                    server.stream(self, *action)
                     return
                 if action[0] == "reply":
                     status, payload = 200, {
@@ -52,12 +60,14 @@ class ChatServer:
                         "choices": [{"index": 0, "message": {"role": "assistant", "content": action[1]}, "finish_reason": "stop"}],
                     }
                     data = json.dumps(payload).encode()
-                else:
-                    status, data = action[1], action[2].encode()
+                else:  # ("status" | "raw", code, str | bytes, headers)
+                    status, data = action[1], action[2] if action[0] == "raw" else action[2].encode()
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
+                    for name, value in (action[3] if len(action) > 3 else {}).items():
+                        self.send_header(name, value)
                     self.end_headers()
                     self.wfile.write(data)
                 except OSError:
@@ -71,6 +81,27 @@ class ChatServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
         self.thread.start()
+
+    def stream(self, handler, kind, total, headers=None, chunk=b"x" * 65536):
+        """Send a chat-completion prefix, then `total` bytes of content ("stream": as fast as the
+        client reads, "trickle": one byte per 20 ms), counting what the client took."""
+        handler.send_response(200)
+        for name, value in {"Content-Type": "application/json", **(headers or {})}.items():
+            handler.send_header(name, value)
+        handler.end_headers()
+        pieces = [b'{"choices": [{"message": {"content": "']
+        try:
+            while self.sent < total and not self.release.is_set():
+                piece = pieces.pop() if pieces else (chunk if kind == "stream" else b"x")
+                handler.wfile.write(piece)
+                handler.wfile.flush()
+                self.sent += len(piece)
+                if kind == "trickle":
+                    time.sleep(0.02)
+        except OSError:
+            pass
+        finally:
+            self.done.set()
 
     def close(self):
         self.release.set()
@@ -231,20 +262,22 @@ def test_server_error_then_success_and_rate_limit_are_retried(server, image):
 
 
 def test_hang_past_the_timeout_fails_fast_and_clearly(server, image):
+    """The message can only name the timeout if the client gave up itself (the server would
+    otherwise hang up after 5 s and the error would be a dropped connection)."""
     server.script = [("hang",)]
-    start = time.monotonic()
     with pytest.raises(PlannerError, match="no answer within 0.5 s"):
         planner(server, timeout=0.5, max_retries=0).plan(image, "make the dog a cat")
-    assert time.monotonic() - start < 4
+    assert len(server.requests) == 1
 
 
-def test_unauthorized_fails_at_once_without_leaking_the_key(server, image, caplog):
-    server.script = [("status", 401, json.dumps({"error": f"invalid key Bearer {KEY}"}))] * 4
+@pytest.mark.parametrize("code", [401, 403])
+def test_unauthorized_fails_at_once_without_leaking_the_key(server, image, caplog, code):
+    server.script = [("status", code, json.dumps({"error": f"invalid key Bearer {KEY}"}))] * 4
     p = planner(server, max_retries=3)
     with caplog.at_level(logging.DEBUG), pytest.raises(PlannerError) as err:
         p.plan(image, "make the dog a cat")
     msg = str(err.value)
-    assert "OPENAI_API_KEY" in msg and "HTTP 401" in msg and KEY not in msg
+    assert "OPENAI_API_KEY" in msg and f"HTTP {code}" in msg and KEY not in msg
     assert len(server.requests) == 1
     assert KEY not in repr(p) and KEY not in caplog.text and KEY not in repr(vars(p))
 
@@ -319,3 +352,152 @@ def test_gas_edit_plan_only_with_the_llm_planner_keeps_the_key_out_of_outputs(se
     captured = capsys.readouterr()
     assert KEY not in captured.out + captured.err
     assert json.loads(server.requests[0]["body"])["model"] == "test-model"
+
+
+# --- a client to trust with a paid key ---------------------------------------------------------------
+@pytest.fixture
+def other():
+    """A second server on another port: where a redirect points. It must never see the key."""
+    s = ChatServer()
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_a_redirect_to_another_origin_never_receives_the_key(server, other, image, code):
+    other.script = [("reply", json.dumps(GOOD))] * 2
+    server.script = [("status", code, "", {"Location": other.url + "/chat/completions?token=abc"})] * 4
+    with pytest.raises(PlannerError) as err:
+        planner(server).plan(image, "make the dog a cat")
+    assert other.requests == []
+    assert len(server.requests) == 1  # one clear error, not retried
+    msg = str(err.value)
+    assert f"HTTP {code}" in msg and "redirect" in msg and other.url.split("/v1")[0] in msg
+    assert "token=abc" not in msg
+
+
+def test_a_redirect_on_the_same_origin_is_not_followed_either(server, image):
+    server.script = [("status", 307, "", {"Location": "/v2/chat/completions"}), ("reply", json.dumps(GOOD))]
+    with pytest.raises(PlannerError, match="redirect"):
+        planner(server).plan(image, "make the dog a cat")
+    assert len(server.requests) == 1
+
+
+def test_rate_limit_and_server_errors_are_retried_with_backoff_then_fail_clearly(server, image):
+    waits: list[float] = []
+    server.script = [("status", 429, "slow down", {"Retry-After": "3"}), ("status", 502, "bad gateway"),
+                     ("status", 503, "busy"), ("status", 500, "oops")]
+    with pytest.raises(PlannerError) as err:
+        planner(server, max_retries=3, backoff=0.5, sleep=waits.append).plan(image, "make the dog a cat")
+    assert len(server.requests) == 4
+    assert waits == [3.0, 1.0, 2.0]  # Retry-After first, then 0.5 * 2**1, 0.5 * 2**2
+    msg = str(err.value)
+    assert "4 attempts" in msg and "HTTP 500" in msg and server.url in msg
+
+
+def test_retry_after_beyond_the_cap_fails_at_once(server, image):
+    waits: list[float] = []
+    server.script = [("status", 429, "quota", {"Retry-After": "86400"})] * 3
+    with pytest.raises(PlannerError, match="86400 s") as err:
+        planner(server, max_retries=2, sleep=waits.append).plan(image, "make the dog a cat")
+    assert len(server.requests) == 1 and waits == []
+    assert "HTTP 429" in str(err.value)
+
+
+def test_a_dropped_connection_is_retried(server, image):
+    closed = ChatServer()
+    url = closed.url
+    closed.close()
+    waits: list[float] = []
+    with pytest.raises(PlannerError, match="cannot reach") as err:
+        LLMPlanner("m", base_url=url, timeout=1, max_retries=2, backoff=0.25, sleep=waits.append).plan(image, "x")
+    assert waits == [0.25, 0.5] and "3 attempts" in str(err.value)
+
+
+@pytest.mark.parametrize("text", ["[" * 100000, "{" * 100000, '{"a": ' * 50000, '{"source_phrases": ' + "[" * 100000],
+                         ids=["brackets", "braces", "objects", "inside-a-plan"])
+def test_deeply_nested_replies_are_refused_cleanly(server, image, text):
+    with pytest.raises(ReplyError, match="nested"):
+        extract_json(text)
+    server.script = [("reply", text)]
+    with pytest.raises(PlannerError, match="nested"):
+        planner(server, max_retries=0).plan(image, "make the dog a cat")
+
+
+def test_a_deeply_nested_envelope_is_refused_cleanly(server, image):
+    server.script = [("status", 200, '{"choices": ' + "[" * 100000)]
+    with pytest.raises(PlannerError, match="nested"):
+        planner(server, max_retries=0).plan(image, "make the dog a cat")
+
+
+def test_shallow_nesting_inside_strings_is_fine():
+    plan = parse_reply(json.dumps({**GOOD, "source_prompt": "a [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[ sign"}))
+    assert plan.source_prompt.endswith("[ sign")
+    assert extract_json('{"plan": {"source_phrases": ["a"]}}') == {"plan": {"source_phrases": ["a"]}}
+
+
+MB = 1 << 20
+
+
+@pytest.mark.parametrize("announce", [False, True])
+def test_a_huge_reply_is_refused_without_reading_it(server, image, announce):
+    """64 MB offered; the client must hang up near its 1 MB limit. Loopback socket buffers can
+    take a few MB before the server's writes block, hence the generous bound."""
+    headers = {"Content-Length": str(64 * MB)} if announce else {}
+    server.script = [("stream", 64 * MB, headers)]
+    with pytest.raises(PlannerError, match="larger than 1 MB"):
+        planner(server, max_retries=2).plan(image, "make the dog a cat")
+    assert server.done.wait(20)
+    assert server.sent < 24 * MB
+    assert len(server.requests) == 1
+
+
+def test_a_compressed_huge_reply_is_refused_without_inflating_it(server, image):
+    import gzip
+    import tracemalloc
+
+    body = gzip.compress(b'{"choices": [{"message": {"content": "' + b"x" * (64 * MB), compresslevel=1)
+    server.script = [("raw", 200, body, {"Content-Encoding": "gzip"})]
+    tracemalloc.start()
+    try:
+        with pytest.raises(PlannerError, match="larger than 1 MB"):
+            planner(server, max_retries=0).plan(image, "make the dog a cat")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * MB
+
+
+def test_a_trickling_reply_is_cut_at_the_timeout(server, image):
+    server.script = [("trickle", 10000)]
+    with pytest.raises(PlannerError, match="within 0.5 s"):
+        planner(server, timeout=0.5, max_retries=0).plan(image, "make the dog a cat")
+    assert server.done.wait(10)
+    assert server.sent < 5000  # 10000 bytes take 200 s; the client left long before
+
+
+@pytest.mark.parametrize(
+    "envelope, match",
+    [
+        ({"choices": [{"message": {"content": ""}}]}, "empty"),
+        ({"choices": [{"message": {"content": None}}]}, "no text content"),
+        ({"choices": [{"message": {"content": "null"}}]}, "no JSON object"),
+        ({"choices": []}, "not a chat completion"),
+        (None, "not a chat completion"),
+    ],
+)
+def test_empty_and_null_content_fail_with_a_message(server, image, envelope, match):
+    server.script = [("status", 200, json.dumps(envelope))] * 2
+    with pytest.raises(PlannerError, match=match):
+        planner(server, max_retries=1).plan(image, "make the dog a cat")
+    assert len(server.requests) == 2
+
+
+def test_the_prompt_keeps_the_pose_of_swapped_animals():
+    """The reference marks pose-keeping swaps (a dog into a cat or a tiger) preserve_form 1."""
+    from gas_lightning.planners.llm_prompt import SYSTEM_PROMPT
+
+    rule = " ".join(SYSTEM_PROMPT.split())
+    (line,) = [r for r in rule.split(" - ") if r.startswith("preserve_form")]
+    assert "a dog into a cat" in line and "tiger" in line and "pose" in line
+    assert line.index("1 ") < line.index("a dog into a cat") < line.index(" 0 ")

@@ -26,8 +26,11 @@ Rules:
 - Source phrases are short noun phrases (2 to 6 words) that an object detector can find, \
 e.g. "the brown dog", "the wooden table"; name each object once, as it looks in the image.
 - Target phrases are short noun phrases too, e.g. "a black cat", "a glass table".
-- preserve_form is 1 when the object keeps its outline (colour, material, texture or style \
-changes) and 0 when its shape may change (one kind of object into another).
+- preserve_form is 1 when the new object must keep the old one's pose and outline: colour, \
+material, texture or style changes, and also swaps of one animal or object for a similar one \
+that should stand in the same pose, e.g. a dog into a cat or a tiger, a horse into a zebra, \
+a car into a toy car. It is 0 only when the shape itself must change, e.g. a cup into a \
+flower vase, a tree into a tower.
 - source_prompt and target_prompt differ only where the subtasks change things.
 - keep_phrases (may be empty) names the visible objects that must not change and that sit inside \
 a region being edited, e.g. the objects standing on a background that changes; name each once.
