@@ -87,10 +87,12 @@ def run(argv: list[str] | None = None) -> int:
     from gas_lightning.io import with_atomic_io
     from gas_lightning.pipeline import build_edit, load_image
     from gas_lightning.plan import EditPlan
+    from gas_lightning.planners.llm import check_base_url
     from gas_lightning.resolve import GroundingSpec, PlanSpec, ground, make_plan, resolve_bundled
 
     parser = build_parser()
     cfg = parser.parse_args(argv)
+    check_base_url(cfg.llm_base_url)  # a password in it must not reach config.yaml or a log
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
     child = _is_child_rank()
