@@ -165,6 +165,7 @@ def test_good_reply_gives_the_plan_and_the_request_carries_image_and_model(serve
         "Sure! Here is the plan:\n```json\n" + json.dumps(GOOD, indent=2) + "\n```\nLet me know {if} you need more.",
         "I looked at the image {carefully}. " + json.dumps(GOOD) + " That's all.",
         "```\n" + json.dumps(GOOD) + "\n```",
+        'Plan: {"note": "x", "plan": ' + json.dumps(GOOD) + "} done.",
     ],
 )
 def test_reply_wrapped_in_prose_or_markdown_is_extracted(server, image, content):
@@ -428,6 +429,13 @@ def test_a_deeply_nested_envelope_is_refused_cleanly(server, image):
     server.script = [("status", 200, '{"choices": ' + "[" * 100000)]
     with pytest.raises(PlannerError, match="nested"):
         planner(server, max_retries=0).plan(image, "make the dog a cat")
+
+
+def test_a_long_reply_is_refused_before_it_is_searched():
+    text = "x" * 100_000 + " " + json.dumps(GOOD)
+    with pytest.raises(ReplyError, match="100001 characters long"):
+        extract_json(text[:100_001])
+    assert extract_json(text[-99_000:]) == GOOD
 
 
 def test_shallow_nesting_inside_strings_is_fine():

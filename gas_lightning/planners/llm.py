@@ -35,6 +35,7 @@ MAX_PHRASE = 200
 MAX_SENTENCE = 300
 MAX_REQUEST = 4000
 MAX_REPLY_BYTES = 1 << 20  # a plan is a few kB; more is a wrong endpoint or a hostile one
+MAX_REPLY_CHARS = 100_000  # prose to search for JSON; the search costs up to depth x length
 MAX_DEPTH = 32  # a plan nests 2 deep; json.loads recurses once per level
 MAX_WAIT = 60.0  # longest pause between attempts (backoff or Retry-After); longer asks fail at once
 CONNECT_TIMEOUT = 10.0
@@ -90,20 +91,37 @@ def extract_json(text: str) -> dict[str, Any]:
             continue
         if isinstance(value, dict):
             return value
-    decoder, found = json.JSONDecoder(), []
+    if len(text) > MAX_REPLY_CHARS:
+        raise ReplyError(f"the reply is {len(text)} characters long; give only the JSON object (a few thousand)")
+    decoder, found, resume = json.JSONDecoder(), [], 0
     for start in (m.start() for m in _OBJECT.finditer(text)):
+        if start < resume:  # inside an object already read: its inner objects were searched below
+            continue
         _check_depth(text, start)
         try:
-            value, _ = decoder.raw_decode(text, start)
+            value, resume = decoder.raw_decode(text, start)
         except json.JSONDecodeError:
             continue
-        if isinstance(value, dict):
-            found.append(value)
-            if "source_phrases" in value:
-                return value
+        plan = _find_plan(value)
+        if plan is not None:
+            return plan
+        found.append(value)
     if found:
         return found[0]
     raise ReplyError("the reply contains no JSON object")
+
+
+def _find_plan(value: Any) -> dict[str, Any] | None:
+    """The first object (in text order) holding "source_phrases", e.g. a plan wrapped as {"plan": {...}}."""
+    if isinstance(value, dict):
+        if "source_phrases" in value:
+            return value
+        value = list(value.values())
+    if isinstance(value, list):
+        for item in value:
+            if (plan := _find_plan(item)) is not None:
+                return plan
+    return None
 
 
 def _strings(data: dict[str, Any], key: str, limit: int, least: int = 1) -> list[str]:
