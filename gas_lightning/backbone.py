@@ -157,18 +157,49 @@ def resolve_dtype(dtype: str, device: str | torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
 def _from_pretrained(cls: Any, source: str, subfolder: str, **kwargs: Any) -> Any:
     try:
         return cls.from_pretrained(source, subfolder=subfolder, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as e:
-        local = Path(source).exists()
-        hint = (
-            f"the folder {source!r} has no loadable '{subfolder}/' component"
-            if local
-            else f"could not load {source!r} from the Hugging Face hub (offline, or no such model); "
-            "download the model once and pass the local folder with --model /path/to/model"
-        )
-        raise ModelLoadError(f"{hint} ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+    except (OSError, ValueError, EnvironmentError, RuntimeError) as e:
+        first = " ".join(str(e).split())[:300]
+        if isinstance(e, RuntimeError) and "size mismatch" not in str(e):
+            raise  # not a loading problem the user can fix
+        raise ModelLoadError(_load_failure(source, subfolder, kwargs, e, first)) from None
+    except Exception as e:
+        from safetensors import SafetensorError
+
+        if not isinstance(e, SafetensorError):
+            raise
+        raise ModelLoadError(_corrupted(source, subfolder, f"{type(e).__name__}: {e}")) from None
+
+
+def _corrupted(source: str, subfolder: str, why: str) -> str:
+    return (f"the weights in '{Path(source) / subfolder}' are corrupted or incomplete ({why}); "
+            "download the model again (an interrupted copy leaves a truncated .safetensors file)")
+
+
+def _load_failure(source: str, subfolder: str, kwargs: dict, e: Exception, first: str) -> str:
+    """Say which of the usual causes it is: pickle-only weights, a config that does not fit the
+    weights, a damaged file, a missing component, or a hub id that cannot be reached."""
+    folder = Path(source) / subfolder
+    if not Path(source).exists():
+        return (f"could not load {source!r} from the Hugging Face hub (offline, or no such model); "
+                f"download the model once and pass the local folder with --model /path/to/model ({first})")
+    if isinstance(e, RuntimeError):
+        mismatch = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), first)
+        return (f"the weights in '{folder}' do not fit its config.json ({mismatch[:300]}); the config was edited "
+                "or belongs to another model: restore the config.json saved with these weights")
+    pickles = sorted(f.name for f in folder.glob("*") if f.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
+    if kwargs.get("use_safetensors") and pickles:
+        return (f"'{folder}' holds only pickle weights ({', '.join(pickles)}); gas-edit loads .safetensors only, "
+                "because loading a pickle can run code. Convert the model to safetensors (save_pretrained), "
+                "or pass --allow_pickle_weights true if you trust where it came from")
+    if "Unable to load weights" in first or "header" in first.lower():
+        return _corrupted(source, subfolder, first)
+    return f"the folder {source!r} has no loadable '{subfolder}/' component ({type(e).__name__}: {first})"
 
 
 def _model_index(source: str, local_files_only: bool) -> dict:
@@ -179,13 +210,36 @@ def _model_index(source: str, local_files_only: bool) -> dict:
     except (OSError, ValueError, EnvironmentError) as e:
         if Path(source).exists():
             raise ModelLoadError(
-                f"{source!r} is not a diffusers model folder (no model_index.json); "
+                f"{source!r} is not a diffusers model folder (no readable model_index.json); "
                 "save the model with save_pretrained or point --model at the folder that holds unet/, text_encoder/ ..."
+            ) from None
+        if _looks_like_path(source):
+            raise ModelLoadError(
+                f"--model {source!r}: no such folder; pass the folder that holds unet/, text_encoder/ ... "
+                "(a diffusers save_pretrained layout), or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5"
             ) from None
         raise ModelLoadError(
             f"could not reach model {source!r} (offline, or no such hub id): {type(e).__name__}. "
             "Pass a local folder with --model /path/to/model (a diffusers save_pretrained layout)."
         ) from None
+
+
+def _looks_like_path(source: str) -> bool:
+    """Hub ids are 'name' or 'org/name'; anything else the user typed is meant as a folder."""
+    return source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1
+
+
+def _check_components(model: str, index: dict) -> None:
+    """A local folder must hold every component model_index.json names; say which are missing at once."""
+    if not Path(model).is_dir():
+        return
+    needed = ["unet", "text_encoder", "tokenizer", "scheduler"] + (["vae"] if (index.get("vae") or [None])[0] else [])
+    missing = [c for c in needed if not (Path(model) / c).is_dir()]
+    if missing:
+        raise ModelLoadError(
+            f"the model folder {model!r} lacks {', '.join(m + '/' for m in missing)}; copy the whole model "
+            "(every folder model_index.json names), e.g. with `hf download MODEL_ID --local-dir FOLDER`"
+        )
 
 
 def set_attention(unet: nn.Module, backend: str) -> str:
@@ -220,8 +274,12 @@ def load_backbone(
     dtype: str = "auto",
     attention: str = "auto",
     local_files_only: bool | None = None,
+    allow_pickle_weights: bool = False,
 ) -> Backbone:
-    """Load UNet, text encoder, tokenizer, scheduler constants and (if present) the VAE."""
+    """Load UNet, text encoder, tokenizer, scheduler constants and (if present) the VAE.
+
+    Weights are read from .safetensors only unless `allow_pickle_weights` (a pickle can run code).
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
@@ -230,15 +288,17 @@ def load_backbone(
         local_files_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
     torch_dtype = resolve_dtype(dtype, device)
     kw = {"local_files_only": local_files_only}
+    weights = {**kw, "use_safetensors": None if allow_pickle_weights else True}
     index = _model_index(model, local_files_only)
+    _check_components(model, index)
 
-    unet = _from_pretrained(UNet2DConditionModel, model, "unet", torch_dtype=torch_dtype, **kw)
-    text_encoder = _from_pretrained(CLIPTextModel, model, "text_encoder", dtype=torch_dtype, **kw)
+    unet = _from_pretrained(UNet2DConditionModel, model, "unet", torch_dtype=torch_dtype, **weights)
+    text_encoder = _from_pretrained(CLIPTextModel, model, "text_encoder", dtype=torch_dtype, **weights)
     tokenizer = _from_pretrained(AutoTokenizer, model, "tokenizer", **kw)
     scheduler = _from_pretrained(DDPMScheduler, model, "scheduler", **kw)
     vae_entry = index.get("vae")
     if vae_entry and vae_entry[0] is not None:
-        codec: LatentCodec = VaeCodec(_from_pretrained(AutoencoderKL, model, "vae", torch_dtype=torch_dtype, **kw))
+        codec: LatentCodec = VaeCodec(_from_pretrained(AutoencoderKL, model, "vae", torch_dtype=torch_dtype, **weights))
     else:
         codec = IdentityCodec()
 

@@ -8,6 +8,7 @@ loading) and the module is built from tensors, not from config values.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import sys
@@ -16,7 +17,7 @@ from typing import Optional
 
 from jsonargparse import ActionConfigFile, Namespace
 
-from gas_lightning.errors import GasError
+from gas_lightning.errors import GasError, RunError
 
 log = logging.getLogger("gas_lightning")
 
@@ -25,6 +26,7 @@ DEFAULT_CALLBACKS = [
     Namespace(class_path="gas_lightning.callbacks.EditPreviews", init_args=Namespace(every_n_steps=50)),
 ]
 CHECKPOINT_EVERY = 50
+_DEBUG = contextvars.ContextVar("gas_edit_debug", default=False)  # set once --debug is parsed
 
 
 def build_parser():
@@ -52,6 +54,9 @@ def build_parser():
     p.add_argument("--resolution", type=Optional[int], default=None, help="short side of the working size (default: the model's)")
     p.add_argument("--dtype", type=str, default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--attention", type=str, default="auto", choices=["auto", "sdpa", "xformers"])
+    p.add_argument("--allow_pickle_weights", type=bool, default=False,
+                   help="also load .bin/.pth model weights (a pickle can run code); default: .safetensors only")
+    p.add_argument("--debug", type=bool, default=False, help="show the traceback of an error instead of one line")
     p.add_argument("--loss_scale", type=float, default=2000.0)
     p.add_argument("--checkpoint_every", type=int, default=CHECKPOINT_EVERY, help="steps between kept checkpoints")
     p.add_argument("--optimizer", type=OptimizerCallable,
@@ -83,7 +88,7 @@ def run(argv: list[str] | None = None) -> int:
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from gas_lightning.backbone import load_backbone
-    from gas_lightning.callbacks import EditOutputs, FinalCheckpoint
+    from gas_lightning.callbacks import EditOutputs, FinalCheckpoint, NanGuard
     from gas_lightning.io import with_atomic_io
     from gas_lightning.pipeline import build_edit, load_image
     from gas_lightning.plan import EditPlan
@@ -93,9 +98,11 @@ def run(argv: list[str] | None = None) -> int:
     parser = build_parser()
     cfg = parser.parse_args(argv)
     check_base_url(cfg.llm_base_url)  # a password in it must not reach config.yaml or a log
+    _DEBUG.set(bool(cfg.debug))
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
     child = _is_child_rank()
+    _refuse_file_in_path(out)
 
     if cfg.image is None:
         raise GasError("no image given: pass --image PATH (or --config configs/shapes.yaml for the bundled example)")
@@ -116,7 +123,7 @@ def run(argv: list[str] | None = None) -> int:
         plan = EditPlan.load(out / "plan.json")  # rank 0 resolved (and maybe asked an LLM) already
     else:
         plan = ground(make_plan(plan_spec, image), image, ground_spec)
-    out.mkdir(parents=True, exist_ok=True)
+    _make_writable_dir(out)
     if not child and cfg.overwrite and resume is None:
         for old in ckpt_dir.glob("*.ckpt"):  # else Lightning would version names and "last" would be stale
             old.unlink()
@@ -141,7 +148,7 @@ def run(argv: list[str] | None = None) -> int:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
                                          every_n_train_steps=cfg.checkpoint_every, save_top_k=-1, save_last=True,
                                          enable_version_counter=False))
-    callbacks += [FinalCheckpoint(ckpt_dir), EditOutputs(out)]
+    callbacks += [NanGuard(ckpt_dir), FinalCheckpoint(ckpt_dir), EditOutputs(out)]
     trainer_kwargs = {k: v for k, v in vars(init.trainer).items() if k != "callbacks"}
     if trainer_kwargs.get("logger") in (None, True):
         trainer_kwargs["logger"] = TensorBoardLogger(save_dir=str(out), name="", version="", default_hp_metric=False)
@@ -150,7 +157,8 @@ def run(argv: list[str] | None = None) -> int:
     trainer_kwargs["plugins"] = with_atomic_io(trainer_kwargs.get("plugins"))  # kill-safe writes, data-only loads
     trainer = L.Trainer(callbacks=callbacks, **trainer_kwargs)
 
-    backbone = load_backbone(resolve_bundled(cfg.model), device=_device_of(trainer), dtype=cfg.dtype, attention=cfg.attention)
+    backbone = load_backbone(resolve_bundled(cfg.model), device=_device_of(trainer), dtype=cfg.dtype, attention=cfg.attention,
+                             allow_pickle_weights=cfg.allow_pickle_weights)
     log.info("attention backend: %s", backbone.attention)
     module = build_edit(backbone, image, plan, guidance_config=init.guidance, resolution=cfg.resolution,
                         schedule=cfg.schedule, seed=cfg.seed, loss_scale=cfg.loss_scale, optimizer=init.optimizer,
@@ -160,6 +168,29 @@ def run(argv: list[str] | None = None) -> int:
         print(f"edited: {out / 'edited.png'}  (comparison.png, plan.json, config.yaml, checkpoints/ beside it; "
               f"attention={backbone.attention}; tensorboard --logdir {out})")
     return 0
+
+
+def _refuse_file_in_path(out: Path) -> None:
+    """Before any work: an --output_dir below a file can never be created."""
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise GasError(f"--output_dir {str(out)!r} cannot be created: {str(folder)!r} is a file, not a folder; "
+                               "choose another --output_dir")
+            return
+
+
+def _make_writable_dir(out: Path) -> None:
+    """Create --output_dir and prove it takes a file, so no output is lost at the end of the edit."""
+    probe = out / f".gas-edit-write-test-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb"):
+            pass
+        probe.unlink()
+    except OSError as e:
+        raise GasError(f"--output_dir {str(out)!r} is not writable ({e.strerror or e}); "
+                       "choose a folder you can write to, or fix its permissions") from None
 
 
 def _check_lr_scheduler(factory, max_steps: int) -> None:
@@ -217,12 +248,32 @@ def main(argv: list[str] | None = None) -> None:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
     _quiet_library_noise()
+    _DEBUG.set(False)
     try:
         code = run(argv)
-    except GasError as e:
-        print(f"gas-edit: error: {e}", file=sys.stderr)
-        code = 2
+    except KeyboardInterrupt:
+        print("gas-edit: interrupted", file=sys.stderr)
+        code = 130
+    except Exception as e:
+        if _DEBUG.get():
+            raise
+        code = _report(e)
     sys.exit(code)
+
+
+def _report(error: Exception) -> int:
+    """One line on stderr; the exit status is 2 for bad input, 1 for a failure while running or a bug."""
+    first = " ".join(str(error).split())[:300]
+    if isinstance(error, GasError):
+        print(f"gas-edit: error: {error}", file=sys.stderr)
+        return 1 if isinstance(error, RunError) else 2
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        print(f"gas-edit: error: out of memory ({first}); lower --resolution, use --trainer.precision bf16-mixed, "
+              "or close what else uses the memory", file=sys.stderr)
+        return 1
+    print(f"gas-edit: internal error: {type(error).__name__}: {first} (run with --debug true for the traceback)",
+          file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

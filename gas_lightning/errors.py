@@ -2,7 +2,8 @@
 
 Every error a user can fix (bad input, missing weights, unreachable endpoint) is raised as a
 `GasError` subclass with a message that says what was wrong and what to do. The CLI prints
-the message alone and exits with status 2; anything else is a bug and keeps its traceback.
+the message alone and exits with status 2 for bad input, 1 for a `RunError` (the input was fine,
+the run failed). Anything else is a bug: one line, exit 1, and the traceback with `--debug true`.
 """
 
 
@@ -24,3 +25,11 @@ class GroundingError(GasError):
 
 class PlannerError(GasError):
     """A request could not be turned into subtasks."""
+
+
+class RunError(GasError):
+    """The input was valid but the edit failed while running (exit status 1, not 2)."""
+
+
+class NonFiniteLatentError(RunError):
+    """The latent became NaN or infinite during the edit."""

@@ -6,11 +6,15 @@ image -> working size -> latent; plan -> prompt embeddings (computed once) -> ma
 
 from __future__ import annotations
 
+import logging
+import math
 import re
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from gas_lightning.backbone import Backbone
 from gas_lightning.errors import GasError
@@ -20,17 +24,76 @@ from gas_lightning.module import GroundAScoreEdit, OptimizerFactory, SchedulerFa
 from gas_lightning.plan import EditPlan
 
 MAX_ASPECT = 2.0
+MAX_SIDE = 4096  # larger inputs are reduced on load: no working size needs more, and memory stays bounded
+SMALL_SIDE = 16  # below this an input is mostly upscaling; it is accepted with a warning
+
+log = logging.getLogger(__name__)
 
 
 def load_image(path: str | Path) -> Image.Image:
+    """Any image PIL reads, as an upright 8-bit RGB picture at most MAX_SIDE pixels a side.
+
+    The file is opened lazily, so its size is known before any pixel is decoded: PIL refuses
+    decompression bombs (more than 2 x Image.MAX_IMAGE_PIXELS) and a large JPEG is decoded at a
+    reduced scale (draft). EXIF orientation is applied, as every viewer does.
+    """
     p = Path(path)
+    if p.is_dir():
+        raise GasError(f"--image {str(p)!r} is a folder; pass an image file (PNG, JPEG, WebP, ...)")
     if not p.is_file():
         raise GasError(f"image {str(p)!r} does not exist; pass an existing file with --image")
     try:
-        with Image.open(p) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise GasError(f"could not read image {str(p)!r} ({e}); use a PNG or JPEG file") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # between 1x and 2x the limit: reduced below
+            with Image.open(p) as im:
+                width, height = im.size
+                if max(width, height) > MAX_SIDE:
+                    scale = MAX_SIDE / max(width, height)
+                    im.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
+                image = to_rgb(_reduce(ImageOps.exif_transpose(im)))
+    except Image.DecompressionBombError as e:
+        raise GasError(f"image {str(p)!r} is too large to edit safely ({e}); downscale it first, "
+                       f"e.g. to {MAX_SIDE} pixels on the long side") from None
+    except PermissionError:
+        raise GasError(f"image {str(p)!r} cannot be read: permission denied; make it readable (chmod a+r) "
+                       "or copy it somewhere you can read") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise GasError(f"could not read image {str(p)!r} ({e}); use a complete PNG or JPEG file") from None
+    if image.size != (width, height):
+        log.info("image %s is %dx%d; reduced to %dx%d on load", p, width, height, *image.size)
+    if min(image.size) < SMALL_SIDE:
+        log.warning("image %s is only %dx%d pixels; it is upscaled to the working size, so expect a blurry edit",
+                    p, *image.size)
+    return image
+
+
+def _reduce(image: Image.Image) -> Image.Image:
+    """Box-reduce an image larger than MAX_SIDE before any conversion, while its pixels are smallest."""
+    factor = math.ceil(max(image.size) / MAX_SIDE)
+    if factor <= 1:
+        return image
+    modes_reduce_lacks = {"1": "L", "P": "RGBA", "I;16": "I", "I;16B": "I", "I;16L": "I"}
+    if image.mode in modes_reduce_lacks:
+        image = image.convert(modes_reduce_lacks[image.mode])
+    return image.reduce(factor)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode. 16-bit, 32-bit and float greys are scaled (PIL's convert clips them
+    to white), transparency is laid over white, CMYK and palettes go through PIL's convert."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        arr = np.asarray(image, dtype=np.float32)
+        top = float(arr.max()) if arr.size else 0.0
+        if image.mode.startswith("I;16") or top > 255:
+            scale = 65535.0
+        else:
+            scale = 1.0 if image.mode == "F" and top <= 1.0 else 255.0
+        grey = np.clip(arr * (255.0 / scale), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
 
 
 def working_size(width: int, height: int, resolution: int, multiple: int) -> tuple[int, int]:
@@ -45,8 +108,6 @@ def working_size(width: int, height: int, resolution: int, multiple: int) -> tup
 
 def image_to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
     """PIL -> (1, 3, H, W) in [-1, 1] at `size` (width, height), resized with Lanczos."""
-    import numpy as np
-
     arr = np.asarray(image.resize(size, Image.Resampling.LANCZOS), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous()
 

@@ -44,7 +44,7 @@ def check_box(box: Any, what: str = "box") -> Box:
         raise PlanError(f"{what} must be 4 numbers [x0, y0, x1, y1] in [0, 1], got {box!r}") from None
     if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in (x0, y0, x1, y1)):
         raise PlanError(
-            f"{what} {list(box)} has coordinates outside [0, 1]; boxes are normalised "
+            f"{what} {list(box)} has coordinates that are NaN, infinite or outside [0, 1]; boxes are normalised "
             "(divide pixel coordinates by the image width and height)."
         )
     if x0 >= x1 or y0 >= y1:
@@ -204,7 +204,10 @@ class EditPlan:
         unknown = set(data) - {"source_prompt", "target_prompt", "subtasks"}
         if unknown:
             raise PlanError(f"unknown plan keys {sorted(unknown)}; expected source_prompt, target_prompt, subtasks.")
-        raw = data.get("subtasks", [])
+        if "subtasks" not in data:
+            raise PlanError("the plan has no 'subtasks' list; give one object per edited object "
+                            '({"source": ..., "target": ..., "box": ...}), or [] for a whole-image edit.')
+        raw = data["subtasks"]
         if not isinstance(raw, list):
             raise PlanError("plan 'subtasks' must be a list of objects")
         fields = {"source", "target", "box", "preserve_form", "intensity", "penalty"}
@@ -231,10 +234,19 @@ class EditPlan:
         if not p.is_file():
             raise PlanError(f"plan file {str(p)!r} " + ("is a directory" if p.is_dir() else "does not exist"))
         try:
-            data = json.loads(p.read_text())
+            data = json.loads(p.read_text(), parse_constant=_refuse_constant)
         except json.JSONDecodeError as e:
             raise PlanError(f"plan file {str(p)!r} is not valid JSON: {e}") from None
+        except UnicodeDecodeError:
+            raise PlanError(f"plan file {str(p)!r} is not text (UTF-8 JSON); pass the plan.json an edit wrote") from None
+        except PlanError as e:
+            raise PlanError(f"plan file {str(p)!r}: {e}") from None
         return cls.from_dict(data)
+
+
+def _refuse_constant(name: str) -> float:
+    """Python's json reads NaN and Infinity, which JSON itself does not allow; a plan never needs them."""
+    raise PlanError(f"{name} is not a number a plan may hold (JSON numbers are finite); give a finite value.")
 
 
 def join_phrases(phrases: Sequence[str]) -> str:

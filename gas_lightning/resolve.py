@@ -91,6 +91,8 @@ def make_plan(spec: PlanSpec, image: Image.Image | None = None) -> EditPlan:
         what = "no edit was given" if not given else f"{' and '.join(given)} were both given"
         raise PlannerError(f"{what}; {PLAN_FORMS}")
 
+    if spec.request is not None and not spec.request.strip():
+        raise PlannerError(f"--request is empty; {PLAN_FORMS}")
     if spec.plan is not None:
         plan = EditPlan.load(spec.plan)
     elif spec.sources is not None or spec.targets is not None:

@@ -44,6 +44,7 @@ INSTALL_HINT = (
     "timm, addict and yapf), or use the default backend: --detector_backend transformers "
     f"--detector {DEFAULT_DETECTOR} (or a local copy of it)."
 )
+CONFIG_FOR_CHECKPOINT = (("swinb", "GroundingDINO_SwinB_cfg.py"), ("swint", "GroundingDINO_SwinT_OGC.py"))
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
 
@@ -237,6 +238,7 @@ class GroundingDinoPyGrounder:
         cfg = read_config(config)
         state = read_state_dict(checkpoint)
         model = build_model(cfg, self.device, text_encoder)
+        self._check_shapes(model.state_dict(), state)
         result = model.load_state_dict(state, strict=False)
         expected = len(model.state_dict())
         if len(result.missing_keys) > expected // 2:
@@ -251,6 +253,22 @@ class GroundingDinoPyGrounder:
                 len(result.missing_keys), len(result.unexpected_keys),
             )
         self.model = model.to(self.device).eval()
+
+    def _check_shapes(self, expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+        """load_state_dict(strict=False) forgives missing keys but not other shapes (a SwinB checkpoint
+        with the SwinT config); name the config to use instead of a page of size mismatches."""
+        wrong = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items()
+                 if k in expected and v.shape != expected[k].shape]
+        if not wrong:
+            return
+        key, got, want = wrong[0]
+        name = Path(self.checkpoint_path).name.lower()
+        config = next((c for tag, c in CONFIG_FOR_CHECKPOINT if tag in name), "the config released with the checkpoint")
+        raise ModelLoadError(
+            f"--detector_checkpoint {self.checkpoint_path!r} does not fit --detector_config {self.config_path!r}: "
+            f"{len(wrong)} weights have other shapes (e.g. {key}: {list(got)} in the checkpoint, {list(want)} in "
+            f"the model the config builds); use --detector_config {config}."
+        )
 
     def __repr__(self) -> str:
         return (
