@@ -136,7 +136,11 @@ class GroundAScoreEdit(L.LightningModule):
         terms = self.active_terms
         z = self.latent.detach()
         if self.schedule == "batched":
-            t, eps = self._draw(gen)
+            if self.guidance.config.batched_noise == "per_term":  # drawn in the sequential schedule's order
+                draws = [self._draw(gen) for _ in terms]
+                t, eps = [d[0] for d in draws], [d[1] for d in draws]
+            else:
+                t, eps = self._draw(gen)
             grad, logs = self.guidance.batched_gradient(z, self.z_src, terms, t, eps, gen)
             self._optimise(grad, last=True)
         else:

@@ -176,7 +176,7 @@ def build_edit(
                        f"got {cfg.wide_area} and {cfg.wide_guidance_scale}")
     masks = EditMasks.from_plan(plan, z_src.shape[-2], z_src.shape[-1], overlap_weight=cfg.overlap_weight)
     terms = build_terms(backbone, plan, masks, config=cfg)
-    guidance = GroundedScoreGuidance(backbone, cfg, null_embedding=backbone.encode_prompts([""]))
+    guidance = GroundedScoreGuidance(backbone, cfg, null_embedding=backbone.encode_prompts([""]), loss_scale=loss_scale)
     module = GroundAScoreEdit(guidance, z_src, terms, plan, schedule=schedule, seed=seed, loss_scale=loss_scale,
                               optimizer=optimizer, lr_scheduler=lr_scheduler)
     module.masks = masks

@@ -21,14 +21,36 @@ from gas_lightning.masks import box_to_grid
 from gas_lightning.plan import Box
 
 
+REDUCTIONS = ("sum", "mean")
+
+
 @dataclass
 class CDSConfig:
-    """PatchNCE settings (CDS defaults: 256 patches, sizes 1 and 2, temperature 0.07)."""
+    """PatchNCE settings. The defaults are the reference's: 256 patches, sizes 1 and 2, temperature
+    0.07, the loss *summed* over every hooked layer and both patch sizes with weight 1, and its
+    gradient added after the DDS loss scale (not multiplied by it).
 
-    weight: float = 3.0
+    `reduction="mean"` with `loss_scaled=True` and `weight=3` is what gas-lightning did before
+    (about 330x the reference's strength on SD 1.5): kept as an explicit option.
+    """
+
+    weight: float = 1.0
     n_patches: int = 256
     patch_sizes: tuple[int, ...] = (1, 2)
     temperature: float = 0.07
+    reduction: str = "sum"  # over hooked layers and patch sizes: "sum" (reference) | "mean"
+    loss_scaled: bool = False  # True: the CDS gradient is multiplied by the DDS loss scale too
+
+    def __post_init__(self) -> None:
+        from gas_lightning.errors import GasError
+
+        if self.reduction not in REDUCTIONS:
+            raise GasError(f"guidance.cds.reduction must be one of {', '.join(REDUCTIONS)}, got {self.reduction!r}")
+        if not self.weight >= 0 or not self.temperature > 0 or self.n_patches < 1:
+            raise GasError(f"guidance.cds needs weight >= 0, temperature > 0 and n_patches >= 1, got weight "
+                           f"{self.weight}, temperature {self.temperature}, n_patches {self.n_patches}")
+        if not self.patch_sizes or any(int(k) < 1 for k in self.patch_sizes):
+            raise GasError(f"guidance.cds.patch_sizes must be positive integers, got {list(self.patch_sizes)}")
 
 
 class SelfAttentionCapture:
@@ -67,7 +89,10 @@ def to_maps(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
 def patch_nce(
     query: torch.Tensor, key: torch.Tensor, box: Box, cfg: CDSConfig, generator: torch.Generator
 ) -> torch.Tensor:
-    """PatchNCE between two (C, h, w) feature maps inside `box`; positives share a position."""
+    """PatchNCE between two (C, h, w) feature maps inside `box`; positives share a position.
+
+    One cross-entropy per patch size, combined by `cfg.reduction` (summed in the reference).
+    """
     total = query.new_zeros(())
     count = 0
     for size in cfg.patch_sizes:
@@ -89,4 +114,4 @@ def patch_nce(
         logits = qf @ kf.T / cfg.temperature
         total = total + F.cross_entropy(logits, torch.arange(len(idx), device=q.device))
         count += 1
-    return total / max(count, 1)
+    return total if cfg.reduction == "sum" else total / max(count, 1)

@@ -8,7 +8,14 @@ the latent z is
 
 Two ways to evaluate them share this file so that they cannot drift apart:
 `term_gradient` (one term alone, 4 UNet samples: the reference's sequential schedule) and
-`batched_gradient` (all terms at one t and noise, 2n + 4 samples in one UNet call).
+`batched_gradient` (all terms in one UNet call). The batched call either shares one t and
+noise between all terms (`batched_noise="shared"`: 2n + 2 conditional samples and two null-text
+samples shared by every term) or gives each term its own t and noise as the sequential schedule
+does (`"per_term"`: 4n samples, still one call), which keeps the terms' noise independent.
+
+The preserve-form (CDS) gradient is returned in the same units as the DDS gradient, i.e.
+divided by the DDS loss scale unless `cds.loss_scaled`: the optimiser step multiplies the sum by
+the loss scale, so the CDS part enters unscaled, as in the reference.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from gas_lightning.masks import OVERLAP_WEIGHT
 from gas_lightning.plan import WHOLE_IMAGE, Box
 
 FULL_PROMPT_WEIGHTS = (0.5, 0.4, 0.3, 0.2, 0.1)
+BATCHED_NOISE = ("shared", "per_term")
 
 
 @dataclass
@@ -40,7 +48,16 @@ class GuidanceConfig:
     full_prompt: bool = True
     full_prompt_weights: tuple[float, ...] = FULL_PROMPT_WEIGHTS
     overlap_weight: float = OVERLAP_WEIGHT  # a larger box's mask where a smaller box sits inside it
+    # batched schedule: one t and noise for all terms ("shared", DESIGN.md) or one per term
+    # ("per_term", the sequential schedule's sampling inside the one UNet call)
+    batched_noise: str = "shared"
     cds: CDSConfig = field(default_factory=CDSConfig)
+
+    def __post_init__(self) -> None:
+        if self.batched_noise not in BATCHED_NOISE:
+            from gas_lightning.errors import GasError
+
+            raise GasError(f"guidance.batched_noise must be one of {', '.join(BATCHED_NOISE)}, got {self.batched_noise!r}")
 
     def beta(self, t: int) -> float:
         """Whole-scene weight beta(t): 0.5 at low noise down to 0.1 at high noise, in buckets of 200 steps."""
@@ -78,9 +95,11 @@ class GroundedScoreGuidance:
     the frozen networks stay out of state_dict, checkpoints and DDP.
     """
 
-    def __init__(self, backbone: Backbone, config: GuidanceConfig | None = None, null_embedding: torch.Tensor | None = None):
+    def __init__(self, backbone: Backbone, config: GuidanceConfig | None = None, null_embedding: torch.Tensor | None = None,
+                 loss_scale: float = 2000.0):
         self.backbone = backbone
         self.config = config or GuidanceConfig()
+        self.loss_scale = float(loss_scale)  # the optimiser step's; the CDS gradient is divided by it
         self.null = null_embedding if null_embedding is not None else backbone.encode_prompts([""])
         self._capture: SelfAttentionCapture | None = None
         self.penalty_coefficient = 5.0
@@ -126,7 +145,12 @@ class GroundedScoreGuidance:
         self, z: torch.Tensor, z_src: torch.Tensor, terms: Sequence[Term], t: torch.Tensor, eps: torch.Tensor,
         generator: torch.Generator,
     ) -> tuple[torch.Tensor, list[float]]:
-        """Gradient of the PatchNCE losses of `terms` on z, each masked to its term's region."""
+        """Gradient of the PatchNCE losses of `terms` on z, each masked to its term's region.
+
+        `t` (n,) and `eps` (n, C, h, w) give each term its own timestep and noise (or one shared,
+        expanded). Reference branch: source latent and source text; edited branch: z with the
+        target text. Returned in DDS-gradient units (see the module docstring).
+        """
         cfg = self.config.cds
         bb = self.backbone
         n = len(terms)
@@ -135,23 +159,24 @@ class GroundedScoreGuidance:
         src_emb = torch.cat([tm.src_emb for tm in terms])
         tgt_emb = torch.cat([tm.tgt_emb for tm in terms])
         with torch.no_grad(), self.capture.capture() as ref:
-            bb.unet(self._noisy(z_src, t, eps).expand(n, -1, -1, -1).to(bb.dtype), tt, encoder_hidden_states=src_emb)
+            bb.unet(self._noisy(z_src.expand(n, -1, -1, -1), tt, eps).to(bb.dtype), tt, encoder_hidden_states=src_emb)
         with torch.enable_grad():
             z_leaf = z.detach().requires_grad_(True)
             # z*M + (z*(1-M)).detach(): the same value, a gradient that stays inside the mask.
             masks = torch.stack([tm.mask for tm in terms])[:, None]
             z_masked = z_leaf * masks + (z_leaf * (1 - masks)).detach()
             with self.capture.capture() as cur:
-                bb.unet(self._noisy(z_masked, t, eps).to(bb.dtype), tt, encoder_hidden_states=tgt_emb)
+                bb.unet(self._noisy(z_masked, tt, eps).to(bb.dtype), tt, encoder_hidden_states=tgt_emb)
             losses = []
             for i, tm in enumerate(terms):
-                loss = sum(
-                    patch_nce(to_maps(q, h, w)[i], to_maps(k, h, w)[i], tm.box or WHOLE_IMAGE, cfg, generator)
-                    for q, k in zip(cur, ref)
-                ) / max(len(cur), 1)
+                per_layer = [patch_nce(to_maps(q, h, w)[i], to_maps(k, h, w)[i], tm.box or WHOLE_IMAGE, cfg, generator)
+                             for q, k in zip(cur, ref)]
+                loss = sum(per_layer) if cfg.reduction == "sum" else sum(per_layer) / max(len(per_layer), 1)
                 losses.append(loss)
             total = cfg.weight * torch.stack(losses).sum()
             (grad,) = torch.autograd.grad(total, z_leaf)
+        if not cfg.loss_scaled:
+            grad = grad / self.loss_scale
         return grad.float(), [float(v) for v in losses]
 
     # the two schedules ------------------------------------------------------------------------
@@ -175,26 +200,44 @@ class GroundedScoreGuidance:
 
     @torch.no_grad()
     def batched_gradient(
-        self, z: torch.Tensor, z_src: torch.Tensor, terms: Sequence[Term], t: int, eps: torch.Tensor,
-        generator: torch.Generator | None = None,
+        self, z: torch.Tensor, z_src: torch.Tensor, terms: Sequence[Term], t: int | Sequence[int],
+        eps: torch.Tensor | Sequence[torch.Tensor], generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, list[TermLog]]:
-        """All terms at one t and noise: 2n + 2 conditional and 2 shared null-text samples, one call."""
+        """All terms in one UNet call.
+
+        One `t` and `eps`: shared by every term, 2n + 2 conditional and 2 shared null-text samples.
+        A sequence of n of each: term k at (t[k], eps[k]), 4n samples (its own null-text pair each),
+        the same noise structure as the sequential schedule.
+        """
         n = len(terms)
-        tt = torch.tensor([t], device=z.device)
-        z_t_src, z_t_tgt = self._noisy(z_src, tt, eps), self._noisy(z, tt, eps)
-        lat = torch.cat([z_t_src, z_t_tgt] + [z_t_src] * n + [z_t_tgt] * n)
-        emb = torch.cat([self.null, self.null] + [tm.src_emb for tm in terms] + [tm.tgt_emb for tm in terms])
-        e = self.backbone.predict_eps(lat, tt.expand(lat.shape[0]), emb)
-        e0_src, e0_tgt = e[0:1], e[1:2]
+        per_term = not isinstance(t, int)
+        ts = [int(v) for v in t] if per_term else [int(t)] * n
+        if per_term and (len(ts) != n or len(eps) != n):
+            raise ValueError(f"per-term sampling needs {n} timesteps and noises, got {len(ts)} and {len(eps)}")
+        tt = torch.tensor(ts, device=z.device)
+        noise = torch.cat(list(eps)) if per_term else eps.expand(n, -1, -1, -1)
+        z_t_src, z_t_tgt = self._noisy(z_src.expand(n, -1, -1, -1), tt, noise), self._noisy(z.expand(n, -1, -1, -1), tt, noise)
+        cond = [tm.src_emb for tm in terms] + [tm.tgt_emb for tm in terms]
+        if per_term:  # [null src x n, null tgt x n, x src x n, y tgt x n]
+            lat = torch.cat([z_t_src, z_t_tgt, z_t_src, z_t_tgt])
+            emb = torch.cat([self.null.expand(2 * n, -1, -1)] + cond)
+            e = self.backbone.predict_eps(lat, tt.repeat(4), emb)
+            e0_src, e0_tgt, ec_src, ec_tgt = e[:n], e[n : 2 * n], e[2 * n : 3 * n], e[3 * n :]
+        else:  # [null src, null tgt, x src x n, y tgt x n]
+            lat = torch.cat([z_t_src[:1], z_t_tgt[:1], z_t_src, z_t_tgt])
+            emb = torch.cat([self.null, self.null] + cond)
+            e = self.backbone.predict_eps(lat, torch.cat([tt[:2], tt, tt]), emb)
+            e0_src, e0_tgt = e[0:1].expand(n, -1, -1, -1), e[1:2].expand(n, -1, -1, -1)
+            ec_src, ec_tgt = e[2 : 2 + n], e[2 + n :]
         total = torch.zeros_like(z, dtype=torch.float32)
         logs = []
         for i, tm in enumerate(terms):
-            grad, tlog = self._dds(tm, t, e0_src, e0_tgt, e[2 + i : 3 + i], e[2 + n + i : 3 + n + i])
+            grad, tlog = self._dds(tm, ts[i], e0_src[i : i + 1], e0_tgt[i : i + 1], ec_src[i : i + 1], ec_tgt[i : i + 1])
             total += grad
             logs.append(tlog)
         preserve = [i for i, tm in enumerate(terms) if tm.preserve_form]
         if preserve and generator is not None:
-            g, losses = self._cds(z, z_src, [terms[i] for i in preserve], tt, eps, generator)
+            g, losses = self._cds(z, z_src, [terms[i] for i in preserve], tt[preserve], noise[preserve], generator)
             total += g
             for i, loss in zip(preserve, losses):
                 logs[i].cds_loss = loss
