@@ -155,6 +155,22 @@ def test_assign_boxes_picks_best_box_per_phrase_span():
     assert grass == pytest.approx((0.65, 0.65, 0.75, 0.75))
 
 
+def test_assign_boxes_gives_a_repeated_phrase_the_next_best_distinct_box():
+    """Two dogs: the first 'a dog' takes the best box, the second the next-best one that is not a
+    near copy of it (query 1 overlaps query 0 almost entirely and is skipped)."""
+    boxes = torch.tensor([[0.25, 0.25, 0.3, 0.3], [0.26, 0.26, 0.3, 0.3], [0.75, 0.7, 0.3, 0.3]])  # cx, cy, w, h
+    logits = tokens_logits([{2: 0.9}, {2: 0.85}, {2: 0.6}])
+    spans = [(1, 3), (1, 3)]
+    first, second = assign_boxes(logits, boxes, spans, 0.3, 0.25, phrases=["a dog", "a dog"])
+    assert first == pytest.approx((0.1, 0.1, 0.4, 0.4))
+    assert second == pytest.approx((0.6, 0.55, 0.9, 0.85))
+    with pytest.raises(GroundingMiss, match="a dog"):  # a third dog has no box left
+        assign_boxes(logits, boxes, [(1, 3)] * 3, 0.3, 0.25, phrases=["a dog"] * 3)
+    # a different phrase on the same span may take the same box: only repeats are kept apart
+    a, b = assign_boxes(logits, boxes, spans, 0.3, 0.25, phrases=["a dog", "the dog"])
+    assert a == b == pytest.approx((0.1, 0.1, 0.4, 0.4))
+
+
 def test_assign_boxes_ignores_scores_on_separator_and_special_tokens():
     logits = tokens_logits([{0: 0.99, 3: 0.99, 6: 0.99}, {2: 0.5, 5: 0.5}, {}])
     dog, grass = assign_boxes(logits, BOXES, SPANS, 0.3, 0.25)
@@ -211,13 +227,14 @@ def test_ground_plan_fills_only_missing_boxes_with_one_query(image):
     plan = three_subtasks([None, (0.0, 0.5, 1.0, 1.0), None])
     grounder = RecordingGrounder({"a dog": (0.1, 0.1, 0.3, 0.3)})
     out = ground_plan(plan, image, grounder)
-    assert grounder.calls == [["a dog"]]
+    assert grounder.calls == [["a dog", "a dog"]]  # one query; the repeat asks for a second box
     assert [s.box for s in out.subtasks] == [(0.1, 0.1, 0.3, 0.3), (0.0, 0.5, 1.0, 1.0), (0.1, 0.1, 0.3, 0.3)]
     assert ground_plan(out, image, None) is out  # nothing to do: no detector needed
 
 
 def test_ground_plan_miss_raises_or_falls_back_with_warning(image, caplog):
-    miss = GroundingMiss("no box for 'the grass'", boxes=[(0.1, 0.1, 0.3, 0.3), None], missing=["the grass"])
+    miss = GroundingMiss("no box for 'the grass'", boxes=[(0.1, 0.1, 0.3, 0.3), None, (0.1, 0.1, 0.3, 0.3)],
+                         missing=["the grass"])
     with pytest.raises(GroundingError, match="the grass"):
         ground_plan(three_subtasks(), image, RecordingGrounder(miss))
     with caplog.at_level(logging.WARNING):

@@ -56,21 +56,18 @@ def ground_plan(
 ) -> EditPlan:
     """Return `plan` with a box for every subtask; boxes already given are kept as they are.
 
-    The detector is queried once with the distinct source phrases of the unboxed subtasks.
+    The detector is queried once with the source phrases of the unboxed subtasks, in order; a
+    phrase that occurs twice ("the dog" for each of two dogs) asks for two different boxes, and
+    the grounder gives its later occurrences the next-best box.
     """
     todo = [i for i, s in enumerate(plan.subtasks) if s.box is None]
     if not todo:
         return plan
-    phrases = list(dict.fromkeys(plan.subtasks[i].source for i in todo))
+    phrases = [plan.subtasks[i].source for i in todo]
     if grounder is None:
         raise GroundingError(
             f"no box for {', '.join(repr(p) for p in phrases)} and no detector configured: "
             "give --boxes '[[x0, y0, x1, y1], ...]' or a detector with --detector ID_OR_PATH."
-        )
-    if len(phrases) < len(todo):
-        log.warning(
-            "several subtasks share a source phrase; they get the same detected box. "
-            "Give --boxes to separate them."
         )
     try:
         found: list[Box | None] = list(grounder.ground(image, phrases))
@@ -84,8 +81,8 @@ def ground_plan(
         raise GroundingError(
             f"the detector returned {len(found)} boxes for {len(phrases)} phrases; this is a bug in the grounder."
         )
-    by_phrase = {p: (WHOLE_IMAGE if b is None else b) for p, b in zip(phrases, found)}
-    boxes = [s.box if s.box is not None else by_phrase[s.source] for s in plan.subtasks]
+    detected = iter(WHOLE_IMAGE if b is None else b for b in found)
+    boxes = [s.box if s.box is not None else next(detected) for s in plan.subtasks]
     return plan.with_boxes(boxes)
 
 

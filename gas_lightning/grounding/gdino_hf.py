@@ -24,10 +24,19 @@ log = logging.getLogger(__name__)
 DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"
 BOX_THRESHOLD = 0.3
 TEXT_THRESHOLD = 0.25
+DUPLICATE_IOU = 0.5  # a repeated phrase's next box must overlap its earlier boxes less than this
 Span = tuple[int, int]  # half-open [start, end) token (or character) positions
 
 
 # --- caption and token spans ---------------------------------------------------------------
+def caption_and_spans(tokenizer: Any, phrases: Sequence[str]) -> tuple[str, list[Span]]:
+    """One caption of the distinct phrases, and each phrase's token span (repeats share theirs)."""
+    distinct = list(dict.fromkeys(phrases))
+    caption, char_spans = build_caption(distinct)
+    spans = token_spans(tokenizer, caption, char_spans)
+    return caption, [spans[distinct.index(p)] for p in phrases]
+
+
 def build_caption(phrases: Sequence[str]) -> tuple[str, list[Span]]:
     """'A dog', 'the grass' -> ('a dog . the grass .', character spans of each phrase).
 
@@ -77,6 +86,13 @@ def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
     return xyxy.clamp(0.0, 1.0)
 
 
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[N, 4] x [M, 4] xyxy boxes -> [N, M] intersection over union (torchvision's definition)."""
+    from torchvision.ops import box_iou as tv_box_iou
+
+    return tv_box_iou(a, b)
+
+
 def phrase_scores(logits: torch.Tensor, spans: Sequence[Span]) -> torch.Tensor:
     """[num_queries, num_tokens] logits -> [num_queries, num_phrases] probabilities.
 
@@ -106,7 +122,10 @@ def assign_boxes(
     A box is a candidate for phrase p when its best score over all phrase tokens exceeds
     `box_threshold` (the reference box filter) and its score on p's tokens exceeds
     `text_threshold` (p is among the box's labels); the candidate with the highest score on
-    p wins. Raises GroundingMiss (with the boxes found) when a phrase has no candidate.
+    p wins. A phrase asked again ("the dog" for each of two dogs) gets the next-best candidate
+    that does not overlap (IoU < `DUPLICATE_IOU`) a box its earlier occurrences took, as the
+    reference does, rather than the same box twice. Raises GroundingMiss (with the boxes found)
+    when a phrase has no candidate.
     """
     if logits.ndim != 2 or boxes_cxcywh.shape != (logits.shape[0], 4):
         raise ValueError(f"expected logits [Q, T] and boxes [Q, 4], got {tuple(logits.shape)} and {tuple(boxes_cxcywh.shape)}")
@@ -117,11 +136,15 @@ def assign_boxes(
     box_ok = has_area & (scores.max(dim=1).values > box_threshold)
     found: list[Box | None] = []
     misses: list[str] = []
+    taken: dict[str, list[int]] = {}
     for p, name in enumerate(names):
         s = scores[:, p]
         cand = box_ok & (s > text_threshold)
+        for q in taken.get(name, []):  # a repeated phrase: not a box (or a near copy) it already has
+            cand &= box_iou(xyxy, xyxy[q : q + 1])[:, 0] < DUPLICATE_IOU
         if bool(cand.any()):
             best = int(torch.where(cand, s, torch.full_like(s, -1.0)).argmax())
+            taken.setdefault(name, []).append(best)
             found.append(tuple(float(v) for v in xyxy[best]))  # type: ignore[arg-type]
             log.info("grounded %r with score %.3f at %s", name, float(s[best]), [round(v, 3) for v in found[-1]])
         else:
@@ -218,8 +241,7 @@ class GroundingDinoGrounder:
 
     @torch.inference_mode()
     def ground(self, image: Image.Image, phrases: list[str]) -> list[Box]:
-        caption, char_spans = build_caption(phrases)
-        spans = token_spans(self.processor.tokenizer, caption, char_spans)
+        caption, spans = caption_and_spans(self.processor.tokenizer, phrases)
         inputs = self.processor(images=image.convert("RGB"), text=caption, return_tensors="pt").to(self.device)
         out = self.model(**inputs)
         return assign_boxes(

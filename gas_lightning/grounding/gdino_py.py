@@ -30,10 +30,9 @@ from gas_lightning.grounding.gdino_hf import (
     DEFAULT_DETECTOR,
     TEXT_THRESHOLD,
     assign_boxes,
-    build_caption,
+    caption_and_spans,
     check_thresholds,
     resolve_device,
-    token_spans,
 )
 from gas_lightning.plan import Box
 
@@ -278,8 +277,7 @@ class GroundingDinoPyGrounder:
 
     @torch.inference_mode()
     def ground(self, image: Image.Image, phrases: list[str]) -> list[Box]:
-        caption, char_spans = build_caption(phrases)
-        spans = token_spans(self.model.tokenizer, caption, char_spans)
+        caption, spans = caption_and_spans(self.model.tokenizer, phrases)
         pixels = preprocess(image).to(self.device)
         out = self.model(pixels[None], captions=[caption])
         return assign_boxes(

@@ -124,7 +124,9 @@ class WorldGrounder:
                 boxes.append(WHOLE_IMAGE)
                 continue
             match = [b for c, s, b in objects if (colour is None or c == colour) and (shape is None or s == shape)]
-            boxes.append(match[0] if match else None)  # largest match first
+            # largest match first; a phrase asked again gets the next match, not the same object twice
+            fresh = [b for b in match if b not in boxes]
+            boxes.append(fresh[0] if fresh else (match[0] if match else None))
             if not match:
                 missing.append(phrase)
         if missing:
