@@ -62,6 +62,7 @@ class Method:
     wide_guidance_scale: float | None = 7.5
     preserve_form: bool = False
     grounded: bool = False  # boxes from the request text and the WorldGrounder instead of the case
+    batched_noise: str = "shared"  # batched schedule: one t and noise for all terms, or one per term
 
     def plan(self, case: EditCase) -> EditPlan:
         if self.full_prompt_only:
@@ -91,7 +92,7 @@ class Method:
         if wide is not None and args.wide_guidance_scale is not None:
             wide = args.wide_guidance_scale
         scale = args.guidance_scale if self.guidance_scale is None else self.guidance_scale
-        return GuidanceConfig(guidance_scale=scale, full_prompt=self.full_prompt,
+        return GuidanceConfig(guidance_scale=scale, full_prompt=self.full_prompt, batched_noise=self.batched_noise,
                               overlap_weight=self.overlap_weight, wide_guidance_scale=wide)
 
 
@@ -102,6 +103,8 @@ METHODS = {
         Method("dds_7.5", full_prompt_only=True, keep=False, guidance_scale=7.5, wide_guidance_scale=None),
         Method("gas"),
         Method("gas_sequential", schedule="sequential"),
+        Method("gas_per_term", batched_noise="per_term"),
+        Method("gas_shared", batched_noise="shared"),
         Method("gas_reference", full_prompt=True, penalty=True, keep=False, guidance_scale=7.5, wide_guidance_scale=None),
         Method("gas_no_keep", keep=False),
         Method("gas_no_wide", wide_guidance_scale=None),
@@ -166,6 +169,8 @@ def fmt(v) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", type=int, default=50)
+    p.add_argument("--first_case", type=int, default=0,
+                   help="edit cases first_case..cases-1 only (to split one seed's cases over processes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list of {', '.join(METHODS)}")
     p.add_argument("--model", default=str(MODEL_DIR))
@@ -193,8 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     backbone = load_backbone(args.model, device="cuda" if args.accelerator == "gpu" else "cpu", attention="sdpa")
-    cases = held_out_cases(args.cases, seed=args.seed)
+    cases = held_out_cases(args.cases, seed=args.seed)[args.first_case :]
     results: dict[str, dict] = {}
+    per_case: dict[str, list[dict]] = {}
     fig_rows = [[c.source_image, c.target_image] for c in cases[: args.figure_cases]]
     for name in names:
         scores, times = [], []
@@ -202,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             image, seconds = edit_case(backbone, case, METHODS[name], args)
             scores.append(score(image, case))
             times.append(seconds)
+            per_case.setdefault(name, []).append({"case": args.first_case + k, "seconds": seconds, **scores[-1]})
             if k < args.figure_cases:
                 fig_rows[k].append(image)
         agg = aggregate(scores)
@@ -218,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"figure: {args.figure}", file=sys.stderr)
     payload = {
         "methods": results,
-        "cases": args.cases, "seed": args.seed,
+        "per_case": per_case,
+        "cases": args.cases, "first_case": args.first_case, "seed": args.seed,
+        "threads": torch.get_num_threads(),
         "settings": {"steps": args.steps, "lr": args.lr, "lr_schedule": args.lr_schedule, "lr_final": args.lr_final,
                      "loss_scale": args.loss_scale,
                      "guidance_scale": args.guidance_scale, "wide_guidance_scale": args.wide_guidance_scale,
