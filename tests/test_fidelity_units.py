@@ -279,7 +279,7 @@ def test_union_mask_is_binary_over_the_subtask_regions():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("t, beta", [(50, 0.5), (199, 0.5), (200, 0.4), (450, 0.3), (799, 0.2), (800, 0.1), (949, 0.1)])
+@pytest.mark.parametrize("t, beta", [(0, 0.5), (50, 0.5), (199, 0.5), (200, 0.4), (450, 0.3), (799, 0.2), (800, 0.1), (949, 0.1)])
 def test_beta_buckets_by_hand(t, beta):
     from gas_lightning.guidance import GuidanceConfig
 
@@ -311,3 +311,35 @@ def test_term_gradients_match_the_formula_with_the_raw_unet(backbone, tiny_sd, t
                                    _embed(bb, plan.target_prompt), null, m_small, beta=beta)
     assert want_full.abs().max() > 0
     torch.testing.assert_close(got_full, want_full, rtol=1e-4, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. bfloat16 on the CPU, end to end through the command line
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", [[], ["--trainer.precision", "bf16-true"]], ids=["dtype-only", "bf16-true"])
+def test_bfloat16_edit_on_cpu_end_to_end(tiny_sd, image_file, tmp_path, precision):
+    from pathlib import Path
+
+    from PIL import Image as PILImage
+
+    from gas_lightning.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    out, probe = tmp_path / "out", tmp_path / "probe"
+    argv = ["--config", str(repo / "configs" / "tiny.yaml"), "--model", tiny_sd, "--image", image_file,
+            "--request", "change the red block into a yellow block. change the grass into snow.",
+            "--boxes", "[[0.05, 0.05, 0.45, 0.5], [0, 0, 1, 1]]", "--output_dir", str(out),
+            "--dtype", "bfloat16", "--trainer.max_steps", "2", *precision,
+            "--trainer.callbacks+=ddp_probe.SaveLatentAndSource", f"--trainer.callbacks.dirpath={probe}"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+    assert (out / "edited.png").is_file()
+    assert PILImage.open(out / "edited.png").size == (40, 32)
+    saved = torch.load(probe / "rank0.pt")
+    latent, z_src = saved["latent"].float(), saved["z_src"].float()
+    assert saved["step"] == 2
+    assert torch.isfinite(latent).all() and torch.isfinite(z_src).all()
+    assert (latent - z_src).abs().max() > 1e-3  # the edit moved the latent

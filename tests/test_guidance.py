@@ -1,9 +1,11 @@
-"""The guidance terms: batched == sum of per-term, penalty formula, beta(t), v-prediction, CDS masking."""
+"""The guidance terms: batched == sum of per-term, masking, penalty scaling, wide guidance scale.
+
+The formulas themselves (penalty gamma, beta(t), v-prediction, the DDS term) are checked against
+independently computed values in tests/test_fidelity_units.py."""
 
 import pytest
 import torch
 
-from gas_lightning.backbone import alpha_sigma, load_backbone
 from gas_lightning.guidance import GroundedScoreGuidance, GuidanceConfig
 from gas_lightning.masks import EditMasks
 from gas_lightning.pipeline import build_terms
@@ -53,20 +55,13 @@ def test_each_term_gradient_stays_inside_its_box(backbone):
         assert g[..., term.mask > 0].abs().max() > 0, term.name
 
 
-def test_penalty_factor_formula(backbone):
+def test_penalty_saturates_at_one(backbone):
+    """gamma is clamped to [0, 1]; its value against the formula is in tests/test_fidelity_units.py."""
     guidance, z, z_src, terms = _setup(backbone, penalty=(True, True, True))
-    t, eps = 400, torch.randn_like(z)
-    term = terms[0]
-    tt = torch.tensor([t])
-    a, s = alpha_sigma(backbone.alphas_cumprod, tt, 4)
-    z_t = a * z + s * eps
-    e0 = backbone.predict_eps(z_t, tt, guidance.null)
-    ey = backbone.predict_eps(z_t, tt, term.tgt_emb)
-    expected = (5.0 * ((e0 - ey).abs() * term.mask).mean()).clamp(0, 1)
-    _, tlog = guidance.term_gradient(z, z_src, term, t, eps)
-    assert tlog.gamma == pytest.approx(float(expected), rel=1e-5)
-    guidance.penalty_coefficient = 1e9  # saturates at 1
-    assert guidance.term_gradient(z, z_src, term, t, eps)[1].gamma == 1.0
+    eps = torch.randn_like(z)
+    assert 0 < guidance.term_gradient(z, z_src, terms[0], 400, eps)[1].gamma < 1
+    guidance.penalty_coefficient = 1e9
+    assert guidance.term_gradient(z, z_src, terms[0], 400, eps)[1].gamma == 1.0
 
 
 def test_penalty_scales_the_gradient(backbone):
@@ -77,22 +72,6 @@ def test_penalty_scales_the_gradient(backbone):
     g_off, log_off = guidance.term_gradient(z, z_src, off, 300, eps)
     assert log_off.gamma == 1.0 and 0 < log_on.gamma < 1
     torch.testing.assert_close(g_on, log_on.gamma * g_off, rtol=1e-4, atol=1e-7)
-
-
-def test_full_prompt_weight_beta():
-    cfg = GuidanceConfig()
-    assert [cfg.beta(t) for t in (0, 199, 200, 450, 799, 800, 999)] == [0.5, 0.5, 0.4, 0.3, 0.2, 0.1, 0.1]
-
-
-def test_v_prediction_is_converted_to_epsilon(tiny_sd_v):
-    bb = load_backbone(tiny_sd_v)
-    assert bb.prediction_type == "v_prediction"
-    z_t = torch.randn(1, 4, 16, 16)
-    t = torch.tensor([700])
-    emb = bb.encode_prompts(["a dog"])
-    v = bb.unet(z_t, t, encoder_hidden_states=emb).sample
-    a, s = alpha_sigma(bb.alphas_cumprod, t, 4)
-    torch.testing.assert_close(bb.predict_eps(z_t, t, emb), a * v + s * z_t)
 
 
 def test_wide_guidance_scale_applies_to_wide_boxes_only(backbone):
