@@ -194,7 +194,7 @@ def _public_url(url: str) -> str:
 
 def check_base_url(url: str | None) -> None:
     """Refuse a base URL that carries credentials, before config.yaml or a log can record it."""
-    if url is None:
+    if url is None or not url.strip():  # unset: OPENAI_BASE_URL or the default applies
         return
     try:
         parts = urllib.parse.urlsplit(url.strip())
