@@ -226,7 +226,7 @@ class GroundedScoreGuidance:
         else:  # [null src, null tgt, x src x n, y tgt x n]
             lat = torch.cat([z_t_src[:1], z_t_tgt[:1], z_t_src, z_t_tgt])
             emb = torch.cat([self.null, self.null] + cond)
-            e = self.backbone.predict_eps(lat, torch.cat([tt[:2], tt, tt]), emb)
+            e = self.backbone.predict_eps(lat, torch.cat([tt[:1].expand(2), tt, tt]), emb)
             e0_src, e0_tgt = e[0:1].expand(n, -1, -1, -1), e[1:2].expand(n, -1, -1, -1)
             ec_src, ec_tgt = e[2 : 2 + n], e[2 + n :]
         total = torch.zeros_like(z, dtype=torch.float32)

@@ -1,0 +1,72 @@
+"""The batched schedule's two samplings against the per-term gradients computed one by one.
+
+`term_gradient` is the sequential schedule's unit (checked against the reference iteration in
+test_reference_fidelity.py); here the one-call batched gradient must equal the sum of those units
+for every term count, shared (one t, one noise) and per-term (each term its own t and noise).
+"""
+
+import pytest
+import torch
+
+from gas_lightning.guidance import GroundedScoreGuidance, GuidanceConfig
+from gas_lightning.masks import EditMasks
+from gas_lightning.pipeline import build_terms
+from gas_lightning.plan import EditPlan
+
+PLAN = EditPlan.from_lists(
+    ["a dog", "grass", "a red ball"], ["a cat", "snow", "a blue ball"],
+    boxes=[[0.1, 0.1, 0.6, 0.6], [0.0, 0.0, 1.0, 1.0], [0.5, 0.5, 0.75, 0.9]], preserve_form=[0, 0, 1],
+)
+
+
+def _terms(backbone, n):
+    plan = PLAN.replace_subtasks(PLAN.subtasks[:n])
+    cfg = GuidanceConfig(full_prompt=False)
+    return GroundedScoreGuidance(backbone, cfg), build_terms(backbone, plan, EditMasks.from_plan(plan, 16, 16), cfg)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_shared_batched_gradient_is_the_sum_of_term_gradients(backbone, n):
+    guidance, terms = _terms(backbone, n)
+    gen = torch.Generator().manual_seed(0)
+    z_src = torch.randn(1, 4, 16, 16, generator=gen)
+    z, eps = z_src + 0.3 * torch.randn(z_src.shape, generator=gen), torch.randn(z_src.shape, generator=gen)
+    batched, logs = guidance.batched_gradient(z, z_src, terms, 400, eps, torch.Generator().manual_seed(3))
+    cds_gen = torch.Generator().manual_seed(3)
+    parts = [guidance.term_gradient(z, z_src, tm, 400, eps, cds_gen) for tm in terms]
+    assert len(logs) == n and all(lg.t == 400 for lg in logs)
+    torch.testing.assert_close(batched, sum(g for g, _ in parts), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_per_term_batched_gradient_gives_each_term_its_own_t_and_noise(backbone, n):
+    guidance, terms = _terms(backbone, n)  # n = 3 includes the preserve-form (CDS) subtask
+    gen = torch.Generator().manual_seed(1)
+    z_src = torch.randn(1, 4, 16, 16, generator=gen)
+    z = z_src + 0.3 * torch.randn(z_src.shape, generator=gen)
+    ts = [120, 640, 930][:n]
+    noises = [torch.randn(z_src.shape, generator=gen) for _ in ts]
+    calls = []
+    real = backbone.unet.forward
+    backbone.unet.forward = lambda *a, **k: (calls.append(a[0].shape[0]), real(*a, **k))[1]
+    try:
+        batched, logs = guidance.batched_gradient(z, z_src, terms, ts, noises, torch.Generator().manual_seed(3))
+    finally:
+        backbone.unet.forward = real
+    preserve = sum(tm.preserve_form for tm in terms)
+    # one DDS call of 4 samples per term (each its own null-text pair); CDS adds a reference and an edited call
+    assert calls == [4 * n] + [preserve] * 2 * (preserve > 0)
+    assert [lg.t for lg in logs] == ts
+    cds_gen = torch.Generator().manual_seed(3)
+    expected = sum(guidance.term_gradient(z, z_src, tm, t, e, cds_gen)[0] for tm, t, e in zip(terms, ts, noises))
+    torch.testing.assert_close(batched, expected, rtol=1e-4, atol=1e-6)
+    if n > 1:  # and it is not the shared sampling: one t and noise for all terms gives another gradient
+        shared, _ = guidance.batched_gradient(z, z_src, terms, ts[0], noises[0], torch.Generator().manual_seed(3))
+        assert not torch.allclose(shared, batched, rtol=1e-3, atol=1e-5)
+
+
+def test_per_term_sampling_checks_its_lengths(backbone):
+    guidance, terms = _terms(backbone, 2)
+    z = torch.zeros(1, 4, 16, 16)
+    with pytest.raises(ValueError, match="2 timesteps and noises"):
+        guidance.batched_gradient(z, z, terms, [100], [z])
