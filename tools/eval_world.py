@@ -186,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu",
                    help="gpu: for wide validation sweeps; the README's numbers are CPU runs (float results differ slightly)")
     p.add_argument("--json", type=Path, default=None, help="write the results object here ('-' for stdout)")
+    p.add_argument("--progress", type=Path, default=None,
+                   help="append each case's scores to this JSON-lines file as soon as it is done")
     p.add_argument("--figure", type=Path, default=Path("outputs/world_eval.png"))
     p.add_argument("--figure_cases", type=int, default=6)
     args = p.parse_args(argv)
@@ -209,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
             scores.append(score(image, case))
             times.append(seconds)
             per_case.setdefault(name, []).append({"case": args.first_case + k, "seconds": seconds, **scores[-1]})
+            if args.progress is not None:  # one JSON line per case: a run stopped part-way keeps what it did
+                with args.progress.open("a") as f:
+                    f.write(json.dumps({"method": name, "seed": args.seed, **per_case[name][-1]}) + "\n")
             if k < args.figure_cases:
                 fig_rows[k].append(image)
         agg = aggregate(scores)

@@ -29,6 +29,11 @@ def load(paths: list[Path]) -> dict[str, dict[int, dict[int, dict]]]:
     """method -> seed -> case index -> per-case record."""
     out: dict[str, dict[int, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
     for path in paths:
+        if path.suffix == ".jsonl":  # eval_world --progress: one case a line, kept even if the run stopped
+            for line in path.read_text().splitlines():
+                r = json.loads(line)
+                out[r["method"]][int(r["seed"])][int(r["case"])] = r
+            continue
         data = json.loads(path.read_text())
         if "per_case" not in data:
             raise SystemExit(f"{path}: no per_case records (written by an older eval_world); re-run it")
