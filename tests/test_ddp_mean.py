@@ -22,6 +22,16 @@ BOXES = "[[0.05, 0.05, 0.45, 0.5], [0, 0, 1, 1]]"
 LR, LOSS_SCALE, SEED = 0.1, 2000.0, 0
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread; two OpenMP threads on a busy 2-core machine spin-wait
+    (about 2 s instead of 10 ms per tiny UNet call)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _run_ddp(tiny_sd: str, image: str, out: Path, schedule: str) -> list[dict]:
     probe = out / "probe"
     env = {**os.environ, "OMP_NUM_THREADS": "1",

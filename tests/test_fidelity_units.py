@@ -15,6 +15,16 @@ from PIL import Image
 from gas_lightning.masks import EditMasks, subtask_masks, union_mask
 from gas_lightning.plan import EditPlan
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread; two OpenMP threads on a busy 2-core machine spin-wait
+    (about 2 s instead of 10 ms per tiny UNet call)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 W = 7.5  # classifier-free guidance scale (DESIGN.md)
 C = 5.0  # null-text penalty coefficient
 LR, LOSS_SCALE = 0.1, 2000.0
