@@ -15,21 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_fidelity_units import _one_thread  # noqa: F401  (autouse: one torch thread in this process)
 
 REPO = Path(__file__).resolve().parents[1]
 REQUEST = "change the red block into a yellow block. change the grass into snow."
 BOXES = "[[0.05, 0.05, 0.45, 0.5], [0, 0, 1, 1]]"
 LR, LOSS_SCALE, SEED = 0.1, 2000.0, 0
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; two OpenMP threads on a busy 2-core machine spin-wait
-    (about 2 s instead of 10 ms per tiny UNet call)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _run_ddp(tiny_sd: str, image: str, out: Path, schedule: str) -> list[dict]:
