@@ -62,7 +62,9 @@ class Method:
     wide_guidance_scale: float | None = 7.5
     preserve_form: bool = False
     grounded: bool = False  # boxes from the request text and the WorldGrounder instead of the case
-    batched_noise: str = "shared"  # batched schedule: one t and noise for all terms, or one per term
+    # batched schedule: each term its own t and noise in the one UNet call (chosen on validation seed 2:
+    # 0.90 all-attributes against 0.75 for one shared t and noise), or "shared"
+    batched_noise: str = "per_term"
 
     def plan(self, case: EditCase) -> EditPlan:
         if self.full_prompt_only:
