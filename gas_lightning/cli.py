@@ -96,8 +96,15 @@ def run(argv: list[str] | None = None) -> int:
     from gas_lightning.resolve import GroundingSpec, PlanSpec, ground, make_plan, resolve_bundled
 
     parser = build_parser()
-    cfg = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # jsonargparse prints --print_config inside parse_args, before any check could run: parse without
+    # it, check, then print, so a password in --llm_base_url never reaches the terminal either.
+    printing = [a for a in argv if a == "--print_config" or a.startswith("--print_config=")]
+    cfg = parser.parse_args([a for a in argv if a not in printing])
     check_base_url(cfg.llm_base_url)  # a password in it must not reach config.yaml or a log
+    if printing:
+        print(parser.dump(cfg, skip_validation=True), end="")
+        return 0
     _DEBUG.set(bool(cfg.debug))
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"

@@ -71,3 +71,14 @@ def test_a_plain_base_url_is_still_accepted_by_the_rules_planner(image_file, tmp
     assert run_cli(["--image", image_file, "--request", REQUEST, "--boxes", BOXES, "--llm_base_url",
                     "https://llm.example.com/v1", "--output_dir", str(out), "--plan_only", "true"]) == 0
     assert "https://llm.example.com/v1" in (out / "config.yaml").read_text()
+
+
+def test_print_config_does_not_print_a_password(tmp_path, capsys):
+    """jsonargparse prints --print_config while parsing; gas-edit checks the URL first."""
+    code = run_cli(["--image", "x.png", "--llm_base_url", WITH_PASSWORD, "--print_config",
+                    "--output_dir", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert code == 2 and "OPENAI_API_KEY" in err
+    assert PASSWORD not in out + err
+    assert run_cli(["--image", "x.png", "--llm_base_url", "http://localhost:8000/v1", "--print_config"]) == 0
+    assert "llm_base_url: http://localhost:8000/v1" in capsys.readouterr().out
