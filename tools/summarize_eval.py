@@ -56,6 +56,21 @@ def _finite_mean(values) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
+def _shape_by_change(records: list[dict]) -> dict[str, list[int]]:
+    """Shape changes grouped as 'before -> after': [right, asked]. The scorer's `got` reads
+    'iou X with AFTER, Y with BEFORE'."""
+    out: dict[str, list[int]] = {}
+    for r in records:
+        for a in r["attributes"]:
+            if a["kind"] != "shape":
+                continue
+            before = str(a["got"]).rsplit(" ", 1)[-1]
+            slot = out.setdefault(f"{before} -> {a['requested']}", [0, 0])
+            slot[0] += int(bool(a["ok"]))
+            slot[1] += 1
+    return dict(sorted(out.items()))
+
+
 def summarize(data, n_boot: int = 4000) -> dict:
     rng = np.random.default_rng(0)
     result: dict = {"methods": {}, "paired": {}}
@@ -79,7 +94,10 @@ def summarize(data, n_boot: int = 4000) -> dict:
             "bg_psnr_in_boxes": _finite_mean([r["bg_psnr_in_boxes"] for r in recs]),
             "psnr_outside": _finite_mean([r["psnr_outside"] for r in recs]),
             "preserved": _finite_mean([r["preserved"] for r in recs]),
+            # every requested attribute right and every untouched object kept: the edit a user wanted
+            "complete": _finite_mean([float(r["all_attributes"] == 1 and r["preserved"] == 1) for r in recs]),
             "seconds_per_edit": _finite_mean([r.get("seconds") for r in recs]),
+            "shape_by_change": _shape_by_change(recs),
         }
     for a, b in combinations(sorted(data), 2):
         shared = [(s, c) for s in data[a] for c in data[a][s] if c in data[b].get(s, {})]
@@ -102,14 +120,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     summary = summarize(load(args.files))
     print("| method | cases | all attributes per seed | mean | seed sd | 95% interval | colour | shape "
-          "| bg PSNR in boxes | PSNR outside | preserved | s / edit |")
-    print("|---" * 12 + "|")
+          "| bg PSNR in boxes | PSNR outside | preserved | complete | s / edit |")
+    print("|---" * 13 + "|")
     for m, r in summary["methods"].items():
         seeds = ", ".join(f"{s}: {v:.2f}" for s, v in r["all_attributes_per_seed"].items())
         print(f"| {m} | {sum(r['cases_per_seed'].values())} | {seeds} | {r['all_attributes_mean']:.3f} "
               f"| {r['all_attributes_seed_sd']:.3f} | {r['all_attributes_ci95'][0]:.2f}-{r['all_attributes_ci95'][1]:.2f} "
               f"| {r['colour']:.3f} | {r['shape']:.3f} | {r['bg_psnr_in_boxes']:.1f} | {r['psnr_outside']:.1f} "
-              f"| {r['preserved']:.3f} | {r['seconds_per_edit']:.1f} |")
+              f"| {r['preserved']:.3f} | {r['complete']:.3f} | {r['seconds_per_edit']:.1f} |")
+    for m, r in summary["methods"].items():
+        print(f"{m} shape changes (right/asked): "
+              + ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in r["shape_by_change"].items()))
     for pair, r in summary["paired"].items():
         print(f"paired {pair}: {r['difference']:+.3f} over {r['cases']} cases "
               f"(95% {r['ci95'][0]:+.3f}..{r['ci95'][1]:+.3f}; only first right {r['only_first_right']}, "
