@@ -89,7 +89,7 @@ def run(argv: list[str] | None = None) -> int:
 
     from gas_lightning.backbone import load_backbone
     from gas_lightning.callbacks import EditOutputs, FinalCheckpoint, NanGuard
-    from gas_lightning.io import with_atomic_io
+    from gas_lightning.io import atomic_write, with_atomic_io
     from gas_lightning.pipeline import build_edit, load_image
     from gas_lightning.plan import EditPlan
     from gas_lightning.planners.llm import check_base_url
@@ -130,13 +130,16 @@ def run(argv: list[str] | None = None) -> int:
         plan = EditPlan.load(out / "plan.json")  # rank 0 resolved (and maybe asked an LLM) already
     else:
         plan = ground(make_plan(plan_spec, image), image, ground_spec)
+    if resume is not None and not child:
+        _check_resume(resume, plan)  # before plan.json/config.yaml are rewritten: a refused resume loses nothing
     _make_writable_dir(out)
     if not child and cfg.overwrite and resume is None:
         for old in ckpt_dir.glob("*.ckpt"):  # else Lightning would version names and "last" would be stale
             old.unlink()
     if not child:
         plan.save(out / "plan.json")
-        parser.save(cfg, out / "config.yaml", overwrite=True, multifile=False, skip_validation=True)
+        with atomic_write(out / "config.yaml", "w") as f:
+            f.write(parser.dump(cfg, skip_validation=True))
     if cfg.plan_only:
         from gas_lightning.grounding.base import draw_grounding
 
@@ -198,6 +201,28 @@ def _make_writable_dir(out: Path) -> None:
     except OSError as e:
         raise GasError(f"--output_dir {str(out)!r} is not writable ({e.strerror or e}); "
                        "choose a folder you can write to, or fix its permissions") from None
+
+
+def _check_resume(path: str, plan) -> None:
+    """Read the checkpoint as data and refuse one that is unreadable, not gas-edit's, or made for
+    another plan, with one message each; Lightning would only fail after the outputs were rewritten."""
+    from gas_lightning.io import AtomicCheckpointIO
+
+    try:
+        ckpt = AtomicCheckpointIO().load_checkpoint(path)
+    except GasError:
+        raise
+    except Exception as e:  # truncated, empty or not a torch file at all
+        raise GasError(f"--resume {path}: the file cannot be read as a checkpoint ({type(e).__name__}: "
+                       f"{' '.join(str(e).split())[:160]}); it may be truncated. Resume from another file in "
+                       "OUTPUT_DIR/checkpoints/ or start a new run without --resume") from None
+    meta = ckpt.get("gas_lightning") if isinstance(ckpt, dict) else None
+    if not isinstance(meta, dict) or "plan" not in meta or "state_dict" not in ckpt:
+        raise GasError(f"--resume {path}: not a checkpoint written by gas-edit (no edit plan or latent in it); "
+                       "resume from OUTPUT_DIR/checkpoints/last.ckpt of an earlier edit")
+    if meta["plan"] != plan.to_dict():
+        raise GasError("the checkpoint was made for a different edit plan; resume with the same --plan/--request/boxes "
+                       "(its plan.json is next to the checkpoints) or start a new run without --resume")
 
 
 def _check_lr_scheduler(factory, max_steps: int) -> None:

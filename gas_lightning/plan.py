@@ -226,7 +226,10 @@ class EditPlan:
         return cls(source_prompt=src, target_prompt=tgt, subtasks=tuple(subtasks))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        from gas_lightning.io import atomic_write  # a kill mid-write leaves the old plan.json whole
+
+        with atomic_write(path, "w") as f:
+            f.write(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "EditPlan":

@@ -357,6 +357,27 @@ def test_resume_without_checkpoint(capsys, tmp_path, image_file, tiny_pixel):
     assert code == 2 and "no checkpoint at" in err
 
 
+@pytest.mark.parametrize("damage", ["truncated", "foreign", "other_plan"])
+def test_resume_of_a_bad_checkpoint_is_refused_before_anything_is_rewritten(capsys, tmp_path, image_file, tiny_pixel,
+                                                                          damage):
+    """A truncated file, a torch file that is not gas-edit's, a checkpoint of another plan: one message,
+    exit 2, and the folder's plan.json and config.yaml are the earlier edit's, byte for byte."""
+    assert edit(capsys, tmp_path, tiny_pixel, image_file)[0] == 0
+    out = tmp_path / "out"
+    last = out / "checkpoints" / "last.ckpt"
+    if damage == "truncated":
+        last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    elif damage == "foreign":
+        torch.save({"weights": torch.zeros(3)}, last)
+    before = {name: (out / name).read_bytes() for name in ("plan.json", "config.yaml")}
+    extra = ["--boxes", "[[0.5, 0.5, 0.9, 0.9]]"] if damage == "other_plan" else []
+    code, err = edit(capsys, tmp_path, tiny_pixel, image_file, "--resume", "last", *extra)
+    expected = {"truncated": "cannot be read as a checkpoint", "foreign": "not a checkpoint written by gas-edit",
+                "other_plan": "different edit plan"}[damage]
+    assert code == 2 and expected in err, err
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
 # --- failures while running --------------------------------------------------------------------
 def test_nan_weights_stop_at_the_first_step(capsys, tmp_path, image_file, model_copy):
     from safetensors.torch import load_file, save_file
