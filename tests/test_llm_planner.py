@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from gas_lightning.errors import PlannerError
-from gas_lightning.planners.llm import LLMPlanner, ReplyError, extract_json, parse_reply
+from gas_lightning.planners.llm import LLMPlanner
+from gas_lightning.planners.llm_reply import ReplyError, extract_json, parse_reply
 
 KEY = "sk-test-S3CRET-key-0123456789"
 GOOD = {

@@ -1,8 +1,7 @@
 """An LLM planner over any OpenAI-compatible /chat/completions endpoint (hosted, vLLM, Ollama).
 
-The reply is untrusted data: its size and nesting are bounded before it is parsed, the JSON
-object is cut out of whatever prose surrounds it, parsed with json.loads and checked field by
-field; nothing in it is ever evaluated. The API key is read from OPENAI_API_KEY at request time,
+The reply is untrusted data, read by `llm_reply` (bounded in size and nesting, parsed with
+json.loads, checked field by field, never evaluated); this module is the transport. The API key is read from OPENAI_API_KEY at request time,
 sent only to the origin the user named (redirects are refused, not followed) and never stored,
 logged or put in an error message. Transport is httpx, so timeouts and streaming are its own.
 """
@@ -15,7 +14,6 @@ import io
 import json
 import logging
 import os
-import re
 import time
 import urllib.parse
 import zlib
@@ -24,32 +22,18 @@ from typing import Any, Callable
 import httpx
 from PIL import Image
 
-from gas_lightning.errors import PlanError, PlannerError
-from gas_lightning.plan import MAX_SUBTASKS, EditPlan
-from gas_lightning.planners.llm_prompt import OPTIONAL_KEYS, REPLY_KEYS, SYSTEM_PROMPT, correction_text, user_text
+from gas_lightning.errors import PlannerError
+from gas_lightning.plan import EditPlan
+from gas_lightning.planners.llm_prompt import SYSTEM_PROMPT, correction_text, user_text
+from gas_lightning.planners.llm_reply import BadCompletion, ReplyError, check_depth, parse_reply
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
-MAX_PHRASE = 200
-MAX_SENTENCE = 300
 MAX_REQUEST = 4000
 MAX_REPLY_BYTES = 1 << 20  # a plan is a few kB; more is a wrong endpoint or a hostile one
-MAX_REPLY_CHARS = 100_000  # prose to search for JSON; the search costs up to depth x length
-MAX_DEPTH = 32  # a plan nests 2 deep; json.loads recurses once per level
 MAX_WAIT = 60.0  # longest pause between attempts (backoff or Retry-After); longer asks fail at once
 CONNECT_TIMEOUT = 10.0
-_FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.S)
-_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"?|[\[\]{}]', re.S)  # a JSON string (maybe unterminated) or a bracket
-_OBJECT = re.compile(r'\{\s*["}]')  # where a JSON object can start
-
-
-class ReplyError(ValueError):
-    """The model's reply is unusable; the message says why (and is sent back to it)."""
-
-
-class _BadCompletion(ReplyError):
-    """The server's answer holds no assistant text (not the model's fault to correct)."""
 
 
 class _Transient(Exception):
@@ -58,117 +42,6 @@ class _Transient(Exception):
     def __init__(self, message: str, retry_after: float | None = None):
         super().__init__(message)
         self.retry_after = retry_after
-
-
-# --- reply parsing -----------------------------------------------------------------------------
-def _check_depth(text: str, start: int = 0) -> None:
-    """Refuse JSON nested deeper than MAX_DEPTH before json parses it (it recurses per level, so
-    "[" * 100000 would end in RecursionError). Tokenizes strings as the parser does and stops
-    where the value that starts at `start` closes."""
-    depth = 0
-    for m in _TOKEN.finditer(text, start):
-        bracket = m.group()
-        if bracket in "[{":
-            depth += 1
-            if depth > MAX_DEPTH:
-                raise ReplyError(f"the JSON is nested deeper than {MAX_DEPTH} levels; a plan needs 2")
-        elif bracket in "]}":
-            depth -= 1
-            if depth <= 0:
-                return
-
-
-def extract_json(text: str) -> dict[str, Any]:
-    """Return the JSON object in `text`: bare, inside ``` fences, or embedded in prose."""
-    if not isinstance(text, str) or not text.strip():
-        raise ReplyError("the reply was empty")
-    candidates = [text.strip()] + [m.group(1).strip() for m in _FENCE.finditer(text)]
-    for c in candidates:
-        _check_depth(c)
-        try:
-            value = json.loads(c)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(value, dict):
-            return value
-    if len(text) > MAX_REPLY_CHARS:
-        raise ReplyError(f"the reply is {len(text)} characters long; give only the JSON object (a few thousand)")
-    decoder, found, resume = json.JSONDecoder(), [], 0
-    for start in (m.start() for m in _OBJECT.finditer(text)):
-        if start < resume:  # inside an object already read: its inner objects were searched below
-            continue
-        _check_depth(text, start)
-        try:
-            value, resume = decoder.raw_decode(text, start)
-        except json.JSONDecodeError:
-            continue
-        plan = _find_plan(value)
-        if plan is not None:
-            return plan
-        found.append(value)
-    if found:
-        return found[0]
-    raise ReplyError("the reply contains no JSON object")
-
-
-def _find_plan(value: Any) -> dict[str, Any] | None:
-    """The first object (in text order) holding "source_phrases", e.g. a plan wrapped as {"plan": {...}}."""
-    if isinstance(value, dict):
-        if "source_phrases" in value:
-            return value
-        value = list(value.values())
-    if isinstance(value, list):
-        for item in value:
-            if (plan := _find_plan(item)) is not None:
-                return plan
-    return None
-
-
-def _strings(data: dict[str, Any], key: str, limit: int, least: int = 1) -> list[str]:
-    values = data[key]
-    if not isinstance(values, list) or not least <= len(values) <= MAX_SUBTASKS:
-        raise ReplyError(f"'{key}' must be a list of {least} to {MAX_SUBTASKS} strings")
-    return [_string(v, f"'{key}' entry {i}", limit) for i, v in enumerate(values)]
-
-
-def _string(value: Any, what: str, limit: int) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ReplyError(f"{what} must be a non-empty string, got {json.dumps(value)[:60]}")
-    if len(value) > limit:
-        raise ReplyError(f"{what} is {len(value)} characters long; keep it under {limit}")
-    return " ".join(value.split())
-
-
-def parse_reply(text: str) -> EditPlan:
-    """Validate the model's JSON strictly and build the plan (no boxes yet)."""
-    data = extract_json(text)
-    missing = [k for k in REPLY_KEYS if k not in data]
-    extra = sorted(set(data) - set(REPLY_KEYS) - set(OPTIONAL_KEYS))
-    if missing or extra:
-        parts = ([f"missing keys {missing}"] if missing else []) + ([f"unexpected keys {extra}"] if extra else [])
-        raise ReplyError(f"{' and '.join(parts)}; the keys must be {list(REPLY_KEYS)}, optionally {list(OPTIONAL_KEYS)}")
-    keep = _strings(data, "keep_phrases", MAX_PHRASE, least=0) if "keep_phrases" in data else []
-    sources = _strings(data, "source_phrases", MAX_PHRASE)
-    targets = _strings(data, "target_phrases", MAX_PHRASE)
-    flags = data["preserve_form"]
-    if not isinstance(flags, list) or not all(isinstance(f, bool) or (type(f) is int and f in (0, 1)) for f in flags):
-        raise ReplyError("'preserve_form' must be a list of 0/1 values")
-    if not len(sources) == len(targets) == len(flags):
-        raise ReplyError(
-            f"the lists differ in length ({len(sources)} source_phrases, {len(targets)} target_phrases, "
-            f"{len(flags)} preserve_form); give one entry per subtask in each"
-        )
-    try:
-        plan = EditPlan.from_lists(
-            sources,
-            targets,
-            source_prompt=_string(data["source_prompt"], "'source_prompt'", MAX_SENTENCE),
-            target_prompt=_string(data["target_prompt"], "'target_prompt'", MAX_SENTENCE),
-            preserve_form=[bool(f) for f in flags],
-        )
-        return plan.with_keep(keep) if keep else plan
-    except PlanError as e:
-        raise ReplyError(str(e)) from None
 
 
 # --- transport ----------------------------------------------------------------------------------
@@ -308,7 +181,7 @@ class LLMPlanner:
                             f"({problem}); try again later or use another endpoint or key."
                         ) from None
                     wait = max(wait, e.retry_after or 0.0)
-                except _BadCompletion as e:  # nothing the model said to correct: just ask again
+                except BadCompletion as e:  # nothing the model said to correct: just ask again
                     problem = str(e)
                 except ReplyError as e:
                     problem = f"unusable reply: {e}"
@@ -353,17 +226,17 @@ class LLMPlanner:
             raise _Transient(self._redact(f"the connection failed ({type(e).__name__}: {e})")) from None
         try:
             text = raw.decode("utf-8")
-            _check_depth(text)
+            check_depth(text)
             data = json.loads(text)
             content = data["choices"][0]["message"]["content"]
         except ReplyError as e:
-            raise _BadCompletion(f"the server's answer is not a chat completion: {e}") from None
+            raise BadCompletion(f"the server's answer is not a chat completion: {e}") from None
         except (ValueError, KeyError, IndexError, TypeError):
-            raise _BadCompletion(self._redact(f"the server's answer is not a chat completion: {raw[:200]!r}")) from None
+            raise BadCompletion(self._redact(f"the server's answer is not a chat completion: {raw[:200]!r}")) from None
         if isinstance(content, list):  # content parts
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
         if not isinstance(content, str):
-            raise _BadCompletion("the chat completion has no text content")
+            raise BadCompletion("the chat completion has no text content")
         return content
 
     def _read(self, resp: httpx.Response, limit: int, deadline: float, truncate: bool = False) -> bytes:
@@ -374,14 +247,14 @@ class LLMPlanner:
         encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
         inflater = zlib.decompressobj(zlib.MAX_WBITS | 32) if encoding in ("gzip", "x-gzip", "deflate") else None
         if inflater is None and encoding not in ("", "identity"):
-            raise _BadCompletion(f"the server compressed its answer with {encoding!r}, which this client does not read")
+            raise BadCompletion(f"the server compressed its answer with {encoding!r}, which this client does not read")
         out = bytearray()
         for chunk in resp.iter_raw():
             if inflater is not None:
                 try:
                     chunk = inflater.decompress(chunk, limit + 1 - len(out))  # never inflates past the limit
                 except zlib.error:
-                    raise _BadCompletion("the server's compressed answer is corrupt") from None
+                    raise BadCompletion("the server's compressed answer is corrupt") from None
             out += chunk
             if len(out) > limit:
                 if truncate:
