@@ -300,7 +300,7 @@ def _report(error: Exception) -> int:
         print(f"gas-edit: error: {error}", file=sys.stderr)
         return 1 if isinstance(error, RunError) else 2
     if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
-        print(f"gas-edit: error: out of memory ({first}); lower --resolution, use --trainer.precision bf16-mixed, "
+        print(f"gas-edit: error: out of memory ({first}); lower --resolution, use --trainer.precision 16-mixed, "
               "or close what else uses the memory", file=sys.stderr)
         return 1
     print(f"gas-edit: internal error: {type(error).__name__}: {first} (run with --debug true for the traceback)",
