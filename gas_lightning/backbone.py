@@ -217,7 +217,9 @@ def _model_index(source: str, local_files_only: bool) -> dict:
                 f"{source!r} is not a diffusers model folder (no readable model_index.json); "
                 "save the model with save_pretrained or point --model at the folder that holds unet/, text_encoder/ ..."
             ) from None
-        if _looks_like_path(source):
+        from gas_lightning.io import looks_like_path
+
+        if looks_like_path(source):
             raise ModelLoadError(
                 f"--model {source!r}: no such folder; pass the folder that holds unet/, text_encoder/ ... "
                 "(a diffusers save_pretrained layout), or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -226,11 +228,6 @@ def _model_index(source: str, local_files_only: bool) -> dict:
             f"could not reach model {source!r} (offline, or no such hub id): {type(e).__name__}. "
             "Pass a local folder with --model /path/to/model (a diffusers save_pretrained layout)."
         ) from None
-
-
-def _looks_like_path(source: str) -> bool:
-    """Hub ids are 'name' or 'org/name'; anything else the user typed is meant as a folder."""
-    return source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1
 
 
 def _check_components(model: str, index: dict) -> None:

@@ -99,6 +99,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             ) from None
 
 
+def looks_like_path(name: str) -> bool:
+    """Hub ids are 'name' or 'org/name'; anything else the user typed is meant as a local folder."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or os.path.exists(name)
+
+
 def with_atomic_io(plugins: Any = None) -> list:
     """The Trainer's `plugins` plus an `AtomicCheckpointIO`, unless the user chose a CheckpointIO."""
     from lightning.fabric.plugins import CheckpointIO

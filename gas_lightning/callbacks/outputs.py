@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import lightning as L
@@ -36,8 +35,7 @@ class EditOutputs(Callback):
 
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        with atomic_write(self.output_dir / "plan.json", "w") as f:
-            f.write(json.dumps(pl_module.plan.to_dict(), indent=2) + "\n")
+        pl_module.plan.save(self.output_dir / "plan.json")  # atomic, like every output here
 
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -181,11 +181,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 # --- loading -------------------------------------------------------------------------------
-def _looks_like_path(name: str) -> bool:
-    """Hub ids are 'name' or 'org/name'; anything else is meant as a local folder."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or os.path.exists(name)
-
-
 def load_detector(name: str, device: torch.device, local_files_only: bool = False) -> tuple[Any, Any]:
     """from_pretrained for processor and model, with one clear error instead of a traceback."""
     from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
@@ -197,7 +192,9 @@ def load_detector(name: str, device: torch.device, local_files_only: bool = Fals
         f"weights and processor files), e.g. made on a machine with internet by "
         f"`hf download {DEFAULT_DETECTOR} --local-dir /local/path`."
     )
-    if _looks_like_path(name) and not Path(source).is_dir():
+    from gas_lightning.io import looks_like_path
+
+    if looks_like_path(name) and not Path(source).is_dir():
         raise ModelLoadError(f"detector folder {name!r} does not exist or is not a folder. {how}")
     try:
         processor = AutoProcessor.from_pretrained(source, local_files_only=local_files_only)
