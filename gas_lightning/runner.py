@@ -96,13 +96,13 @@ def is_child_rank() -> bool:
     return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
 
 
-def resolve_plan(cfg: Namespace, image: "Image.Image") -> "EditPlan":
-    """The request in whichever form the config holds, grounded (boxes from --boxes or the detector)."""
+def resolve_plan(cfg: Namespace, image: "Image.Image", plan: "EditPlan | None" = None) -> "EditPlan":
+    """The request in whichever form the config holds (or `plan`), grounded: boxes from --boxes or the detector."""
     from gas_lightning.resolve import GroundingSpec, PlanSpec, ground, make_plan
 
-    plan_spec = PlanSpec(**{k: cfg[k] for k in PlanSpec.__dataclass_fields__})
-    ground_spec = GroundingSpec(**{k: cfg[k] for k in GroundingSpec.__dataclass_fields__})
-    return ground(make_plan(plan_spec, image), image, ground_spec)
+    if plan is None:
+        plan = make_plan(PlanSpec(**{k: cfg[k] for k in PlanSpec.__dataclass_fields__}), image)
+    return ground(plan, image, GroundingSpec(**{k: cfg[k] for k in GroundingSpec.__dataclass_fields__}))
 
 
 def run_edit(
@@ -148,11 +148,10 @@ def run_edit(
         raise GasError(f"{out} already holds checkpoints of an earlier edit; continue it with --resume last, "
                        "replace it with --overwrite true, or choose another --output_dir")
 
-    if plan is None:
-        if child and (out / "plan.json").is_file():
-            plan = EditPlan.load(out / "plan.json")  # rank 0 resolved (and maybe asked an LLM) already
-        else:
-            plan = resolve_plan(cfg, image)
+    if child and (out / "plan.json").is_file():
+        plan = EditPlan.load(out / "plan.json")  # rank 0 resolved (and maybe asked an LLM) already
+    else:
+        plan = resolve_plan(cfg, image, plan)
     if resume is not None and not child:
         check_resume(resume, plan)  # before plan.json/config.yaml are rewritten: a refused resume loses nothing
     make_writable_dir(out)
