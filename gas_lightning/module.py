@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from gas_lightning.guidance import GroundedScoreGuidance, Term, TermLog
+from gas_lightning.guidance import GroundedScoreGuidance, Term, TermLog, shielded_term
 from gas_lightning.plan import EditPlan
 
 log = logging.getLogger(__name__)
@@ -136,8 +136,11 @@ class GroundAScoreEdit(L.LightningModule):
         terms = self.active_terms
         z = self.latent.detach()
         if self.schedule == "batched":
-            if self.guidance.config.batched_noise == "per_term":  # drawn in the sequential schedule's order
+            sampling = self.guidance.config.batched_noise
+            if sampling != "shared":  # drawn in the sequential schedule's order
                 draws = [self._draw(gen) for _ in terms]
+                if sampling == "keep_aware":
+                    draws = [draws[shielded_term(terms, i)] if tm.keep else draws[i] for i, tm in enumerate(terms)]
                 t, eps = [d[0] for d in draws], [d[1] for d in draws]
             else:
                 t, eps = self._draw(gen)

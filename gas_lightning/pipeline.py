@@ -139,6 +139,7 @@ def build_terms(backbone: Backbone, plan: EditPlan, masks: EditMasks, config: Gu
             mask=masks.subtasks[i].to(emb.device),
             weight=s.intensity,
             preserve_form=s.preserve_form,
+            keep=s.keep,
             box=s.box,
             guidance_scale=wide if wide is not None and s.area >= cfg.wide_area else None,
         )

@@ -70,3 +70,28 @@ def test_per_term_sampling_checks_its_lengths(backbone):
     z = torch.zeros(1, 4, 16, 16)
     with pytest.raises(ValueError, match="2 timesteps and noises"):
         guidance.batched_gradient(z, z, terms, [100], [z])
+
+
+def test_keep_aware_sampling_gives_a_keep_term_the_draw_of_the_edit_around_it(backbone):
+    """Keep term 2 sits inside the background's box and away from the ball: it must take the
+    background's t (term 1), while the ball and the background keep their own per-term draws."""
+    import lightning as L
+    from PIL import Image
+
+    from gas_lightning.pipeline import build_edit
+
+    plan = EditPlan.from_lists(
+        ["a red ball", "grass", "a dog"], ["a blue ball", "snow", "a dog"],
+        boxes=[[0.55, 0.55, 0.95, 0.95], [0.0, 0.0, 1.0, 1.0], [0.05, 0.05, 0.4, 0.4]],
+    )
+    assert [s.keep for s in plan.subtasks] == [False, False, True]
+    image = Image.new("RGB", (32, 32), (90, 160, 60))
+    seen = {}
+    for sampling in ("per_term", "keep_aware"):
+        module = build_edit(backbone, image, plan, GuidanceConfig(full_prompt=False, batched_noise=sampling), seed=5)
+        L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False).fit(module)
+        seen[sampling] = [lg.t for lg in module.last_logs]
+    ball, grass, keep = seen["keep_aware"]
+    assert keep == grass and [ball, grass] == seen["per_term"][:2]
+    assert seen["per_term"][2] != seen["per_term"][1]  # with per-term draws the keep term's t was its own

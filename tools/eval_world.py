@@ -107,6 +107,7 @@ METHODS = {
         Method("gas"),
         Method("gas_sequential", schedule="sequential"),
         Method("gas_per_term", batched_noise="per_term"),
+        Method("gas_keep_aware", batched_noise="keep_aware"),
         Method("gas_shared", batched_noise="shared"),
         Method("gas_reference", full_prompt=True, penalty=True, keep=False, guidance_scale=7.5, wide_guidance_scale=None),
         Method("gas_no_keep", keep=False),

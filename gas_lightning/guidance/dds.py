@@ -31,7 +31,7 @@ from gas_lightning.masks import OVERLAP_WEIGHT
 from gas_lightning.plan import WHOLE_IMAGE, Box
 
 FULL_PROMPT_WEIGHTS = (0.5, 0.4, 0.3, 0.2, 0.1)
-BATCHED_NOISE = ("shared", "per_term")
+BATCHED_NOISE = ("shared", "per_term", "keep_aware")
 
 
 @dataclass
@@ -48,8 +48,9 @@ class GuidanceConfig:
     full_prompt: bool = True
     full_prompt_weights: tuple[float, ...] = FULL_PROMPT_WEIGHTS
     overlap_weight: float = OVERLAP_WEIGHT  # a larger box's mask where a smaller box sits inside it
-    # batched schedule: one t and noise for all terms ("shared", DESIGN.md) or one per term
-    # ("per_term", the sequential schedule's sampling inside the one UNet call)
+    # batched schedule: one t and noise for all terms ("shared", DESIGN.md), one per term ("per_term",
+    # the sequential schedule's sampling inside the one UNet call), or one per term except that a keep
+    # term takes the draw of the edit it overlaps most ("keep_aware"; see shielded_term)
     batched_noise: str = "shared"
     cds: CDSConfig = field(default_factory=CDSConfig)
 
@@ -76,8 +77,22 @@ class Term:
     is_full: bool = False
     penalty: bool = False
     preserve_form: bool = False
+    keep: bool = False  # a keep subtask (source == target): it shields its object from the edits around it
     box: Box | None = None
     guidance_scale: float | None = None  # None: the config's guidance_scale
+
+
+def shielded_term(terms: Sequence[Term], k: int) -> int:
+    """The edit term a keep term protects its object from: the one whose mask overlaps it most.
+
+    Under per-term sampling a keep term's pull back and the background edit's push on the same
+    pixels come from independent timesteps, and a high-noise background step can outweigh a
+    low-noise keep step; sharing the draw makes them cancel as under one shared t. Returns k when
+    no edit term overlaps it.
+    """
+    overlaps = [(float((terms[k].mask * tm.mask).sum()), i) for i, tm in enumerate(terms) if not tm.keep]
+    best = max(overlaps, default=(0.0, k))
+    return best[1] if best[0] > 0 else k
 
 
 @dataclass
