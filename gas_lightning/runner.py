@@ -148,6 +148,7 @@ def run_edit(
         raise GasError(f"{out} already holds checkpoints of an earlier edit; continue it with --resume last, "
                        "replace it with --overwrite true, or choose another --output_dir")
 
+    given_plan = plan is not None
     if child and (out / "plan.json").is_file():
         plan = EditPlan.load(out / "plan.json")  # rank 0 resolved (and maybe asked an LLM) already
     else:
@@ -160,6 +161,10 @@ def run_edit(
             old.unlink()
     if not child:
         plan.save(out / "plan.json")
+        if given_plan:  # a plan held in memory: config.yaml names the saved one, so it repeats the edit
+            for key in ("request", "source", "target", "sources", "targets", "boxes", "keep", "preserve_form", "intensities"):
+                cfg[key] = None
+            cfg.plan = str(out / "plan.json")
         with atomic_write(out / "config.yaml", "w") as f:
             f.write(parser.dump(cfg, skip_validation=True))
     if cfg.plan_only:

@@ -54,6 +54,7 @@ def test_lists_and_a_plan_object_and_a_plan_file(tiny_sd, image_file, tmp_path):
                                "subtasks": [{"source": "a red block", "target": "a green block", "box": BOXES[0]}]})
     from_object = quick(image=image_file, plan=plan, model=tiny_sd, output_dir=tmp_path / "object")
     assert from_object.plan == plan
+    assert yaml.safe_load((tmp_path / "object" / "config.yaml").read_text())["plan"] == str(tmp_path / "object" / "plan.json")
     from_file = quick(image=image_file, plan=tmp_path / "object" / "plan.json", model=tiny_sd, output_dir=tmp_path / "file")
     assert from_file.plan == plan
     # The same plan, seed and steps give the same latent whichever way the plan arrived.

@@ -62,10 +62,9 @@ class Method:
     wide_guidance_scale: float | None = 7.5
     preserve_form: bool = False
     grounded: bool = False  # boxes from the request text and the WorldGrounder instead of the case
-    # batched schedule: one t and noise shared by all terms (DESIGN.md), or "per_term" (gas_per_term). On
-    # validation seed 2 per_term got more attributes right (0.90 against 0.75) and kept fewer untouched
-    # objects (0.78 against 0.93): both 0.65 of the cases fully right, so the shared default stays.
-    batched_noise: str = "shared"
+    # batched schedule's sampling, as configs/shapes.yaml: keep_aware (per-term draws, a keep term sharing the
+    # draw of the edit around it), chosen on validation seed 2 over shared (DESIGN.md) and per_term.
+    batched_noise: str = "keep_aware"
 
     def plan(self, case: EditCase) -> EditPlan:
         if self.full_prompt_only:
