@@ -87,28 +87,30 @@ def annotation(image: "Image.Image", plan: EditPlan) -> dict[str, Any]:
 
 
 def plan_with_boxes(plan: EditPlan, boxes: Sequence[dict], size: tuple[int, int]) -> EditPlan:
-    """The plan with the boxes as drawn: the k-th box labelled L goes to the k-th subtask whose object is L;
-    a subtask left without a box edits the whole image."""
+    """The plan with the boxes as drawn. Boxes go by label to the subtasks whose object it names, in
+    order; a newly drawn box replaces the object's earlier one (drawing adds a box, at the front of
+    the editor's list, so drawing is how to redo one); a subtask left without a box edits the whole image."""
     w, h = size
     key = lambda text: " ".join(str(text).lower().split())  # noqa: E731
     names = ", ".join(repr(s.source) for s in plan.subtasks)
     slots: dict[str, list[int]] = {}
     for i, s in enumerate(plan.subtasks):
         slots.setdefault(key(s.source), []).append(i)
-    new: list = [None] * len(plan.subtasks)
+    drawn: dict[str, list[dict]] = {}
     for b in boxes:
         label = key(b.get("label") or "")
         if not label:
             raise GasError(f"a box has no label; click it and name the object it marks (one of {names})")
         if label not in slots:
             raise GasError(f"the box labelled {b['label']!r} marks no object of the request; label it one of {names}")
-        if not slots[label]:
-            raise GasError(f"more boxes are labelled {b['label']!r} than the request has such objects; remove one")
-        i = slots[label].pop(0)
-        pixels = (b["xmin"], b["ymin"], b["xmax"], b["ymax"])
-        scaled = [min(max(float(v) / d, 0.0), 1.0) for v, d in zip(pixels, (w, h, w, h))]
-        new[i] = check_box(scaled, f"the box of {plan.subtasks[i].source!r}")
-    return plan.replace_subtasks([replace(s, box=b or WHOLE_IMAGE) for s, b in zip(plan.subtasks, new)])
+        drawn.setdefault(label, []).append(b)
+    new: list = [WHOLE_IMAGE] * len(plan.subtasks)
+    for label, found in drawn.items():
+        for i, b in zip(slots[label], found[:len(slots[label])]):  # the newest boxes of each label
+            pixels = (b["xmin"], b["ymin"], b["xmax"], b["ymax"])
+            scaled = [min(max(float(v) / d, 0.0), 1.0) for v, d in zip(pixels, (w, h, w, h))]
+            new[i] = check_box(scaled, f"the box of {plan.subtasks[i].source!r}")
+    return plan.replace_subtasks([replace(s, box=b) for s, b in zip(plan.subtasks, new)])
 
 
 class EditApp:
@@ -249,6 +251,7 @@ def serve(app: EditApp, host: str = "127.0.0.1", port: int = 7860, block: bool =
         from gas_lightning.app_ui import CSS, build_ui
     except ImportError as e:
         raise GasError(f"the app needs Gradio ({e.name} is missing): pip install 'gas-lightning[app]'") from None
+    _quiet_gradio()
     app.output_dir.mkdir(parents=True, exist_ok=True)
     demo = build_ui(app).queue(default_concurrency_limit=1)
     system_fonts = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
@@ -261,3 +264,21 @@ def serve(app: EditApp, host: str = "127.0.0.1", port: int = 7860, block: bool =
     except OSError as e:
         raise GasError(f"cannot listen on {host}:{port} ({e}); choose another --port") from None
     return demo
+
+
+def _quiet_gradio() -> None:
+    """Gradio's route for custom-component files (the box editor's) prints a debug line per file:
+    `print` is shadowed in that module only, its other messages kept. Its queue's pandas calls warn
+    of pandas' own coming changes."""
+    import builtins
+    import warnings
+
+    import gradio.routes
+
+    warnings.filterwarnings("ignore", module="gradio.queueing")
+
+    def print_but_component_files(*args, **kwargs):
+        if not (args and str(args[0]).startswith("id=") and "environment=" in str(args[0])):
+            builtins.print(*args, **kwargs)
+
+    gradio.routes.print = print_but_component_files

@@ -22,8 +22,9 @@ log = logging.getLogger("gas_lightning")
 CSS = "#preview img, #edited img {image-rendering: pixelated; width: 100%; object-fit: contain}"  # small models
 INTRO = """# gas-lightning
 1. Upload an image (or use the bundled example). 2. Write the request, one sentence per object:
-`change A into B.` or `keep C.` 3. Check the boxes: drag to move or resize, draw a new one and label it
-with its object. 4. Edit: previews arrive while it runs; Stop keeps a checkpoint, Continue resumes it."""
+`change A into B.` or `keep C.` 3. Check the boxes: draw a box over an object and choose its name to redo
+its box (the newest box of an object counts), or move and resize boxes with the hand tool.
+4. Edit: previews arrive while it runs; Stop keeps a checkpoint, Continue resumes it."""
 
 
 def _page_errors(fn):
@@ -133,7 +134,7 @@ def build_ui(app: EditApp) -> gr.Blocks:
                 example = gr.Button("Use the bundled example", size="sm", elem_id="example")
                 request = gr.Textbox(label="Request", value=app.default_request, lines=3, elem_id="request")
                 find = gr.Button("Find the boxes", elem_id="find")
-                boxes = image_annotator(label="Boxes (drag to correct, draw to add)", sources=[], image_type="pil",
+                boxes = image_annotator(label="Boxes (draw to redo one, hand tool to move)", sources=[], image_type="pil",
                                         show_clear_button=False, height=420, elem_id="boxes")
             with gr.Column():
                 with gr.Row():

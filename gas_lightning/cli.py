@@ -81,6 +81,8 @@ def _quiet_library_noise() -> None:
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
     # The "data" is a stream of dummy ticks; DataLoader workers would only add processes.
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    # A resumed edit continues in its own checkpoint folder on purpose.
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
     for name, starts in _NOISE.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNoise) for f in logger.filters):

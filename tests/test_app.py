@@ -77,10 +77,14 @@ def test_bad_drawn_boxes_are_refused_with_what_to_do(box, message):
         plan_with_boxes(_plan(("the dog", "a cat")), [box], (100, 50))
 
 
-def test_more_boxes_than_objects_is_refused():
-    two = [{"label": "the dog", "xmin": 1, "ymin": 1, "xmax": 9, "ymax": 9}] * 2
-    with pytest.raises(GasError, match="more boxes are labelled 'the dog'"):
-        plan_with_boxes(_plan(("the dog", "a cat")), two, (100, 50))
+def test_a_newly_drawn_box_replaces_the_objects_earlier_one():
+    plan = _plan(("the dog", "a cat"), ("the grass", "snow"))
+    drawn = [{"label": "the dog", "xmin": 20, "ymin": 5, "xmax": 40, "ymax": 45},  # drawn: the editor puts it first
+             {"label": "the dog", "xmin": 1, "ymin": 1, "xmax": 9, "ymax": 9},  # detected
+             {"label": "the grass", "xmin": 0, "ymin": 25, "xmax": 100, "ymax": 50}]
+    out = plan_with_boxes(plan, drawn, (100, 50))
+    assert out.subtasks[0].box == pytest.approx((0.2, 0.1, 0.4, 0.9))
+    assert out.subtasks[1].box == pytest.approx((0.0, 0.5, 1.0, 1.0))
 
 
 def test_boxes_shown_on_the_page_come_back_within_half_a_pixel():

@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 
 import pytest
 from PIL import Image
+from test_terminal import NOISE
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "gas_lightning" / "worlds" / "assets" / "example.png"
@@ -79,7 +80,7 @@ def _fetch(url: str) -> bytes:
 def app_url(tmp_path):
     port = _free_port()
     log = open(tmp_path / "app.log", "w")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "gas_lightning.cli", "app", "--port", str(port),
                              "--output_dir", str(tmp_path / "edits")], cwd=tmp_path, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
@@ -105,6 +106,7 @@ def test_edit_in_the_browser(app_url, tmp_path):
     browser, driver_path = _requirements()
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
     opts = webdriver.ChromeOptions()
@@ -123,6 +125,19 @@ def test_edit_in_the_browser(app_url, tmp_path):
         upload[0].send_keys(str(EXAMPLE))
         _wait(lambda: "objects found" in status(), "the detected boxes", 180)
         assert "4 objects found" in status()  # the bundled request names 4 objects
+
+        # redo the red circle's box by drawing one over the 256-pixel example, from (20, 28) to (124, 132)
+        canvas = find("#boxes canvas")[0]
+        w, h = canvas.rect["width"], canvas.rect["height"]
+        scale = min(w, h) / 256  # the editor fits the picture in its canvas, centred
+        at = lambda x, y: (round((w - 256 * scale) / 2 + x * scale - w / 2),  # noqa: E731
+                           round((h - 256 * scale) / 2 + y * scale - h / 2))  # from the canvas centre
+        (x0, y0), (x1, y1) = at(20, 28), at(124, 132)
+        ActionChains(driver).move_to_element_with_offset(canvas, x0, y0).click_and_hold() \
+            .move_by_offset((x1 - x0) // 2, (y1 - y0) // 2).move_by_offset(x1 - x0 - (x1 - x0) // 2, y1 - y0 - (y1 - y0) // 2) \
+            .release().perform()
+        ok = _wait(lambda: [b for b in find("#model-box-edit button") if b.text.strip() == "OK"], "the label dialog", 30)
+        ok[0].click()  # its label is the first object's, the red circle's
 
         steps = find("#steps input")[0]
         steps.clear()
@@ -144,12 +159,14 @@ def test_edit_in_the_browser(app_url, tmp_path):
         plan = json.loads(_fetch(links["plan.json"]))
         assert [s["source"] for s in plan["subtasks"]] == ["the red circle", "the blue square", "the snow",
                                                           "the orange triangle"]
-        # the boxes went to the page and back in whole pixels of the 256-pixel example: within half a pixel
+        assert plan["subtasks"][0]["box"] == pytest.approx([20 / 256, 28 / 256, 124 / 256, 132 / 256], abs=1.01 / 256)
+        # the other boxes went to the page and back in whole pixels of the example: within half a pixel
         from gas_lightning import plan_edit
 
         detected = plan_edit(str(EXAMPLE))  # the bundled preset's request, which the page starts with
-        for s, d in zip(plan["subtasks"], detected.subtasks):
-            assert max(abs(a - b) for a, b in zip(s["box"], d.box)) <= 0.5 / 256 + 1e-6
+        for s, d in zip(plan["subtasks"][1:], detected.subtasks[1:]):
+            assert s["box"] == pytest.approx(list(d.box), abs=0.5 / 256 + 1e-6)
+        assert detected.subtasks[0].box != pytest.approx(plan["subtasks"][0]["box"], abs=2 / 256)  # it did change
         assert f"max_steps: {STEPS}" in _fetch(links["config.yaml"]).decode()
 
         shot = Path(os.environ.get("GAS_ARTIFACTS_DIR") or tmp_path) / "app.png"
@@ -162,5 +179,9 @@ def test_edit_in_the_browser(app_url, tmp_path):
                      for entry in driver.get_log("performance")}
         outside = sorted(u for u in requested if u and not u.startswith((app_url, "data:", "blob:")))
         assert not outside, f"the page asked the network for {outside}"
+
+        terminal = (tmp_path / "app.log").read_text()
+        assert "step 3/3" in terminal.replace(f"{STEPS}/{STEPS}", "3/3")
+        assert [n for n in NOISE + ("environment=client",) if n in terminal] == [], terminal[-3000:]
     finally:
         driver.quit()
