@@ -126,6 +126,8 @@ class EditApp:
 
     def __init__(self, model: str = BUNDLED_MODEL, config: str | None = None, output_dir: str = "outputs/app",
                  device: str = "auto"):
+        from jsonargparse import ArgumentError
+
         from gas_lightning.callbacks.progress import step_progress_bar
         from gas_lightning.resolve import resolve_bundled
         from gas_lightning.runner import build_parser
@@ -133,7 +135,11 @@ class EditApp:
         self.model, self.device = model, device
         self.config = config or (resolve_bundled(BUNDLED_PRESET) if model == BUNDLED_MODEL else None)
         parser = build_parser(exit_on_error=False)
-        cfg = parser.parse_path(self.config) if self.config else parser.get_defaults()
+        try:
+            cfg = parser.parse_path(self.config) if self.config else parser.get_defaults()
+        except ArgumentError as e:
+            raise GasError(f"--config {self.config}: {' '.join(str(e).split())[:400]}") from None
+        self._cfg = cfg
         self.default_request = cfg.request or ""
         self.default_steps = int(cfg.trainer.max_steps)
         self._terminal = lambda: step_progress_bar(cfg.trainer)
@@ -148,11 +154,18 @@ class EditApp:
 
     def find_boxes(self, image: "Image.Image", request: str) -> tuple[EditPlan, str]:
         """The plan of `request` with detected boxes, and a note for the page; objects the detector
-        cannot find get the whole image, for the user to draw."""
+        cannot find, or all when the config names no detector, get the whole image, for the user to draw."""
         from gas_lightning.grounding.base import GroundingMiss
+        from gas_lightning.resolve import PlanSpec, make_plan
 
         if not (request or "").strip():
             raise GasError("the request is empty: write one 'change A into B.' sentence per object")
+        if self._cfg.detector is None and self._cfg.detector_backend == "transformers":
+            spec = PlanSpec(request=request, planner=self._cfg.planner, llm_model=self._cfg.llm_model,
+                            llm_base_url=self._cfg.llm_base_url)
+            plan = make_plan(spec, image)
+            return (plan.with_boxes([WHOLE_IMAGE] * len(plan.subtasks)),
+                    "no detector is configured (--config names none): draw each object's box")
         try:
             return plan_edit(image, request, config=self.config), ""
         except GroundingMiss as miss:
@@ -170,11 +183,14 @@ class EditApp:
     def run(self, session: str, image: "Image.Image", plan: EditPlan, steps: int, seed: int = 0,
             resume_dir: str | Path | None = None, **options: Any) -> Iterator[tuple]:
         """Edit in a background thread and yield ("step", n, total), ("preview", image, n) as they come,
-        then ("done", EditResult) or ("stopped", output_dir, step). `resume_dir`: continue a stopped edit
+        then ("done", EditResult) or ("stopped", output_dir, "stopped at step N"). `resume_dir`: continue a stopped edit
         there from its interrupted.ckpt. `options` are `edit()` keywords (tests shorten previews)."""
-        steps = int(steps)
+        try:
+            steps, seed = int(steps), int(seed or 0)
+        except (TypeError, ValueError):
+            raise GasError(f"steps must be a whole number of at least 1, got {steps!r}") from None
         if steps < 1:
-            raise GasError(f"steps must be at least 1, got {steps}")
+            raise GasError(f"steps must be a whole number of at least 1, got {steps}")
         if resume_dir is None:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             out = Path(tempfile.mkdtemp(prefix="edit-", dir=self.output_dir))
@@ -190,7 +206,7 @@ class EditApp:
         def work() -> None:
             try:
                 events.put(("done", edit(image, plan=out / "plan.json", model=backbone, config=self.config, steps=steps,
-                                         seed=int(seed), output_dir=out, callbacks=hooks, **options)))
+                                         seed=seed, output_dir=out, callbacks=hooks, **options)))
             except EditStopped as e:
                 events.put(("stopped", out, str(e)))
             except BaseException as e:  # handed to the page's thread, raised there

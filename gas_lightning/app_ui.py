@@ -21,9 +21,10 @@ log = logging.getLogger("gas_lightning")
 
 CSS = "#preview img, #edited img {image-rendering: pixelated; width: 100%; object-fit: contain}"  # small models
 INTRO = """# gas-lightning
-1. Upload an image (or use the bundled example). 2. Write the request, one sentence per object:
-`change A into B.` or `keep C.` 3. Check the boxes: draw a box over an object and choose its name to redo
-its box (the newest box of an object counts), or move and resize boxes with the hand tool.
+1. Upload an image, or use the bundled example.
+2. Write the request, one sentence per object: `change A into B.` or `keep C.`
+3. Check the boxes: to redo one, draw a box over its object and choose the object's name (the newest box
+   of an object counts); the hand tool moves and resizes boxes.
 4. Edit: previews arrive while it runs; Stop keeps a checkpoint, Continue resumes it."""
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -122,6 +123,22 @@ def test_find_boxes_of_the_bundled_request(app):
     assert "not found: the purple circle" in note and plan.subtasks[0].box == (0.0, 0.0, 1.0, 1.0)
 
 
+def test_without_a_detector_every_object_is_left_to_draw(tmp_path):
+    config = tmp_path / "no_detector.yaml"
+    config.write_text("request: change the red circle into a blue circle. keep the snow.\n")
+    app = EditApp(config=str(config), output_dir=str(tmp_path / "edits"))
+    plan, note = app.find_boxes(Image.new("RGB", (40, 30)), app.default_request)
+    assert [s.source for s in plan.subtasks] == ["the red circle", "the snow"]
+    assert [s.box for s in plan.subtasks] == [(0.0, 0.0, 1.0, 1.0)] * 2 and "draw each object's box" in note
+
+
+def test_a_bad_config_is_one_clear_error(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("no_such_flag: 1\n")
+    with pytest.raises(GasError, match="--config .*bad.yaml.*no_such_flag"):
+        EditApp(config=str(config))
+
+
 def test_stop_keeps_interrupted_ckpt_and_continue_resumes_to_the_end(app):
     from gas_lightning.resolve import resolve_bundled
 
@@ -155,8 +172,25 @@ def test_stop_keeps_interrupted_ckpt_and_continue_resumes_to_the_end(app):
     assert "plan: " + str(out / "plan.json") in (out / "config.yaml").read_text()  # config.yaml repeats the edit
 
 
+@pytest.mark.parametrize("steps", [0, None, "many"])
+def test_steps_that_are_not_a_count_are_refused(app, steps):
+    with pytest.raises(GasError, match="steps must be a whole number of at least 1"):
+        next(app.run("s2", Image.new("RGB", (32, 32)), _plan(("the dog", "a cat")), steps))
+
+
+def _need_gradio() -> None:
+    """As tests/test_app_browser.py: a missing app extra fails, unless skipped on purpose."""
+    try:
+        import gradio  # noqa: F401
+        import gradio_image_annotation  # noqa: F401
+    except ImportError as e:
+        if os.environ.get("GAS_SKIP_BROWSER") == "1":
+            pytest.skip(f"GAS_SKIP_BROWSER=1: {e}")
+        pytest.fail(f"{e}: pip install -e '.[app]' (or set GAS_SKIP_BROWSER=1 to skip on purpose)", pytrace=False)
+
+
 def test_busy_port_is_one_clear_error(app):
-    pytest.importorskip("gradio")  # tests/test_app_browser.py fails loudly when the app extra is missing
+    _need_gradio()
     from gas_lightning.app import serve
 
     with socket.socket() as s:
@@ -167,7 +201,7 @@ def test_busy_port_is_one_clear_error(app):
 
 
 def test_page_shows_an_upload_error_as_its_message(app, tmp_path):
-    pytest.importorskip("gradio")
+    _need_gradio()
     from gradio_client import Client, handle_file
 
     from gas_lightning.app import serve
