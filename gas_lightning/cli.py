@@ -19,6 +19,7 @@ _DEBUG = contextvars.ContextVar("gas_edit_debug", default=False)  # set once --d
 
 
 def run(argv: list[str] | None = None) -> int:
+    from gas_lightning.callbacks.progress import step_progress_bar
     from gas_lightning.planners.llm import check_base_url
     from gas_lightning.runner import build_parser, run_edit
 
@@ -33,7 +34,7 @@ def run(argv: list[str] | None = None) -> int:
         print(parser.dump(cfg, skip_validation=True), end="")
         return 0
     _DEBUG.set(bool(cfg.debug))
-    result = run_edit(cfg, parser)
+    result = run_edit(cfg, parser, callbacks=step_progress_bar(cfg.trainer))
     out = result.output_dir
     if cfg.plan_only:
         print(f"plan: {out / 'plan.json'}\ngrounding: {out / 'grounding.png'}")
@@ -43,7 +44,36 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
+# Library messages a user of gas-edit cannot act on, by the logger that emits them. The device is said
+# once by StepProgressBar; the end of the run by the "edited:" line.
+_NOISE = {
+    "lightning.pytorch.utilities.rank_zero": ("GPU available:", "TPU available:", "\U0001f4a1 Tip:", "`Trainer.fit` stopped:"),
+    "lightning.fabric.utilities.rank_zero": ("GPU available:", "TPU available:", "\U0001f4a1 Tip:"),
+    "lightning.pytorch.accelerators.cuda": ("LOCAL_RANK:",),
+    # accelerate only speeds up loading; the edit does not need it
+    "diffusers.models.modeling_utils": ("Cannot initialize model with low cpu memory usage",),
+    "diffusers.pipelines.pipeline_utils": ("Cannot initialize model with low cpu memory usage",),
+}
+
+
+class _DropNoise(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.starts)
+
+
+def _no_weight_loading_bar(factory, args, kwargs):
+    """transformers' bar over the tensors of a small local file; its download bars stay."""
+    if kwargs.get("desc") == "Loading weights":
+        kwargs = {**kwargs, "disable": True}
+    return factory(*args, **kwargs)
+
+
 def _quiet_library_noise() -> None:
+    """For the gas-edit and app entry points only: the Python API leaves global logging alone."""
     import warnings
 
     # We checkpoint the latent after its update on purpose; this advice does not apply.
@@ -51,6 +81,16 @@ def _quiet_library_noise() -> None:
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
     # The "data" is a stream of dummy ticks; DataLoader workers would only add processes.
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    # A resumed edit continues in its own checkpoint folder on purpose.
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
+    for name, starts in _NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise(starts))
+    from transformers.utils import logging as hf_logging
+
+    if hasattr(hf_logging, "set_tqdm_hook"):  # transformers >= 5
+        hf_logging.set_tqdm_hook(_no_weight_loading_bar)
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -66,13 +106,23 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def main(argv: list[str] | None = None) -> None:
+def setup_terminal() -> None:
+    """Our INFO lines on stderr, library noise off: what `gas-edit` and `gas-edit app` print."""
     if not log.handlers:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
     _quiet_library_noise()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["app"]:
+        from gas_lightning.app import main as app_main
+
+        sys.exit(app_main(argv[1:]))
+    setup_terminal()
     _DEBUG.set(False)
     try:
         code = run(argv)

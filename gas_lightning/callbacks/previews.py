@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import lightning as L
 import torch
@@ -13,6 +14,9 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from gas_lightning.io import atomic_write
 from gas_lightning.pipeline import tensor_to_image
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 def save_png(image, path: Path) -> None:
@@ -31,11 +35,17 @@ def mask_overlay(source: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
 
 class EditPreviews(Callback):
-    """Every `every_n_steps`, the decoded current image to TensorBoard and to `<output_dir>/previews/`."""
+    """Every `every_n_steps`, the decoded current image to TensorBoard, to `<output_dir>/previews/`
+    and to each sink added with `add_sink` (the web app's page), so every viewer sees the same pictures."""
 
     def __init__(self, every_n_steps: int = 50, save_png: bool = True):
         self.every_n_steps = int(every_n_steps)
         self.save_png = save_png
+        self._sinks: list[Callable[["Image.Image", int], None]] = []
+
+    def add_sink(self, sink: Callable[["Image.Image", int], None]) -> None:
+        """Also hand each preview (a PIL image at the working size, and its step) to `sink`."""
+        self._sinks.append(sink)
 
     def _dir(self, trainer: L.Trainer) -> Path:
         return Path(trainer.default_root_dir) / "previews"
@@ -58,5 +68,9 @@ class EditPreviews(Callback):
             return
         image = pl_module.decode().cpu()
         self._log(trainer, "edit/preview", image, step)
-        if self.save_png:
-            save_png(tensor_to_image(image), self._dir(trainer) / f"step_{step:06d}.png")
+        if self.save_png or self._sinks:
+            picture = tensor_to_image(image)
+            if self.save_png:
+                save_png(picture, self._dir(trainer) / f"step_{step:06d}.png")
+            for sink in self._sinks:
+                sink(picture, step)

@@ -1,0 +1,165 @@
+"""The page of `gas-edit app`: Gradio components wired to `EditApp` (gas_lightning/app.py).
+
+Each handler turns a GasError into gr.Error, so a bad upload or request shows its message in the
+page. Edits share one queue slot (`concurrency_id="device"`), so they run one at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+
+import gradio as gr
+from gradio_image_annotation import image_annotator
+
+from gas_lightning.app import DOWNLOADS, EXAMPLE_IMAGE, EditApp, annotation, load_upload, plan_with_boxes
+from gas_lightning.errors import GasError
+from gas_lightning.plan import EditPlan
+
+log = logging.getLogger("gas_lightning")
+
+CSS = "#preview img, #edited img {image-rendering: pixelated; width: 100%; object-fit: contain}"  # small models
+INTRO = """# gas-lightning
+1. Upload an image, or use the bundled example.
+2. Write the request, one sentence per object: `change A into B.` or `keep C.`
+3. Check the boxes: to redo one, draw a box over its object and choose the object's name (the newest box
+   of an object counts); the hand tool moves and resizes boxes.
+4. Edit: previews arrive while it runs; Stop keeps a checkpoint, Continue resumes it."""
+
+
+def _page_errors(fn):
+    """GasError -> gr.Error (the message in the page); anything else is logged and shown in one line."""
+    def show(e: Exception):
+        if isinstance(e, (GasError, gr.Error)):
+            return e if isinstance(e, gr.Error) else gr.Error(str(e))
+        log.exception("the app failed")
+        return gr.Error(f"internal error: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as e:
+                raise show(e) from None
+        return gen
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            raise show(e) from None
+    return call
+
+
+def build_ui(app: EditApp) -> gr.Blocks:
+    @_page_errors
+    def take_image(path):
+        image = load_upload(path)
+        return image_annotator(value={"image": image, "boxes": []}), {"image": image}
+
+    def take_example():
+        from gas_lightning.resolve import resolve_bundled
+
+        return take_image(resolve_bundled(EXAMPLE_IMAGE))
+
+    @_page_errors
+    def find_boxes(request, state):
+        if not state.get("image"):
+            raise GasError("upload an image first")
+        plan, note = app.find_boxes(state["image"], request)
+        labels = list(dict.fromkeys(s.source for s in plan.subtasks))
+        value = annotation(state["image"], plan)
+        colours = [next(b["color"] for b in value["boxes"] if b["label"] == name) for name in labels]
+        status = note or f"{len(plan.subtasks)} objects found; correct their boxes, then press Edit."
+        return (image_annotator(value=value, label_list=labels, label_colors=colours), status,
+                {**state, "plan": plan.to_dict(), "request": request})
+
+    def outputs_of(event):
+        kind = event[0]
+        if kind == "step":
+            return gr.skip(), f"step {event[1]}/{event[2]}", gr.skip(), gr.skip()
+        if kind == "preview":
+            return event[1], f"step {event[2]}: preview", gr.skip(), gr.skip()
+        if kind == "stopped":
+            out = event[1]
+            return (gr.skip(), f"{event[2]}; the checkpoint is kept in {out / 'checkpoints'}: Continue resumes it.",
+                    gr.skip(), [str(out / n) for n in DOWNLOADS[1:]])
+        result = event[1]
+        out = result.output_dir
+        return (gr.skip(), f"done: {result.steps} steps; the edit is in {out}", str(out / "edited.png"),
+                [str(out / n) for n in DOWNLOADS])
+
+    def run_events(state, events):
+        for event in events:
+            if event[0] == "stopped":
+                state = {**state, "stopped": str(event[1])}
+            elif event[0] == "done":
+                state = {**state, "stopped": None}
+            yield (*outputs_of(event), state)
+
+    @_page_errors
+    def start(request, boxes, steps, seed, state, req: gr.Request):
+        if not state.get("plan"):
+            raise GasError("find the boxes first (press Find the boxes)")
+        if " ".join((request or "").split()) != " ".join(state["request"].split()):
+            raise GasError("the request changed since the boxes were found; press Find the boxes again")
+        if boxes and boxes.get("orientation"):
+            raise GasError("the image was rotated in the box editor; rotate it back (the edit uses it as uploaded)")
+        plan = plan_with_boxes(EditPlan.from_dict(state["plan"]), (boxes or {}).get("boxes") or [],
+                               state["image"].size)
+        state = {**state, "run_plan": plan.to_dict(), "steps": steps, "seed": seed, "stopped": None}
+        yield None, "starting", None, None, state
+        yield from run_events(state, app.run(req.session_hash, state["image"], plan, steps, seed))
+
+    @_page_errors
+    def resume(state, req: gr.Request):
+        if not state.get("stopped"):
+            raise GasError("nothing to continue: Continue resumes an edit you stopped")
+        plan = EditPlan.from_dict(state["run_plan"])
+        yield gr.skip(), "continuing", gr.skip(), gr.skip(), state
+        yield from run_events(state, app.run(req.session_hash, state["image"], plan, state["steps"], state["seed"],
+                                             resume_dir=state["stopped"]))
+
+    def stop(req: gr.Request):
+        return "stopping after this step..." if app.stop(req.session_hash) else "no edit is running"
+
+    with gr.Blocks(title="gas-lightning", analytics_enabled=False) as demo:
+        state = gr.State({})
+        gr.Markdown(INTRO)
+        with gr.Row():
+            with gr.Column():
+                upload = gr.File(label="Image", file_types=["image"], type="filepath", elem_id="upload")
+                example = gr.Button("Use the bundled example", size="sm", elem_id="example")
+                request = gr.Textbox(label="Request", value=app.default_request, lines=3, elem_id="request")
+                find = gr.Button("Find the boxes", elem_id="find")
+                boxes = image_annotator(label="Boxes (draw to redo one, hand tool to move)", sources=[], image_type="pil",
+                                        show_clear_button=False, height=420, elem_id="boxes")
+            with gr.Column():
+                with gr.Row():
+                    steps = gr.Number(label="Steps", value=app.default_steps, precision=0, minimum=1, elem_id="steps")
+                    seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed")
+                with gr.Row():
+                    run = gr.Button("Edit", variant="primary", elem_id="run")
+                    halt = gr.Button("Stop", variant="stop", elem_id="stop")
+                    cont = gr.Button("Continue", elem_id="continue")
+                status = gr.Markdown(elem_id="status")
+                with gr.Row():
+                    preview = gr.Image(label="Preview", type="pil", interactive=False, height=300, elem_id="preview")
+                    edited = gr.Image(label="Edited", type="filepath", interactive=False, height=300, elem_id="edited")
+                downloads = gr.File(label="Downloads: edited.png, plan.json, config.yaml", file_count="multiple",
+                                    interactive=False, elem_id="downloads")
+
+        found = dict(fn=find_boxes, inputs=[request, state], outputs=[boxes, status, state])
+        upload.upload(take_image, [upload], [boxes, state]).success(**found)
+        example.click(take_example, None, [boxes, state]).success(**found)
+        find.click(**found)
+        request.submit(**found)
+        edit_outputs = [preview, status, edited, downloads, state]
+        run.click(start, [request, boxes, steps, seed, state], edit_outputs, concurrency_limit=1,
+                  concurrency_id="device")
+        cont.click(resume, [state], edit_outputs, concurrency_limit=1, concurrency_id="device")
+        halt.click(stop, None, status, queue=False)
+    return demo
