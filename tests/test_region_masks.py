@@ -17,21 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
-from gas_lightning.cli import main
 from gas_lightning.errors import GasError, PlanError
 from gas_lightning.masks import EditMasks, attach_masks, encode_mask, mask_to_grid, read_mask, subtask_masks, union_mask
 from gas_lightning.plan import EditPlan, Subtask
+from test_bad_inputs import gas_edit  # one in-process gas-edit run: exit status and stderr
 
 REPO = Path(__file__).resolve().parents[1]
 REQUEST = "change the red block into a yellow block. change the grass into snow."
-
-
-def gas_edit(capsys, *args) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    return exit_info.value.code, err
 
 
 def grey_png(path: Path, array: np.ndarray) -> str:

@@ -15,11 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from gas_lightning.cli import main
 from gas_lightning.errors import ModelLoadError
 from gas_lightning.grounding.segmenter import SamSegmenter, inside_box, segment_plan
 from gas_lightning.masks import read_mask
 from gas_lightning.plan import EditPlan, Subtask
+from test_bad_inputs import gas_edit  # one in-process gas-edit run: exit status and stderr
 
 REPO = Path(__file__).resolve().parents[1]
 REQUEST = "change the red block into a yellow block. change the grass into snow."
@@ -46,14 +46,6 @@ def tiny_sam(tmp_path_factory) -> str:
     SamProcessor(image_processor=SamImageProcessor(size={"longest_edge": 64},
                                                    pad_size={"height": 64, "width": 64})).save_pretrained(folder)
     return str(folder)
-
-
-def gas_edit(capsys, *args) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    return exit_info.value.code, err
 
 
 class _Fixed:
