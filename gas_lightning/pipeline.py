@@ -11,6 +11,7 @@ import math
 import re
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from gas_lightning.backbone import Backbone
 from gas_lightning.errors import GasError
 from gas_lightning.guidance import GroundedScoreGuidance, GuidanceConfig, Term
-from gas_lightning.masks import EditMasks
+from gas_lightning.masks import EditMasks, MaskLike
 from gas_lightning.module import GroundAScoreEdit, OptimizerFactory, SchedulerFactory
 from gas_lightning.plan import EditPlan
 
@@ -141,6 +142,7 @@ def build_terms(backbone: Backbone, plan: EditPlan, masks: EditMasks, config: Gu
             preserve_form=s.preserve_form,
             keep=s.keep,
             box=s.box,
+            region=None if masks.regions[i] is None else masks.regions[i].to(emb.device),
             guidance_scale=wide if wide is not None and s.area >= cfg.wide_area else None,
         )
         for i, s in enumerate(plan.subtasks)
@@ -162,8 +164,13 @@ def build_edit(
     loss_scale: float = 2000.0,
     optimizer: OptimizerFactory | None = None,
     lr_scheduler: SchedulerFactory | None = None,
+    masks: Sequence[MaskLike | None] | None = None,
 ) -> GroundAScoreEdit:
-    """Everything the Trainer needs for one edit; the backbone is shared, not copied."""
+    """Everything the Trainer needs for one edit; the backbone is shared, not copied.
+
+    `masks`: in-memory masks (PIL, numpy, tensor), one per subtask, None where the plan's own
+    mask or box applies; they are not written into the plan (use `masks.attach_masks` for that).
+    """
     cfg = guidance_config or GuidanceConfig()
     if not 0 <= cfg.t_min <= cfg.t_max < backbone.num_train_timesteps:
         raise GasError(f"guidance t range [{cfg.t_min}, {cfg.t_max}] must lie in [0, {backbone.num_train_timesteps - 1}]")
@@ -175,10 +182,11 @@ def build_edit(
     if not 0.0 < cfg.wide_area <= 1.0 or (cfg.wide_guidance_scale is not None and cfg.wide_guidance_scale < 0):
         raise GasError(f"guidance.wide_area must be in (0, 1] and guidance.wide_guidance_scale >= 0 (or null), "
                        f"got {cfg.wide_area} and {cfg.wide_guidance_scale}")
-    masks = EditMasks.from_plan(plan, z_src.shape[-2], z_src.shape[-1], overlap_weight=cfg.overlap_weight)
-    terms = build_terms(backbone, plan, masks, config=cfg)
+    region_masks = EditMasks.from_plan(plan, z_src.shape[-2], z_src.shape[-1], overlap_weight=cfg.overlap_weight,
+                                       masks=masks, image_size=image.size)
+    terms = build_terms(backbone, plan, region_masks, config=cfg)
     guidance = GroundedScoreGuidance(backbone, cfg, null_embedding=backbone.encode_prompts([""]), loss_scale=loss_scale)
     module = GroundAScoreEdit(guidance, z_src, terms, plan, schedule=schedule, seed=seed, loss_scale=loss_scale,
                               optimizer=optimizer, lr_scheduler=lr_scheduler)
-    module.masks = masks
+    module.masks = region_masks
     return module

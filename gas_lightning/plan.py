@@ -20,6 +20,7 @@ Box = tuple[float, float, float, float]
 WHOLE_IMAGE: Box = (0.0, 0.0, 1.0, 1.0)  # the region of a subtask without a box, and of the background
 
 MAX_SUBTASKS = 16
+_OPTIONAL_KEYS = ("mask", "mask_label")
 MAX_PHRASE_CHARS = 300
 
 
@@ -54,11 +55,14 @@ def check_box(box: Any, what: str = "box") -> Box:
 
 @dataclass(frozen=True)
 class Subtask:
-    """One object-level edit: `source` in the image becomes `target`, inside `box`.
+    """One object-level edit: `source` in the image becomes `target`, inside `box` (or `mask`).
 
     `intensity` scales this subtask's gradient (0 disables it). `preserve_form` adds the
     contrastive shape-keeping term. `penalty` forces the null-text penalty on (True) or off
-    (False); None lets the NullTextPenalty callback decide from the box area.
+    (False); None lets the NullTextPenalty callback decide from the box area. `mask` (a PNG
+    path or a PNG data URI) replaces the box as the region the gradient acts on; the box stays
+    for grounding, pictures and the area rules. `mask_label` reads the mask as a label map: the
+    pixels of that value are this subtask's.
     """
 
     source: str
@@ -67,6 +71,8 @@ class Subtask:
     preserve_form: bool = False
     intensity: float = 1.0
     penalty: bool | None = None
+    mask: str | None = None
+    mask_label: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "source", _check_phrase(self.source, "source phrase"))
@@ -87,6 +93,14 @@ class Subtask:
         object.__setattr__(self, "intensity", intensity)
         if self.penalty is not None and not isinstance(self.penalty, bool):
             raise PlanError(f"penalty of '{self.source}' must be true, false or null, got {self.penalty!r}")
+        if self.mask is not None and (not isinstance(self.mask, str) or not self.mask.strip()):
+            raise PlanError(f"mask of '{self.source}' must be a PNG path (or a PNG data URI), got {self.mask!r}")
+        if self.mask_label is not None:
+            if isinstance(self.mask_label, bool) or not isinstance(self.mask_label, int) or not 1 <= self.mask_label <= 65535:
+                raise PlanError(f"mask_label of '{self.source}' must be an integer in 1..65535 (the pixel value that "
+                                f"marks it in a label map; 0 marks no subtask), got {self.mask_label!r}")
+            if self.mask is None:
+                raise PlanError(f"mask_label of '{self.source}' needs a mask: the label map's path")
 
     @property
     def keep(self) -> bool:
@@ -181,20 +195,36 @@ class EditPlan:
                 for i, p in enumerate(phrases)]
         return self.replace_subtasks(list(self.subtasks) + keep)
 
+    def with_masks(self, masks: Sequence[str | None], labels: Sequence[int | None] | None = None) -> "EditPlan":
+        """Return a copy whose subtasks carry `masks` (PNG paths, in order); None keeps a subtask's region."""
+        if isinstance(masks, str):
+            raise PlanError(f"masks must be a list (one PNG per subtask), got the string {masks!r}")
+        if len(masks) != len(self.subtasks):
+            raise PlanError(
+                f"{len(masks)} masks for {len(self.subtasks)} subtasks "
+                f"({', '.join(repr(s.source) for s in self.subtasks)}): give one PNG per subtask, in order "
+                "(null for a subtask that keeps its box), or one label-map PNG."
+            )
+        labels = labels if labels is not None else [None] * len(masks)
+        return replace(self, subtasks=tuple(s if m is None else replace(s, mask=m, mask_label=lab)
+                                            for s, m, lab in zip(self.subtasks, masks, labels)))
+
     def replace_subtasks(self, subtasks: Sequence[Subtask]) -> "EditPlan":
         return replace(self, subtasks=tuple(subtasks))
 
     @property
     def grounded(self) -> bool:
-        """True when every subtask has a region."""
+        """True when every subtask has a box (a mask's box is filled in when masks are checked)."""
         return all(s.box is not None for s in self.subtasks)
 
     # serialisation ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON data; `mask`/`mask_label` appear only when set, so box plans read as before."""
         out = asdict(self)
-        out["subtasks"] = [
-            {**asdict(s), "box": None if s.box is None else [round(v, 6) for v in s.box]} for s in self.subtasks
-        ]
+        out["subtasks"] = []
+        for s in self.subtasks:
+            d = {**asdict(s), "box": None if s.box is None else [round(v, 6) for v in s.box]}
+            out["subtasks"].append({k: v for k, v in d.items() if v is not None or k not in _OPTIONAL_KEYS})
         return out
 
     @classmethod
@@ -210,7 +240,7 @@ class EditPlan:
         raw = data["subtasks"]
         if not isinstance(raw, list):
             raise PlanError("plan 'subtasks' must be a list of objects")
-        fields = {"source", "target", "box", "preserve_form", "intensity", "penalty"}
+        fields = {"source", "target", "box", "preserve_form", "intensity", "penalty", *_OPTIONAL_KEYS}
         subtasks = []
         for i, item in enumerate(raw):
             if not isinstance(item, dict):
@@ -244,7 +274,10 @@ class EditPlan:
             raise PlanError(f"plan file {str(p)!r} is not text (UTF-8 JSON); pass the plan.json an edit wrote") from None
         except PlanError as e:
             raise PlanError(f"plan file {str(p)!r}: {e}") from None
-        return cls.from_dict(data)
+        plan = cls.from_dict(data)
+        # a relative mask path means "beside the plan file", wherever the edit is run from
+        return plan.replace_subtasks([s if s.mask is None or s.mask.startswith("data:") or Path(s.mask).is_absolute()
+                                      else replace(s, mask=str(p.parent / s.mask)) for s in plan.subtasks])
 
 
 def _refuse_constant(name: str) -> float:

@@ -43,6 +43,9 @@ class PlanSpec:
     preserve_form: list[int] | None = None
     intensities: list[float] | None = None
     boxes: list[list[float] | None] | None = None  # null entries: found by the detector
+    # one PNG per subtask (null: that subtask keeps its box), or one label-map PNG whose pixel value k marks
+    # subtask k (1 = the first; 0 = none). Masks replace boxes as the regions the gradients act on.
+    masks: list[str | None] | str | None = None
     keep: list[str] | None = None  # objects that must not change (keep subtasks, found by the detector)
     planner: str = "auto"  # auto | rules | llm
     llm_model: str | None = None
@@ -62,6 +65,10 @@ class GroundingSpec:
     box_threshold: float = 0.3
     text_threshold: float = 0.25
     grounding_fallback: str = "error"  # error | whole_image
+    # turns each subtask's box into an object mask: a local SAM folder (transformers' SamModel), or "world"
+    # for the bundled shapes world's exact masks. Whole-image boxes (backgrounds) keep the whole image.
+    segmenter: str | None = None
+    segmenter_device: str = "cpu"
 
 
 def resolve_bundled(path: str | None) -> str | None:
@@ -128,7 +135,31 @@ def make_plan(spec: PlanSpec, image: Image.Image | None = None) -> EditPlan:
         plan = plan.with_keep([strip_quotes(k) for k in spec.keep])
     if spec.boxes is not None:
         plan = plan.with_boxes(spec.boxes)
+    if spec.masks is not None:
+        plan = _apply_masks(plan, spec.masks)
     return plan
+
+
+def _apply_masks(plan: EditPlan, masks: list[str | None] | str) -> EditPlan:
+    """--masks: a list gives one PNG per subtask; one path is a label map (value k: subtask k).
+    Paths are made absolute, so the plan.json an edit writes runs again from anywhere."""
+    if not isinstance(masks, str):
+        return plan.with_masks([None if m is None else _absolute(m) for m in masks])
+    from gas_lightning.masks import label_values
+
+    n = len(plan.subtasks)
+    extra = [v for v in label_values(masks, "--masks label map") if v > n]
+    if extra:
+        raise PlannerError(f"--masks label map {masks!r} has the labels {extra} but the plan has {n} subtasks "
+                           "(pixel value k marks subtask k, 1 = the first; 0 = none); relabel it, or pass "
+                           "one PNG per subtask as a list: --masks '[a.png, b.png]'")
+    return plan.with_masks([_absolute(masks)] * n, labels=list(range(1, n + 1)))
+
+
+def _absolute(path: str) -> str:
+    from pathlib import Path
+
+    return path if path.startswith("data:") else str(Path(path).expanduser().absolute())
 
 
 def _apply_list(plan: EditPlan, key: str, values: Sequence[Any]) -> EditPlan:
@@ -166,11 +197,32 @@ def make_grounder(spec: GroundingSpec):
     )
 
 
+def make_segmenter(spec: GroundingSpec):
+    """The mask source for boxed subtasks, or None when the user configured none."""
+    if spec.segmenter is None:
+        return None
+    if spec.segmenter == "world":
+        from gas_lightning.worlds.grounder import WorldGrounder
+
+        return WorldGrounder()
+    from gas_lightning.grounding.segmenter import SamSegmenter
+
+    return SamSegmenter(resolve_bundled(spec.segmenter), device=spec.segmenter_device)
+
+
 def ground(plan: EditPlan, image: Image.Image, spec: GroundingSpec) -> EditPlan:
-    """Fill the boxes the plan lacks from the configured detector."""
+    """Check the plan's masks, fill the boxes it lacks from the configured detector, then turn
+    boxes into masks with the configured segmenter."""
     from gas_lightning.grounding import fallback_whole_image, ground_plan
+    from gas_lightning.masks import check_plan_masks
 
     fallback = fallback_whole_image(spec.grounding_fallback)
-    if plan.grounded:
-        return plan
-    return ground_plan(plan, image, make_grounder(spec), fallback_whole_image=fallback)
+    plan = check_plan_masks(plan, image.size)  # a bad mask fails here, before any model loads
+    if not plan.grounded:
+        plan = ground_plan(plan, image, make_grounder(spec), fallback_whole_image=fallback)
+    segmenter = make_segmenter(spec)
+    if segmenter is not None:
+        from gas_lightning.grounding.segmenter import segment_plan
+
+        plan = segment_plan(plan, image, segmenter)
+    return plan

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from gas_lightning.errors import GroundingError
@@ -90,19 +91,36 @@ _COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 3
             (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40)]
 
 
+MASK_OPACITY = 0.45
+
+
+def _paint_masks(canvas: Image.Image, plan: EditPlan) -> Image.Image:
+    """Tint each masked subtask's pixels with its colour, in proportion to the mask's weight."""
+    from gas_lightning.masks import mask_to_grid, read_mask
+
+    w, h = canvas.size
+    out = np.asarray(canvas, dtype=np.float32)
+    for k, s in enumerate(plan.subtasks):
+        if s.mask is None:
+            continue
+        weights = mask_to_grid(read_mask(s.mask, s.mask_label, f"mask of '{s.source}'"), h, w).numpy()[..., None]
+        out = out * (1 - MASK_OPACITY * weights) + np.asarray(_COLOURS[k % len(_COLOURS)]) * MASK_OPACITY * weights
+    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
+
+
 def draw_grounding(image: Image.Image, plan: EditPlan, path: str | Path) -> Path:
-    """Write `image` with each subtask's box and "k: source -> target" label; return the path.
+    """Write `image` with each subtask's mask (tinted), box and "k: source -> target" label.
 
     This is what a user looks at (with --plan_only) before spending GPU time on an edit.
     """
-    canvas = image.convert("RGB").copy()
+    canvas = _paint_masks(image.convert("RGB").copy(), plan)
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
     w, h = canvas.size
     width = max(1, round(min(w, h) / 150))
     unboxed = []
     for k, s in enumerate(plan.subtasks):
-        label = f"{k}: {s.source} -> {s.target}"
+        label = f"{k}: {s.source} -> {s.target}" + (" (mask)" if s.mask is not None else "")
         if s.box is None:
             unboxed.append(label + " (no box)")
             continue

@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gas_lightning.masks import box_to_grid
+from gas_lightning.masks import area_resize, box_to_grid
 from gas_lightning.plan import Box
+
+Region = Box | torch.Tensor  # a box, or a soft (h, w) weight on the latent grid
 
 
 REDUCTIONS = ("sum", "mean")
@@ -86,12 +88,28 @@ def to_maps(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return tokens.transpose(1, 2).reshape(b, c, h, w)
 
 
-def patch_nce(
-    query: torch.Tensor, key: torch.Tensor, box: Box, cfg: CDSConfig, generator: torch.Generator
-) -> torch.Tensor:
-    """PatchNCE between two (C, h, w) feature maps inside `box`; positives share a position.
+def region_at(region: Region, height: int, width: int) -> torch.Tensor:
+    """The region as a (height, width) weight at one feature resolution: a box by the cells it
+    touches (as the reference crops), a soft mask by the mean of its cells' areas."""
+    if isinstance(region, torch.Tensor):
+        return area_resize(region, height, width)
+    return box_to_grid(region, height, width)
 
-    One cross-entropy per patch size, combined by `cfg.reduction` (summed in the reference).
+
+def patch_nce(
+    query: torch.Tensor, key: torch.Tensor, region: Region, cfg: CDSConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """PatchNCE between two (C, h, w) feature maps inside `region`; positives share a position.
+
+    Patches are drawn from the region's bounding box, and each patch's cross-entropy is weighted
+    by the region's weight there. For a box the weights are all 1: the reference's crop and mean.
+    For a mask, the crop is the mask's bounding box rather than its cells because PatchNCE's
+    negatives are the other patches drawn: the ground just outside the object is what the
+    object's patches must stay distinct from, so keeping those patches as negatives holds the
+    outline in place. Weighting the anchors by the mask holds only the object itself: the
+    ground around it stays free to change (a box would hold it too, leaving a box-shaped halo),
+    and a soft edge counts in proportion. One cross-entropy per patch size, combined by
+    `cfg.reduction` (summed in the reference).
     """
     total = query.new_zeros(())
     count = 0
@@ -102,16 +120,25 @@ def patch_nce(
                 continue
             q = F.avg_pool2d(q[None], size, size)[0]
             k = F.avg_pool2d(k[None], size, size)[0]
-        region = box_to_grid(box, q.shape[-2], q.shape[-1]).bool().to(q.device)
-        qf = q[:, region].T  # (P, C)
-        kf = k[:, region].T
+        weights = region_at(region, q.shape[-2], q.shape[-1]).to(q.device)
+        rows, cols = torch.nonzero(weights > 0, as_tuple=True)
+        if len(rows) == 0:
+            continue
+        crop = torch.zeros_like(weights, dtype=torch.bool)
+        crop[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] = True
+        qf = q[:, crop].T  # (P, C)
+        kf = k[:, crop].T
         p = qf.shape[0]
         if p < 2:
             continue
         idx = torch.randperm(p, generator=generator)[: cfg.n_patches].to(q.device)
+        anchor = weights[crop][idx].float()
+        if not anchor.sum() > 0:
+            continue
         qf = F.normalize(qf[idx].float(), dim=1)
         kf = F.normalize(kf[idx].float(), dim=1)
         logits = qf @ kf.T / cfg.temperature
-        total = total + F.cross_entropy(logits, torch.arange(len(idx), device=q.device))
+        ce = F.cross_entropy(logits, torch.arange(len(idx), device=q.device), reduction="none")
+        total = total + (anchor * ce).sum() / anchor.sum()
         count += 1
     return total if cfg.reduction == "sum" else total / max(count, 1)

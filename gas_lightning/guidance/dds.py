@@ -80,6 +80,7 @@ class Term:
     keep: bool = False  # a keep subtask (source == target): it shields its object from the edits around it
     box: Box | None = None
     guidance_scale: float | None = None  # None: the config's guidance_scale
+    region: torch.Tensor | None = None  # a masked subtask's own (h, w) weight (the CDS region); None: the box
 
 
 def shielded_term(terms: Sequence[Term], k: int) -> int:
@@ -184,7 +185,8 @@ class GroundedScoreGuidance:
                 bb.unet(self._noisy(z_masked, tt, eps).to(bb.dtype), tt, encoder_hidden_states=tgt_emb)
             losses = []
             for i, tm in enumerate(terms):
-                per_layer = [patch_nce(to_maps(q, h, w)[i], to_maps(k, h, w)[i], tm.box or WHOLE_IMAGE, cfg, generator)
+                region = tm.region if tm.region is not None else (tm.box or WHOLE_IMAGE)
+                per_layer = [patch_nce(to_maps(q, h, w)[i], to_maps(k, h, w)[i], region, cfg, generator)
                              for q, k in zip(cur, ref)]
                 loss = sum(per_layer) if cfg.reduction == "sum" else sum(per_layer) / max(len(per_layer), 1)
                 losses.append(loss)

@@ -4,12 +4,18 @@ Each pixel takes its nearest named colour; the pixels of the phrase's colour spl
 connected components; a component's fill ratio (area over its bounding box area) tells the
 shape apart: a square fills ~1, a circle ~pi/4, a triangle ~1/2. Background phrases
 ("snow", "the background") get the whole image. Works at any image size.
+
+It is also a segmenter (`--segmenter world`): the world's images are objects alpha-blended
+onto a flat ground, so an object's exact soft mask is its component plus the one-pixel rim
+around it, each pixel weighted by how far its colour lies from the ground's towards the object's.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import deque
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -18,6 +24,8 @@ from gas_lightning.errors import GroundingError
 from gas_lightning.grounding.base import GroundingMiss
 from gas_lightning.plan import WHOLE_IMAGE, Box
 from gas_lightning.worlds.scenes import BACKGROUNDS, COLOURS, PALETTE, SHAPES, nearest_colour_names
+
+log = logging.getLogger(__name__)
 
 FILLER = {"a", "an", "the", "on", "of", "in", "with", "and", "to", "colour", "color", "shape", "object"}
 BACKGROUND_WORDS = {*BACKGROUNDS, "background", "ground", "scene", "image"}
@@ -87,17 +95,40 @@ def classify_shape(pix: np.ndarray) -> str:
     return "triangle"
 
 
+def _soft_mask(arr: np.ndarray, others: np.ndarray, pix: np.ndarray, colour: np.ndarray, ground: np.ndarray) -> np.ndarray:
+    """Alpha of `colour` over `ground` on the component and the pixels up to two steps around it
+    (a triangle's apex blends over two rows) inside its box grown by two, except other objects'.
+    A rim pixel's nearest named colour can be a third one (red over sky reads purple), so the
+    rim is not chosen by colour name."""
+    core = np.zeros(others.shape, dtype=bool)
+    core[pix[:, 0], pix[:, 1]] = True
+    grown = core.copy()
+    for _ in range(2):
+        step = grown.copy()
+        step[1:] |= grown[:-1]
+        step[:-1] |= grown[1:]
+        step[:, 1:] |= grown[:, :-1]
+        step[:, :-1] |= grown[:, 1:]
+        grown = step
+    near = np.zeros_like(core)
+    y0, x0 = pix.min(axis=0)
+    y1, x1 = pix.max(axis=0)
+    near[max(0, y0 - 2) : y1 + 3, max(0, x0 - 2) : x1 + 3] = True
+    region = core | (grown & near & ~others)
+    d = colour - ground
+    alpha = np.clip(((arr - ground) @ d) / float(d @ d), 0.0, 1.0)
+    return np.where(region, alpha, 0.0).astype(np.float32)
+
+
 class WorldGrounder:
     """Grounder protocol implementation for shapes-world images (no weights, any size)."""
 
     def __init__(self, min_area: float = 0.004):
         self.min_area = min_area  # components smaller than this fraction of the image are noise
 
-    def find_objects(self, image: Image.Image) -> list[tuple[str, str, Box]]:
-        """All objects in the image as (colour, shape, normalised box)."""
-        arr = np.asarray(image.convert("RGB"))
-        h, w = arr.shape[:2]
-        labels = nearest_colour_names(arr, PALETTE)
+    def _objects(self, labels: np.ndarray) -> list[tuple[str, str, Box, np.ndarray]]:
+        """(colour, shape, normalised box, pixels) of every object, largest first."""
+        h, w = labels.shape
         found = []
         for k, colour in enumerate(COLOURS):
             for pix in components(labels == k):
@@ -105,9 +136,44 @@ class WorldGrounder:
                     continue
                 ys, xs = pix[:, 0], pix[:, 1]
                 box = (xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h)
-                found.append((colour, classify_shape(pix), tuple(float(v) for v in box), len(pix)))
-        found.sort(key=lambda f: -f[3])
-        return [f[:3] for f in found]
+                found.append((colour, classify_shape(pix), tuple(float(v) for v in box), pix))
+        found.sort(key=lambda f: -len(f[3]))
+        return found
+
+    def find_objects(self, image: Image.Image) -> list[tuple[str, str, Box]]:
+        """All objects in the image as (colour, shape, normalised box)."""
+        return [f[:3] for f in self._objects(nearest_colour_names(np.asarray(image.convert("RGB")), PALETTE))]
+
+    def segment(self, image: Image.Image, boxes: Sequence[Box], phrases: Sequence[str]) -> list[np.ndarray]:
+        """Segmenter protocol: the soft mask of the object each phrase names, the one most inside its box.
+
+        A background phrase, or an object not found in its box, gets the box itself.
+        """
+        from gas_lightning.grounding.segmenter import inside_box
+
+        arr = np.asarray(image.convert("RGB")).astype(np.float32)
+        labels = nearest_colour_names(arr, PALETTE)
+        objects = self._objects(labels)
+        ground = np.asarray(BACKGROUNDS[self.background(image)], dtype=np.float32)
+        out = []
+        for box, phrase in zip(boxes, phrases):
+            what, colour, shape = parse_phrase(phrase)
+            whole = inside_box(np.ones(labels.shape, dtype=np.float32), box)
+            fits = [(c, pix) for c, s, _, pix in objects if what == "object" and colour in (None, c) and shape in (None, s)]
+            scored = [(float(whole[pix[:, 0], pix[:, 1]].sum()), c, pix) for c, pix in fits]
+            scored = [t for t in scored if t[0] > 0]
+            if not scored:
+                if what == "object":
+                    log.warning("the world segmenter found no %r in its box; that subtask keeps the box", phrase)
+                out.append(whole)
+                continue
+            _, c, pix = max(scored, key=lambda t: t[0])
+            others = np.zeros(labels.shape, dtype=bool)
+            for *_, p in objects:
+                if p is not pix:
+                    others[p[:, 0], p[:, 1]] = True
+            out.append(_soft_mask(arr, others, pix, np.asarray(COLOURS[c], dtype=np.float32), ground))
+        return out
 
     def background(self, image: Image.Image) -> str:
         labels = nearest_colour_names(np.asarray(image.convert("RGB")), PALETTE)
