@@ -97,8 +97,9 @@ def load_single_file(path: str, model_config: str | None, torch_dtype: torch.dty
     extra = {"add_watermarker": False} if family == "sdxl" else {"safety_checker": None, "feature_extractor": None,
                                                                 "requires_safety_checker": False}
     try:
+        scheduler = DDPMScheduler.from_pretrained(model_config, subfolder="scheduler", local_files_only=True)
         vae = AutoencoderKL.from_single_file(path, subfolder="vae", torch_dtype=vae_dtype(family, torch_dtype), **common)
-        pipe = pipeline_class.from_single_file(path, torch_dtype=torch_dtype, vae=vae, **common, **extra)
+        pipe = pipeline_class.from_single_file(path, torch_dtype=torch_dtype, vae=vae, scheduler=scheduler, **common, **extra)
     except (OSError, ValueError, KeyError, RuntimeError, SingleFileComponentError) as e:
         first = " ".join(str(e).split())[:300]
         if isinstance(e, RuntimeError) and "size mismatch" not in first:
@@ -106,7 +107,6 @@ def load_single_file(path: str, model_config: str | None, torch_dtype: torch.dty
         raise ModelLoadError(f"--model {path!r} could not be loaded with the configs in --model_config {model_config!r} "
                              f"({type(e).__name__}: {first}); the checkpoint and the config folder must be the same "
                              f"architecture: pass {CONFIG_HINT}") from None
-    scheduler = DDPMScheduler.from_pretrained(model_config, subfolder="scheduler", local_files_only=True)
     log.info("loaded single-file %s checkpoint %s with configs from %s", FAMILY_NAMES[family], path, model_config)
     return Components(
         family=family, unet=pipe.unet, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, scheduler=scheduler,
