@@ -51,8 +51,10 @@ def model_family(source: str, index: dict) -> str:
     name = index.get("_class_name", "an unknown")
     present = {k for k, v in index.items() if isinstance(v, (list, tuple)) and len(v) == 2 and v[0] is not None}
     why = None
-    if "transformer" in present or "unet" not in present:
+    if "transformer" in present:
         why = "a diffusion transformer, not a UNet (SD3, Flux and the like are trained with other objectives)"
+    elif "unet" not in present:
+        why = "it has no unet/"
     elif "text_encoder" not in present:
         why = "no first text encoder (the SDXL refiner and image-conditioned models are not text-to-image base models)"
     elif index["text_encoder"][1] not in CLIP_ENCODERS or ("text_encoder_2" in present
@@ -220,6 +222,10 @@ def load_backbone(
 
 
 def _assemble(parts: Components, source: str, device: str | torch.device, attention: str) -> Backbone:
+    unet_in, unet_out = parts.unet.config.in_channels, parts.unet.config.out_channels
+    if unet_in != unet_out:
+        raise ModelLoadError(f"{source!r} is not supported: its UNet takes {unet_in} input channels for {unet_out} output "
+                             f"channels (an inpainting, depth or instruction model, not a text-to-image base model). {SUPPORTED}")
     codec: LatentCodec = VaeCodec(parts.vae) if parts.vae is not None else IdentityCodec()
     prediction_type = parts.scheduler.config.prediction_type
     if prediction_type not in ("epsilon", "v_prediction"):

@@ -149,6 +149,19 @@ def test_the_refiner_is_refused(tiny_sdxl, tmp_path):
         load_backbone(str(refiner))
 
 
+def test_an_inpainting_unet_is_refused(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from gas_lightning.backbone import load_backbone
+    from gas_lightning.testing import build_tiny_sd
+
+    folder = build_tiny_sd(tmp_path / "inpaint")
+    config = dict(UNet2DConditionModel.load_config(folder / "unet"), in_channels=9)
+    UNet2DConditionModel.from_config(config).save_pretrained(folder / "unet")
+    with pytest.raises(ModelLoadError, match="takes 9 input channels for 4 output channels"):
+        load_backbone(str(folder))
+
+
 # --- conditioning ----------------------------------------------------------------------------
 
 
