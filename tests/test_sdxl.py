@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from test_fidelity_units import _one_thread  # noqa: F401  (autouse: one torch thread in this process)
 
 from gas_lightning.errors import ModelLoadError
 from gas_lightning.masks import EditMasks
@@ -23,14 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 REQUEST = "change the red block into a yellow block. change the grass into snow."
 BOXES = "[[0.05, 0.05, 0.45, 0.5], [0, 0, 1, 1]]"
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
