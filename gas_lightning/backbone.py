@@ -142,6 +142,7 @@ class Backbone:
     prediction_type: str  # "epsilon" | "v_prediction"
     attention: str  # the attention backend that is in use
     source: str  # id or path it was loaded from
+    config_source: str | None = None  # the --model_config folder of a single-file checkpoint
 
     family = "sd"
 

@@ -218,7 +218,9 @@ def load_backbone(
         family = model_family(model, index)
         _check_components(model, index)
         parts = _load_folder(model, index, family, torch_dtype, local_files_only, allow_pickle_weights)
-    return _assemble(parts, model, device, attention)
+    backbone = _assemble(parts, model, device, attention)
+    backbone.config_source = model_config
+    return backbone
 
 
 def _assemble(parts: Components, source: str, device: str | torch.device, attention: str) -> Backbone:

@@ -201,6 +201,27 @@ def test_single_file_edit_end_to_end(single, image_file, tmp_path):
     assert (out / "edited.png").is_file() and torch.load(out / "latent.pt")["step"] == 2
 
 
+def test_a_single_file_model_loaded_once_edits_through_the_api(single, image_file, tmp_path):
+    """load_model(file, model_config=...) then edit(model=...): config.yaml names both, and reruns the edit."""
+    import yaml
+
+    from gas_lightning import edit, load_model
+    from gas_lightning.cli import main
+
+    _, _, file, config = single
+    model = load_model(str(file), device="cpu", model_config=str(config))
+    result = edit(image_file, "change the red block into a yellow block. change the grass into snow.",
+                  boxes=[[0.05, 0.05, 0.45, 0.5], [0, 0, 1, 1]], model=model, steps=1,
+                  config=REPO / "configs" / "tiny.yaml", output_dir=tmp_path / "api")
+    saved = yaml.safe_load((tmp_path / "api" / "config.yaml").read_text())
+    assert saved["model"] == str(file) and saved["model_config"] == str(config)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(tmp_path / "api" / "config.yaml"), "--output_dir", str(tmp_path / "again")])
+    assert exit_info.value.code == 0
+    again = torch.load(tmp_path / "again" / "latent.pt", weights_only=True)["latent"]
+    torch.testing.assert_close(result.latent, again, rtol=0, atol=0)
+
+
 def _expect(capsys, tmp_path, image_file, model, *extra) -> str:
     from gas_lightning.cli import main
 
