@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 SUPPORTED = ("gas-lightning loads Stable Diffusion 1.x/2.x and SDXL base models (a UNet with CLIP text encoders, "
              "epsilon or v-prediction)")
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 CLIP_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection")
 
 
@@ -48,7 +49,7 @@ class Components:
 
 def model_family(source: str, index: dict) -> str:
     """'sd' or 'sdxl' from model_index.json; anything else is refused before any weight is read."""
-    name = index.get("_class_name", "an unknown")
+    name = index.get("_class_name") or "no _class_name"
     present = {k for k, v in index.items() if isinstance(v, (list, tuple)) and len(v) == 2 and v[0] is not None}
     why = None
     if "transformer" in present:
@@ -61,12 +62,9 @@ def model_family(source: str, index: dict) -> str:
                                                           and index["text_encoder_2"][1] not in CLIP_ENCODERS):
         why = "its text encoder is not CLIP"
     if why is not None:
-        raise ModelLoadError(f"{source!r} is a {name} model, which is not supported: {why}. {SUPPORTED}; pass one of "
+        raise ModelLoadError(f"{source!r} ({name}) is not supported: {why}. {SUPPORTED}; pass one of "
                              "those with --model (a diffusers folder, a hub id, or a .safetensors file with --model_config)")
     return "sdxl" if "text_encoder_2" in present else "sd"
-
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 def _from_pretrained(cls: Any, source: str, subfolder: str, **kwargs: Any) -> Any:
@@ -135,7 +133,7 @@ def _model_index(source: str, local_files_only: bool) -> dict:
         ) from None
 
 
-def _check_components(model: str, index: dict, flag: str = "--model") -> None:
+def check_components(model: str, index: dict, flag: str = "--model") -> None:
     """A local folder must hold every component model_index.json names; say which are missing at once."""
     if not Path(model).is_dir():
         return
@@ -216,7 +214,7 @@ def load_backbone(
                                  f"{model!r} is a folder or hub id with its own configs: drop --model_config")
         index = _model_index(model, local_files_only)
         family = model_family(model, index)
-        _check_components(model, index)
+        check_components(model, index)
         parts = _load_folder(model, index, family, torch_dtype, local_files_only, allow_pickle_weights)
     backbone = _assemble(parts, model, device, attention)
     backbone.config_source = model_config

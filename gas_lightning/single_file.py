@@ -16,7 +16,7 @@ import torch
 
 from gas_lightning.errors import ModelLoadError
 from gas_lightning.loading import (
-    PICKLE_SUFFIXES, SINGLE_FILE_SUFFIXES, SUPPORTED, Components, _check_components, model_family, settle_vae, vae_dtype,
+    PICKLE_SUFFIXES, SINGLE_FILE_SUFFIXES, SUPPORTED, Components, check_components, model_family, settle_vae, vae_dtype,
 )
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def load_single_file(path: str, model_config: str | None, torch_dtype: torch.dty
                              "true if you trust where it came from")
     index = _config_index(model_config, file)
     family = model_family(model_config, index)
-    _check_components(model_config, index, flag="--model_config")
+    check_components(model_config, index, flag="--model_config")
     keys = _keys(file)
     found = checkpoint_family(keys) if keys is not None else None
     if found is not None and found != family:

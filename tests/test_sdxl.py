@@ -158,6 +158,20 @@ def test_an_inpainting_unet_is_refused(tmp_path):
 # --- conditioning ----------------------------------------------------------------------------
 
 
+def test_prompt_embeddings_batch_slice_and_refuse_mixed_families():
+    from gas_lightning.backbone import PromptEmbeddings
+
+    a = PromptEmbeddings(torch.arange(2 * 3 * 4.0).reshape(2, 3, 4), torch.arange(2 * 5.0).reshape(2, 5))
+    row = a[1]  # an integer keeps the batch axis
+    assert row.hidden.shape == (1, 3, 4) and torch.equal(row.pooled, torch.tensor([[5.0, 6, 7, 8, 9]]))
+    both = PromptEmbeddings.cat([a[-1], row.expand(2)])
+    assert len(both) == 3 and torch.equal(both.pooled[:, 0], torch.tensor([5.0, 5, 5]))
+    sd = PromptEmbeddings.cat([torch.zeros(1, 3, 4), torch.ones(2, 3, 4)])  # bare tensors: SD 1/2, no pooled
+    assert sd.pooled is None and len(sd) == 3
+    with pytest.raises(ValueError, match="with and without pooled"):
+        PromptEmbeddings.cat([a, sd])
+
+
 def test_prompt_embeddings_match_the_sdxl_pipeline(sdxl, pipe):
     prompts = ["a cat", "snow", "a red block on the grass"]
     hidden, pooled, null_hidden, null_pooled, _ = _pipeline_conditioning(pipe, prompts, 32, 32)
