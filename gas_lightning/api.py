@@ -35,8 +35,9 @@ __all__ = ["edit", "plan_edit", "load_model", "EditResult"]
 
 
 def load_model(model: str = BUNDLED_MODEL, device: str = "auto", dtype: str = "auto", attention: str = "auto",
-               allow_pickle_weights: bool = False) -> "Backbone":
-    """Load a model once and pass it as `edit(model=...)` to many edits (`device="auto"`: CUDA if present)."""
+               allow_pickle_weights: bool = False, model_config: str | None = None) -> "Backbone":
+    """Load a model once and pass it as `edit(model=...)` to many edits (`device="auto"`: CUDA if present).
+    A single-file checkpoint needs `model_config`, the local folder of its family's configs and tokenizers."""
     import torch
 
     from gas_lightning.backbone import load_backbone
@@ -45,7 +46,7 @@ def load_model(model: str = BUNDLED_MODEL, device: str = "auto", dtype: str = "a
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return load_backbone(resolve_bundled(model), device=device, dtype=dtype, attention=attention,
-                         allow_pickle_weights=allow_pickle_weights)
+                         allow_pickle_weights=allow_pickle_weights, model_config=model_config)
 
 
 def edit(
@@ -130,6 +131,7 @@ def _config(parser, config, model, output_dir, steps, seed, trainer_kwargs, back
         overrides["seed"] = seed
         if backbone is not None:
             overrides["model"] = backbone.source
+            overrides["model_config"] = backbone.config_source
             overrides.setdefault("trainer", {}).update(_trainer_on(backbone))
         elif model is not None:
             overrides["model"] = str(model)

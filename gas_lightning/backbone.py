@@ -1,17 +1,16 @@
-"""Load a frozen text-to-image diffusion model (Stable Diffusion family) for score distillation.
+"""The frozen text-to-image model as score distillation sees it: codec, conditioning, noise prediction.
 
-Components are loaded one by one with diffusers/transformers `from_pretrained` so that a hub
-id and a local folder take the same path, and so that a pixel-space model (no `vae/`, such as
-the bundled shapes model) is a first-class case through an identity codec.
+One class per model family (SD 1/2, SDXL): each turns prompts into a `PromptEmbeddings` object
+and knows how its UNet takes it, so guidance/ never branches on the family. A pixel-space
+model (no VAE, such as the bundled shapes model) is a first-class case through an identity
+codec. Loading from folders, hub ids and single files is in loading.py.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -49,7 +48,11 @@ class IdentityCodec(LatentCodec):
 
 
 class VaeCodec(LatentCodec):
-    """Latent diffusion: z = (VAE mean - shift) * scale, as in Stable Diffusion."""
+    """Latent diffusion: z = (VAE mean - shift) * scale, as in Stable Diffusion.
+
+    Runs in the VAE's own dtype with autocast off: the SDXL VAE is kept in float32 because it
+    overflows in float16, and a surrounding fp16 autocast would undo that.
+    """
 
     def __init__(self, vae: nn.Module):
         super().__init__()
@@ -60,19 +63,76 @@ class VaeCodec(LatentCodec):
 
     @torch.no_grad()
     def encode(self, image: torch.Tensor) -> torch.Tensor:
-        dtype = next(self.vae.parameters()).dtype
-        posterior = self.vae.encode(image.to(dtype)).latent_dist
+        param = next(self.vae.parameters())
+        with torch.autocast(param.device.type, enabled=False):
+            posterior = self.vae.encode(image.to(param.dtype)).latent_dist
         return ((posterior.mean - self.shift) * self.scale).float()
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        dtype = next(self.vae.parameters()).dtype
-        image = self.vae.decode((latent / self.scale + self.shift).to(dtype)).sample
+        param = next(self.vae.parameters())
+        with torch.autocast(param.device.type, enabled=False):
+            image = self.vae.decode((latent / self.scale + self.shift).to(param.dtype)).sample
         return image.float().clamp(-1, 1)
+
+
+@dataclass(frozen=True, eq=False)
+class PromptEmbeddings:
+    """The text conditioning of a batch of prompts, in the form the backbone's UNet takes it.
+
+    `hidden` (B, L, D) feeds cross-attention; `pooled` (B, P) is SDXL's pooled text embedding
+    (None for SD 1/2). Guidance code only batches, slices and moves these objects, so the
+    schedules do not depend on the model family.
+    """
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, value: "PromptEmbeddings | torch.Tensor") -> "PromptEmbeddings":
+        """A bare (B, L, D) tensor is an SD-style conditioning without pooled embeddings."""
+        return value if isinstance(value, PromptEmbeddings) else cls(value)
+
+    @classmethod
+    def cat(cls, items: Sequence["PromptEmbeddings | torch.Tensor"]) -> "PromptEmbeddings":
+        items = [cls.of(x) for x in items]
+        pooled = [x.pooled for x in items]
+        if any(p is None for p in pooled) and not all(p is None for p in pooled):
+            raise ValueError("cannot concatenate prompt embeddings with and without pooled embeddings")
+        return cls(torch.cat([x.hidden for x in items]), None if pooled[0] is None else torch.cat(pooled))
+
+    def __len__(self) -> int:
+        return int(self.hidden.shape[0])
+
+    def __getitem__(self, index: int | slice | Sequence[int] | torch.Tensor) -> "PromptEmbeddings":
+        """Rows of the batch; an integer keeps the batch axis (one prompt is a batch of one)."""
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
+        return PromptEmbeddings(self.hidden[index], None if self.pooled is None else self.pooled[index])
+
+    def expand(self, n: int) -> "PromptEmbeddings":
+        """A batch of one repeated n times (a view, no copy)."""
+        return PromptEmbeddings(self.hidden.expand(n, -1, -1), None if self.pooled is None else self.pooled.expand(n, -1))
+
+    def to(self, *args: Any, **kwargs: Any) -> "PromptEmbeddings":
+        return PromptEmbeddings(self.hidden.to(*args, **kwargs),
+                                None if self.pooled is None else self.pooled.to(*args, **kwargs))
+
+    def zeros_like(self) -> "PromptEmbeddings":
+        return PromptEmbeddings(torch.zeros_like(self.hidden), None if self.pooled is None else torch.zeros_like(self.pooled))
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
 
 
 @dataclass
 class Backbone:
-    """The frozen networks of one diffusion model plus what guidance needs to know about it."""
+    """The frozen networks of one diffusion model plus what guidance needs to know about it.
+
+    This class is the Stable Diffusion 1.x/2.x family (one CLIP text encoder, its last hidden
+    state); `SDXLBackbone` adds SDXL's second encoder and added conditioning. Only the backbone
+    knows how its family's UNet is called: guidance goes through `denoise`/`predict_eps`.
+    """
 
     unet: nn.Module
     text_encoder: nn.Module
@@ -82,6 +142,9 @@ class Backbone:
     prediction_type: str  # "epsilon" | "v_prediction"
     attention: str  # the attention backend that is in use
     source: str  # id or path it was loaded from
+    config_source: str | None = None  # the --model_config folder of a single-file checkpoint
+
+    family = "sd"
 
     @property
     def num_train_timesteps(self) -> int:
@@ -105,30 +168,50 @@ class Backbone:
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
+    def frozen_networks(self) -> list[nn.Module]:
+        return [self.unet, self.text_encoder, self.codec]
+
     def to(self, device: torch.device | str) -> "Backbone":
-        for net in (self.unet, self.text_encoder, self.codec):
+        for net in self.frozen_networks():
             net.to(device)
         self.alphas_cumprod = self.alphas_cumprod.to(device)
         return self
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text embeddings (len(prompts), L, D); warns when a prompt is cut by the encoder's length."""
-        max_len = min(int(self.tokenizer.model_max_length), int(self.text_encoder.config.max_position_embeddings))
+    def _tokens(self, tokenizer: Any, encoder: nn.Module, prompts: Sequence[str]) -> torch.Tensor:
+        """Token ids padded to the encoder's length; warns when a prompt is cut."""
+        max_len = min(int(tokenizer.model_max_length), int(encoder.config.max_position_embeddings))
         for p in prompts:
-            n = len(self.tokenizer(p, truncation=False).input_ids)
+            n = len(tokenizer(p, truncation=False).input_ids)
             if n > max_len:
                 log.warning("prompt %r is %d tokens; the text encoder keeps only %d", p, n, max_len)
-        tokens = self.tokenizer(
-            list(prompts), padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
-        )
-        out = self.text_encoder(tokens.input_ids.to(self.device))
-        hidden = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
-        return hidden.to(self.dtype)
+        tokens = tokenizer(list(prompts), padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
+        return tokens.input_ids.to(self.device)
 
-    def predict_eps(self, z_t: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeddings:
+        """The text encoder's last hidden state for each prompt, as SD 1/2 pipelines use it."""
+        out = self.text_encoder(self._tokens(self.tokenizer, self.text_encoder, prompts))
+        hidden = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
+        return PromptEmbeddings(hidden.to(self.dtype))
+
+    def null_embeddings(self) -> PromptEmbeddings:
+        """The unconditional ("null text") conditioning of classifier-free guidance."""
+        return self.encode_prompts([""])
+
+    def added_cond_kwargs(self, cond: PromptEmbeddings, z_t: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """Extra UNet conditioning beside the token embeddings; SD 1/2 has none."""
+        return None
+
+    def denoise(self, z_t: torch.Tensor, t: torch.Tensor, cond: PromptEmbeddings | torch.Tensor) -> torch.Tensor:
+        """The raw UNet output (model dtype) for noisy latents `z_t` at timesteps `t` under `cond`."""
+        cond = PromptEmbeddings.of(cond)
+        extra = self.added_cond_kwargs(cond, z_t)
+        kwargs = {} if extra is None else {"added_cond_kwargs": extra}
+        return self.unet(z_t.to(self.dtype), t, encoder_hidden_states=cond.hidden, **kwargs).sample
+
+    def predict_eps(self, z_t: torch.Tensor, t: torch.Tensor, embeddings: PromptEmbeddings | torch.Tensor) -> torch.Tensor:
         """Noise prediction in float32, converting v-prediction models (eps = a v + s z_t)."""
-        out = self.unet(z_t.to(self.dtype), t, encoder_hidden_states=embeddings).sample.float()
+        out = self.denoise(z_t, t, embeddings).float()
         if self.prediction_type == "epsilon":
             return out
         if self.prediction_type == "v_prediction":
@@ -137,13 +220,54 @@ class Backbone:
         raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
 
 
+@dataclass
+class SDXLBackbone(Backbone):
+    """SDXL: two CLIP text encoders and the size/crop micro-conditioning (StableDiffusionXLPipeline's conventions).
+
+    Token embeddings are both encoders' penultimate hidden states joined on the last axis; the
+    pooled embedding is the second encoder's projected output. `time_ids` are
+    original_size + crop top-left + target_size; an edit is neither cropped nor rescaled in the
+    model's eyes, so both sizes are the working size (read off the latent) and the crop is (0, 0).
+    """
+
+    text_encoder_2: nn.Module = None  # type: ignore[assignment]
+    tokenizer_2: Any = None
+    force_zeros_for_empty_prompt: bool = True  # the pipeline's null text is all-zero embeddings
+
+    family = "sdxl"
+
+    def frozen_networks(self) -> list[nn.Module]:
+        return [*super().frozen_networks(), self.text_encoder_2]
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeddings:
+        hidden = []
+        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            out = encoder(self._tokens(tokenizer, encoder, prompts), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+        pooled = out[0]  # CLIPTextModelWithProjection: text_embeds (B, projection_dim)
+        return PromptEmbeddings(torch.cat(hidden, dim=-1).to(self.dtype), pooled.to(self.dtype))
+
+    def null_embeddings(self) -> PromptEmbeddings:
+        emb = self.encode_prompts([""])
+        return emb.zeros_like() if self.force_zeros_for_empty_prompt else emb
+
+    def time_ids(self, height: int, width: int, batch: int, dtype: torch.dtype) -> torch.Tensor:
+        """(batch, 6): original (h, w), crop top-left (0, 0), target (h, w), in pixels."""
+        ids = torch.tensor([height, width, 0, 0, height, width], dtype=dtype, device=self.device)
+        return ids.expand(batch, -1)
+
+    def added_cond_kwargs(self, cond: PromptEmbeddings, z_t: torch.Tensor) -> dict[str, torch.Tensor]:
+        if cond.pooled is None:
+            raise ValueError("SDXL needs pooled text embeddings; encode prompts with this backbone's encode_prompts")
+        h, w = (int(v) * self.codec.downscale for v in z_t.shape[-2:])
+        return {"text_embeds": cond.pooled, "time_ids": self.time_ids(h, w, z_t.shape[0], cond.pooled.dtype)}
+
+
 def alpha_sigma(alphas_cumprod: torch.Tensor, t: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """sqrt(alphabar_t) and sqrt(1 - alphabar_t), shaped to broadcast over a batch of latents."""
     ab = alphas_cumprod.to(t.device)[t].float().reshape(-1, *([1] * (ndim - 1)))
     return ab.sqrt(), (1 - ab).sqrt()
-
-
-# loading ------------------------------------------------------------------------------------
 
 
 def resolve_dtype(dtype: str, device: str | torch.device) -> torch.dtype:
@@ -159,88 +283,6 @@ def resolve_dtype(dtype: str, device: str | torch.device) -> torch.dtype:
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
-
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-
-
-def _from_pretrained(cls: Any, source: str, subfolder: str, **kwargs: Any) -> Any:
-    try:
-        return cls.from_pretrained(source, subfolder=subfolder, **kwargs)
-    except (OSError, ValueError, EnvironmentError, RuntimeError) as e:
-        first = " ".join(str(e).split())[:300]
-        if isinstance(e, RuntimeError) and "size mismatch" not in str(e):
-            raise  # not a loading problem the user can fix
-        raise ModelLoadError(_load_failure(source, subfolder, kwargs, e, first)) from None
-    except Exception as e:
-        from safetensors import SafetensorError
-
-        if not isinstance(e, SafetensorError):
-            raise
-        raise ModelLoadError(_corrupted(source, subfolder, f"{type(e).__name__}: {e}")) from None
-
-
-def _corrupted(source: str, subfolder: str, why: str) -> str:
-    return (f"the weights in '{Path(source) / subfolder}' are corrupted or incomplete ({why}); "
-            "download the model again (an interrupted copy leaves a truncated .safetensors file)")
-
-
-def _load_failure(source: str, subfolder: str, kwargs: dict, e: Exception, first: str) -> str:
-    """Say which of the usual causes it is: pickle-only weights, a config that does not fit the
-    weights, a damaged file, a missing component, or a hub id that cannot be reached."""
-    folder = Path(source) / subfolder
-    if not Path(source).exists():
-        return (f"could not load {source!r} from the Hugging Face hub (offline, or no such model); "
-                f"download the model once and pass the local folder with --model /path/to/model ({first})")
-    if isinstance(e, RuntimeError):
-        mismatch = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), first)
-        return (f"the weights in '{folder}' do not fit its config.json ({mismatch[:300]}); the config was edited "
-                "or belongs to another model: restore the config.json saved with these weights")
-    pickles = sorted(f.name for f in folder.glob("*") if f.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
-    if kwargs.get("use_safetensors") and pickles:
-        return (f"'{folder}' holds only pickle weights ({', '.join(pickles)}); gas-edit loads .safetensors only, "
-                "because loading a pickle can run code. Convert the model to safetensors (save_pretrained), "
-                "or pass --allow_pickle_weights true if you trust where it came from")
-    if "Unable to load weights" in first or "header" in first.lower():
-        return _corrupted(source, subfolder, first)
-    return f"the folder {source!r} has no loadable '{subfolder}/' component ({type(e).__name__}: {first})"
-
-
-def _model_index(source: str, local_files_only: bool) -> dict:
-    from diffusers import DiffusionPipeline
-
-    try:
-        return DiffusionPipeline.load_config(source, local_files_only=local_files_only)
-    except (OSError, ValueError, EnvironmentError) as e:
-        if Path(source).exists():
-            raise ModelLoadError(
-                f"{source!r} is not a diffusers model folder (no readable model_index.json); "
-                "save the model with save_pretrained or point --model at the folder that holds unet/, text_encoder/ ..."
-            ) from None
-        from gas_lightning.io import looks_like_path
-
-        if looks_like_path(source):
-            raise ModelLoadError(
-                f"--model {source!r}: no such folder; pass the folder that holds unet/, text_encoder/ ... "
-                "(a diffusers save_pretrained layout), or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5"
-            ) from None
-        raise ModelLoadError(
-            f"could not reach model {source!r} (offline, or no such hub id): {type(e).__name__}. "
-            "Pass a local folder with --model /path/to/model (a diffusers save_pretrained layout)."
-        ) from None
-
-
-def _check_components(model: str, index: dict) -> None:
-    """A local folder must hold every component model_index.json names; say which are missing at once."""
-    if not Path(model).is_dir():
-        return
-    needed = ["unet", "text_encoder", "tokenizer", "scheduler"] + (["vae"] if (index.get("vae") or [None])[0] else [])
-    missing = [c for c in needed if not (Path(model) / c).is_dir()]
-    if missing:
-        raise ModelLoadError(
-            f"the model folder {model!r} lacks {', '.join(m + '/' for m in missing)}; copy the whole model "
-            "(every folder model_index.json names), e.g. with `hf download MODEL_ID --local-dir FOLDER`"
-        )
 
 
 def set_attention(unet: nn.Module, backend: str) -> str:
@@ -269,55 +311,10 @@ def set_attention(unet: nn.Module, backend: str) -> str:
     return "sdpa"
 
 
-def load_backbone(
-    model: str,
-    device: str | torch.device = "cpu",
-    dtype: str = "auto",
-    attention: str = "auto",
-    local_files_only: bool | None = None,
-    allow_pickle_weights: bool = False,
-) -> Backbone:
-    """Load UNet, text encoder, tokenizer, scheduler constants and (if present) the VAE.
+def __getattr__(name: str) -> Any:
+    """`load_backbone` lives in loading.py; `from gas_lightning.backbone import load_backbone` keeps working."""
+    if name == "load_backbone":
+        from gas_lightning import loading
 
-    Weights are read from .safetensors only unless `allow_pickle_weights` (a pickle can run code).
-    """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
-
-    model = os.fspath(model)
-    if local_files_only is None:
-        local_files_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-    torch_dtype = resolve_dtype(dtype, device)
-    kw = {"local_files_only": local_files_only}
-    weights = {**kw, "use_safetensors": None if allow_pickle_weights else True}
-    index = _model_index(model, local_files_only)
-    _check_components(model, index)
-
-    unet = _from_pretrained(UNet2DConditionModel, model, "unet", torch_dtype=torch_dtype, **weights)
-    text_encoder = _from_pretrained(CLIPTextModel, model, "text_encoder", dtype=torch_dtype, **weights)
-    tokenizer = _from_pretrained(AutoTokenizer, model, "tokenizer", **kw)
-    scheduler = _from_pretrained(DDPMScheduler, model, "scheduler", **kw)
-    vae_entry = index.get("vae")
-    if vae_entry and vae_entry[0] is not None:
-        codec: LatentCodec = VaeCodec(_from_pretrained(AutoencoderKL, model, "vae", torch_dtype=torch_dtype, **weights))
-    else:
-        codec = IdentityCodec()
-
-    for net in (unet, text_encoder, codec):
-        net.requires_grad_(False).eval()
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise ModelLoadError(f"{model!r} uses prediction_type={prediction_type!r}; only epsilon and v_prediction are supported")
-    backbone = Backbone(
-        unet=unet,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        codec=codec,
-        alphas_cumprod=scheduler.alphas_cumprod.float().clone(),
-        prediction_type=prediction_type,
-        attention="sdpa",
-        source=model,
-    ).to(device)
-    backbone.attention = set_attention(unet, attention)
-    log.info("loaded %s (%s, %s, attention=%s)", model, prediction_type, torch_dtype, backbone.attention)
-    return backbone
+        return loading.load_backbone
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -131,12 +131,12 @@ def build_terms(backbone: Backbone, plan: EditPlan, masks: EditMasks, config: Gu
     n = len(plan.subtasks)
     prompts = [s.source for s in plan.subtasks] + [s.target for s in plan.subtasks]
     prompts += [plan.source_prompt, plan.target_prompt]
-    emb = backbone.encode_prompts(prompts)
+    emb = backbone.encode_prompts(prompts)  # a PromptEmbeddings: indexing keeps the batch axis
     terms = [
         Term(
             name=term_name(i, s.source),
-            src_emb=emb[i : i + 1],
-            tgt_emb=emb[n + i : n + i + 1],
+            src_emb=emb[i],
+            tgt_emb=emb[n + i],
             mask=masks.subtasks[i].to(emb.device),
             weight=s.intensity,
             preserve_form=s.preserve_form,
@@ -148,7 +148,7 @@ def build_terms(backbone: Backbone, plan: EditPlan, masks: EditMasks, config: Gu
         for i, s in enumerate(plan.subtasks)
     ]
     if cfg.full_prompt or n == 0:
-        terms.append(Term(name="full", src_emb=emb[2 * n : 2 * n + 1], tgt_emb=emb[2 * n + 1 : 2 * n + 2],
+        terms.append(Term(name="full", src_emb=emb[2 * n], tgt_emb=emb[2 * n + 1],
                           mask=masks.full.to(emb.device), weight=1.0, is_full=True))
     return terms
 
@@ -185,7 +185,7 @@ def build_edit(
     region_masks = EditMasks.from_plan(plan, z_src.shape[-2], z_src.shape[-1], overlap_weight=cfg.overlap_weight,
                                        masks=masks, image_size=image.size)
     terms = build_terms(backbone, plan, region_masks, config=cfg)
-    guidance = GroundedScoreGuidance(backbone, cfg, null_embedding=backbone.encode_prompts([""]), loss_scale=loss_scale)
+    guidance = GroundedScoreGuidance(backbone, cfg, null_embedding=backbone.null_embeddings(), loss_scale=loss_scale)
     module = GroundAScoreEdit(guidance, z_src, terms, plan, schedule=schedule, seed=seed, loss_scale=loss_scale,
                               optimizer=optimizer, lr_scheduler=lr_scheduler)
     module.masks = region_masks

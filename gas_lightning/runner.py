@@ -61,7 +61,10 @@ def build_parser(exit_on_error: bool = True):
     )
     p.add_argument("--config", action=ActionConfigFile, help="YAML config file(s); later flags override them")
     p.add_argument("--model", type=Optional[str], default=None,
-                   help="diffusers model: hub id, local folder, or gas-lightning:shapes-model (bundled)")
+                   help="SD 1.x/2.x or SDXL model: hub id, local diffusers folder, a single-file .safetensors checkpoint "
+                        "(with --model_config), or gas-lightning:shapes-model (bundled)")
+    p.add_argument("--model_config", type=Optional[str], default=None,
+                   help="for a single-file --model: a local diffusers-layout folder with its family's configs and tokenizers")
     p.add_argument("--image", type=Optional[str], default=None, help="image to edit (any size; see README: working size)")
     p.add_argument("--output_dir", type=str, default="outputs/edit")
     p.add_argument("--seed", type=int, default=0)
@@ -173,7 +176,7 @@ def run_edit(
         draw_grounding(image, plan, out / "grounding.png")
         return EditResult(image=None, plan=plan, latent=None, output_dir=out)
     if cfg.model is None and backbone is None:
-        raise GasError("no model given: pass --model HUB_ID_OR_FOLDER (a diffusers Stable Diffusion layout), "
+        raise GasError("no model given: pass --model HUB_ID_OR_FOLDER (a diffusers SD 1.x/2.x or SDXL layout), "
                        "or gas-lightning:shapes-model for the bundled one")
 
     init = parser.instantiate(cfg)
@@ -198,7 +201,7 @@ def run_edit(
         from gas_lightning.backbone import load_backbone
 
         backbone = load_backbone(resolve_bundled(cfg.model), device=device, dtype=cfg.dtype, attention=cfg.attention,
-                                 allow_pickle_weights=cfg.allow_pickle_weights)
+                                 allow_pickle_weights=cfg.allow_pickle_weights, model_config=cfg.model_config)
     elif str(backbone.device) != device:
         raise GasError(f"the model is on {backbone.device} but the Trainer runs on {device}; load the model on the "
                        "Trainer's device (load_model(device=...)) or set trainer accelerator/devices to match")

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from gas_lightning.backbone import Backbone, alpha_sigma
+from gas_lightning.backbone import Backbone, PromptEmbeddings, alpha_sigma
 from gas_lightning.guidance.cds import CDSConfig, SelfAttentionCapture, patch_nce, to_maps
 from gas_lightning.masks import OVERLAP_WEIGHT
 from gas_lightning.plan import WHOLE_IMAGE, Box
@@ -70,8 +70,8 @@ class Term:
     """One guidance term, resolved to tensors on the model's device."""
 
     name: str
-    src_emb: torch.Tensor  # (1, L, D)
-    tgt_emb: torch.Tensor  # (1, L, D)
+    src_emb: PromptEmbeddings  # one prompt's conditioning, as the backbone made it
+    tgt_emb: PromptEmbeddings
     mask: torch.Tensor  # (h, w)
     weight: float  # intensity, or the whole-scene weight (times beta(t) at use)
     is_full: bool = False
@@ -111,12 +111,12 @@ class GroundedScoreGuidance:
     the frozen networks stay out of state_dict, checkpoints and DDP.
     """
 
-    def __init__(self, backbone: Backbone, config: GuidanceConfig | None = None, null_embedding: torch.Tensor | None = None,
-                 loss_scale: float = 2000.0):
+    def __init__(self, backbone: Backbone, config: GuidanceConfig | None = None,
+                 null_embedding: PromptEmbeddings | torch.Tensor | None = None, loss_scale: float = 2000.0):
         self.backbone = backbone
         self.config = config or GuidanceConfig()
         self.loss_scale = float(loss_scale)  # the optimiser step's; the CDS gradient is divided by it
-        self.null = null_embedding if null_embedding is not None else backbone.encode_prompts([""])
+        self.null = PromptEmbeddings.of(null_embedding) if null_embedding is not None else backbone.null_embeddings()
         self._capture: SelfAttentionCapture | None = None
         self.penalty_coefficient = 5.0
 
@@ -172,17 +172,17 @@ class GroundedScoreGuidance:
         n = len(terms)
         h, w = z.shape[-2:]
         tt = t.expand(n)
-        src_emb = torch.cat([tm.src_emb for tm in terms])
-        tgt_emb = torch.cat([tm.tgt_emb for tm in terms])
+        src_emb = PromptEmbeddings.cat([tm.src_emb for tm in terms])
+        tgt_emb = PromptEmbeddings.cat([tm.tgt_emb for tm in terms])
         with torch.no_grad(), self.capture.capture() as ref:
-            bb.unet(self._noisy(z_src.expand(n, -1, -1, -1), tt, eps).to(bb.dtype), tt, encoder_hidden_states=src_emb)
+            bb.denoise(self._noisy(z_src.expand(n, -1, -1, -1), tt, eps), tt, src_emb)
         with torch.enable_grad():
             z_leaf = z.detach().requires_grad_(True)
             # z*M + (z*(1-M)).detach(): the same value, a gradient that stays inside the mask.
             masks = torch.stack([tm.mask for tm in terms])[:, None]
             z_masked = z_leaf * masks + (z_leaf * (1 - masks)).detach()
             with self.capture.capture() as cur:
-                bb.unet(self._noisy(z_masked, tt, eps).to(bb.dtype), tt, encoder_hidden_states=tgt_emb)
+                bb.denoise(self._noisy(z_masked, tt, eps), tt, tgt_emb)
             losses = []
             for i, tm in enumerate(terms):
                 region = tm.region if tm.region is not None else (tm.box or WHOLE_IMAGE)
@@ -206,7 +206,7 @@ class GroundedScoreGuidance:
         tt = torch.tensor([t], device=z.device)
         z_t_src, z_t_tgt = self._noisy(z_src, tt, eps), self._noisy(z, tt, eps)
         lat = torch.cat([z_t_src, z_t_tgt, z_t_src, z_t_tgt])
-        emb = torch.cat([self.null, self.null, term.src_emb, term.tgt_emb])
+        emb = PromptEmbeddings.cat([self.null, self.null, term.src_emb, term.tgt_emb])
         e = self.backbone.predict_eps(lat, tt.expand(4), emb)
         grad, tlog = self._dds(term, t, e[0:1], e[1:2], e[2:3], e[3:4])
         if term.preserve_form and generator is not None:
@@ -237,12 +237,12 @@ class GroundedScoreGuidance:
         cond = [tm.src_emb for tm in terms] + [tm.tgt_emb for tm in terms]
         if per_term:  # [null src x n, null tgt x n, x src x n, y tgt x n]
             lat = torch.cat([z_t_src, z_t_tgt, z_t_src, z_t_tgt])
-            emb = torch.cat([self.null.expand(2 * n, -1, -1)] + cond)
+            emb = PromptEmbeddings.cat([self.null.expand(2 * n)] + cond)
             e = self.backbone.predict_eps(lat, tt.repeat(4), emb)
             e0_src, e0_tgt, ec_src, ec_tgt = e[:n], e[n : 2 * n], e[2 * n : 3 * n], e[3 * n :]
         else:  # [null src, null tgt, x src x n, y tgt x n]
             lat = torch.cat([z_t_src[:1], z_t_tgt[:1], z_t_src, z_t_tgt])
-            emb = torch.cat([self.null, self.null] + cond)
+            emb = PromptEmbeddings.cat([self.null, self.null] + cond)
             e = self.backbone.predict_eps(lat, torch.cat([tt[:1].expand(2), tt, tt]), emb)
             e0_src, e0_tgt = e[0:1].expand(n, -1, -1, -1), e[1:2].expand(n, -1, -1, -1)
             ec_src, ec_tgt = e[2 : 2 + n], e[2 + n :]

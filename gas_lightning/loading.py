@@ -1,0 +1,247 @@
+"""Load a `Backbone` from a diffusers folder, a hub id, or a single-file checkpoint.
+
+Components are loaded one by one with diffusers/transformers `from_pretrained`, so a hub id and
+a local folder take the same path. The family (SD 1/2 or SDXL) is read from model_index.json
+before any weight is touched, and every other family is refused with one message. A single
+`.safetensors` checkpoint (the form community fine-tunes are shared in) goes through diffusers'
+`from_single_file` with a local config folder, offline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gas_lightning.backbone import (
+    Backbone, IdentityCodec, LatentCodec, SDXLBackbone, VaeCodec, resolve_dtype, set_attention,
+)
+from gas_lightning.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = ("gas-lightning loads Stable Diffusion 1.x/2.x and SDXL base models (a UNet with CLIP text encoders, "
+             "epsilon or v-prediction)")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+CLIP_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection")
+
+
+@dataclass
+class Components:
+    """What a model folder or a single file yields, before it becomes a Backbone."""
+
+    family: str  # "sd" | "sdxl"
+    unet: nn.Module
+    text_encoder: nn.Module
+    tokenizer: Any
+    scheduler: Any
+    vae: nn.Module | None
+    text_encoder_2: nn.Module | None = None
+    tokenizer_2: Any = None
+    force_zeros_for_empty_prompt: bool = True
+
+
+def model_family(source: str, index: dict) -> str:
+    """'sd' or 'sdxl' from model_index.json; anything else is refused before any weight is read."""
+    name = index.get("_class_name") or "no _class_name"
+    present = {k for k, v in index.items() if isinstance(v, (list, tuple)) and len(v) == 2 and v[0] is not None}
+    why = None
+    if "transformer" in present:
+        why = "a diffusion transformer, not a UNet (SD3, Flux and the like are trained with other objectives)"
+    elif "unet" not in present:
+        why = "it has no unet/"
+    elif "text_encoder" not in present:
+        why = "no first text encoder (the SDXL refiner and image-conditioned models are not text-to-image base models)"
+    elif index["text_encoder"][1] not in CLIP_ENCODERS or ("text_encoder_2" in present
+                                                          and index["text_encoder_2"][1] not in CLIP_ENCODERS):
+        why = "its text encoder is not CLIP"
+    if why is not None:
+        raise ModelLoadError(f"{source!r} ({name}) is not supported: {why}. {SUPPORTED}; pass one of "
+                             "those with --model (a diffusers folder, a hub id, or a .safetensors file with --model_config)")
+    return "sdxl" if "text_encoder_2" in present else "sd"
+
+
+def _from_pretrained(cls: Any, source: str, subfolder: str, **kwargs: Any) -> Any:
+    try:
+        return cls.from_pretrained(source, subfolder=subfolder, **kwargs)
+    except (OSError, ValueError, EnvironmentError, RuntimeError) as e:
+        first = " ".join(str(e).split())[:300]
+        if isinstance(e, RuntimeError) and "size mismatch" not in str(e):
+            raise  # not a loading problem the user can fix
+        raise ModelLoadError(_load_failure(source, subfolder, kwargs, e, first)) from None
+    except Exception as e:
+        from safetensors import SafetensorError
+
+        if not isinstance(e, SafetensorError):
+            raise
+        raise ModelLoadError(_corrupted(source, subfolder, f"{type(e).__name__}: {e}")) from None
+
+
+def _corrupted(source: str, subfolder: str, why: str) -> str:
+    return (f"the weights in '{Path(source) / subfolder}' are corrupted or incomplete ({why}); "
+            "download the model again (an interrupted copy leaves a truncated .safetensors file)")
+
+
+def _load_failure(source: str, subfolder: str, kwargs: dict, e: Exception, first: str) -> str:
+    """Say which of the usual causes it is: pickle-only weights, a config that does not fit the
+    weights, a damaged file, a missing component, or a hub id that cannot be reached."""
+    folder = Path(source) / subfolder
+    if not Path(source).exists():
+        return (f"could not load {source!r} from the Hugging Face hub (offline, or no such model); "
+                f"download the model once and pass the local folder with --model /path/to/model ({first})")
+    if isinstance(e, RuntimeError):
+        mismatch = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), first)
+        return (f"the weights in '{folder}' do not fit its config.json ({mismatch[:300]}); the config was edited "
+                "or belongs to another model: restore the config.json saved with these weights")
+    pickles = sorted(f.name for f in folder.glob("*") if f.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
+    if kwargs.get("use_safetensors") and pickles:
+        return (f"'{folder}' holds only pickle weights ({', '.join(pickles)}); gas-edit loads .safetensors only, "
+                "because loading a pickle can run code. Convert the model to safetensors (save_pretrained), "
+                "or pass --allow_pickle_weights true if you trust where it came from")
+    if "Unable to load weights" in first or "header" in first.lower():
+        return _corrupted(source, subfolder, first)
+    return f"the folder {source!r} has no loadable '{subfolder}/' component ({type(e).__name__}: {first})"
+
+
+def _model_index(source: str, local_files_only: bool) -> dict:
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.load_config(source, local_files_only=local_files_only)
+    except (OSError, ValueError, EnvironmentError) as e:
+        if Path(source).exists():
+            raise ModelLoadError(
+                f"{source!r} is not a diffusers model folder (no readable model_index.json); "
+                "save the model with save_pretrained or point --model at the folder that holds unet/, text_encoder/ ..."
+            ) from None
+        from gas_lightning.io import looks_like_path
+
+        if looks_like_path(source):
+            raise ModelLoadError(
+                f"--model {source!r}: no such folder; pass the folder that holds unet/, text_encoder/ ... "
+                "(a diffusers save_pretrained layout), or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5"
+            ) from None
+        raise ModelLoadError(
+            f"could not reach model {source!r} (offline, or no such hub id): {type(e).__name__}. "
+            "Pass a local folder with --model /path/to/model (a diffusers save_pretrained layout)."
+        ) from None
+
+
+def check_components(model: str, index: dict, flag: str = "--model") -> None:
+    """A local folder must hold every component model_index.json names; say which are missing at once."""
+    if not Path(model).is_dir():
+        return
+    needed = ["unet", "text_encoder", "tokenizer", "scheduler"]
+    needed += [c for c in ("text_encoder_2", "tokenizer_2", "vae") if (index.get(c) or [None])[0] is not None]
+    missing = [c for c in needed if not (Path(model) / c).is_dir()]
+    if missing:
+        raise ModelLoadError(
+            f"the {flag} folder {model!r} lacks {', '.join(m + '/' for m in missing)}; copy the whole model "
+            "(every folder model_index.json names), e.g. with `hf download MODEL_ID --local-dir FOLDER`"
+        )
+
+
+def vae_dtype(family: str, torch_dtype: torch.dtype) -> torch.dtype:
+    """The dtype to load the VAE in: SDXL's is read in float32 (see `settle_vae`)."""
+    return torch.float32 if family == "sdxl" and torch_dtype == torch.float16 else torch_dtype
+
+
+def settle_vae(vae: nn.Module, torch_dtype: torch.dtype) -> nn.Module:
+    """SDXL's VAE overflows in float16 and its config says so (force_upcast): it stays in float32.
+    A VAE fixed for float16 (force_upcast false, e.g. madebyollin/sdxl-vae-fp16-fix) goes to float16."""
+    if not getattr(vae.config, "force_upcast", True):
+        vae.to(torch_dtype)
+    return vae
+
+
+def _load_folder(model: str, index: dict, family: str, torch_dtype: torch.dtype, local_files_only: bool,
+                 allow_pickle_weights: bool) -> Components:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    kw = {"local_files_only": local_files_only}
+    weights = {**kw, "use_safetensors": None if allow_pickle_weights else True}
+    parts = Components(
+        family=family,
+        unet=_from_pretrained(UNet2DConditionModel, model, "unet", torch_dtype=torch_dtype, **weights),
+        text_encoder=_from_pretrained(CLIPTextModel, model, "text_encoder", dtype=torch_dtype, **weights),
+        tokenizer=_from_pretrained(AutoTokenizer, model, "tokenizer", **kw),
+        scheduler=_from_pretrained(DDPMScheduler, model, "scheduler", **kw),
+        vae=None,
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+    )
+    if family == "sdxl":
+        parts.text_encoder_2 = _from_pretrained(CLIPTextModelWithProjection, model, "text_encoder_2", dtype=torch_dtype, **weights)
+        parts.tokenizer_2 = _from_pretrained(AutoTokenizer, model, "tokenizer_2", **kw)
+    if (index.get("vae") or [None])[0] is not None:
+        vae = _from_pretrained(AutoencoderKL, model, "vae", torch_dtype=vae_dtype(family, torch_dtype), **weights)
+        parts.vae = settle_vae(vae, torch_dtype)
+    return parts
+
+
+def load_backbone(
+    model: str,
+    device: str | torch.device = "cpu",
+    dtype: str = "auto",
+    attention: str = "auto",
+    local_files_only: bool | None = None,
+    allow_pickle_weights: bool = False,
+    model_config: str | None = None,
+) -> Backbone:
+    """Load UNet, text encoder(s), tokenizer(s), scheduler constants and (if present) the VAE.
+
+    `model` is a diffusers folder, a hub id, or a single-file checkpoint; the latter needs
+    `model_config`, a local diffusers-layout folder with the family's configs and tokenizers.
+    Weights are read from .safetensors only unless `allow_pickle_weights` (a pickle can run code).
+    """
+    model = os.fspath(model)
+    if local_files_only is None:
+        local_files_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    torch_dtype = resolve_dtype(dtype, device)
+    if Path(model).is_file():
+        from gas_lightning.single_file import load_single_file
+
+        parts = load_single_file(model, model_config, torch_dtype, allow_pickle_weights)
+    else:
+        if model_config is not None:
+            raise ModelLoadError(f"--model_config is for a single-file checkpoint (--model FILE.safetensors); --model "
+                                 f"{model!r} is a folder or hub id with its own configs: drop --model_config")
+        index = _model_index(model, local_files_only)
+        family = model_family(model, index)
+        check_components(model, index)
+        parts = _load_folder(model, index, family, torch_dtype, local_files_only, allow_pickle_weights)
+    backbone = _assemble(parts, model, device, attention)
+    backbone.config_source = model_config
+    return backbone
+
+
+def _assemble(parts: Components, source: str, device: str | torch.device, attention: str) -> Backbone:
+    unet_in, unet_out = parts.unet.config.in_channels, parts.unet.config.out_channels
+    if unet_in != unet_out:
+        raise ModelLoadError(f"{source!r} is not supported: its UNet takes {unet_in} input channels for {unet_out} output "
+                             f"channels (an inpainting, depth or instruction model, not a text-to-image base model). {SUPPORTED}")
+    codec: LatentCodec = VaeCodec(parts.vae) if parts.vae is not None else IdentityCodec()
+    prediction_type = parts.scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ModelLoadError(f"{source!r} uses prediction_type={prediction_type!r}; only epsilon and v_prediction are supported")
+    common = dict(unet=parts.unet, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, codec=codec,
+                  alphas_cumprod=parts.scheduler.alphas_cumprod.float().clone(), prediction_type=prediction_type,
+                  attention="sdpa", source=source)
+    if parts.family == "sdxl":
+        backbone: Backbone = SDXLBackbone(**common, text_encoder_2=parts.text_encoder_2, tokenizer_2=parts.tokenizer_2,
+                                          force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt)
+    else:
+        backbone = Backbone(**common)
+    for net in backbone.frozen_networks():
+        net.requires_grad_(False).eval()
+    backbone.to(device)
+    backbone.attention = set_attention(parts.unet, attention)
+    log.info("loaded %s (%s, %s, %s, attention=%s)", source, backbone.family, prediction_type, backbone.dtype,
+             backbone.attention)
+    return backbone
