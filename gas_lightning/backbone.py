@@ -10,9 +10,10 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -26,10 +27,32 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
+@contextmanager
+def visiting(net: nn.Module, device: torch.device, offloaded: bool) -> Iterator[None]:
+    """Run `net` on `device` and, when it is offloaded, send it back to the CPU afterwards."""
+    if not offloaded or torch.device(device).type == "cpu":
+        yield
+        return
+    net.to(device)
+    try:
+        yield
+    finally:
+        net.to("cpu")
+
+
+def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A CPU tensor on `device` without waiting for the accelerator: a copy from pageable memory
+    blocks until every queued kernel has run, a copy from pinned memory does not."""
+    if torch.device(device).type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 class LatentCodec(nn.Module):
     """Maps images in [-1, 1] to the space the denoiser works in, and back."""
 
     downscale: int = 1
+    offloaded: bool = False  # waits on the CPU and visits the input's device for each encode/decode
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -61,13 +84,15 @@ class VaeCodec(LatentCodec):
     @torch.no_grad()
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         dtype = next(self.vae.parameters()).dtype
-        posterior = self.vae.encode(image.to(dtype)).latent_dist
-        return ((posterior.mean - self.shift) * self.scale).float()
+        with visiting(self.vae, image.device, self.offloaded):
+            posterior = self.vae.encode(image.to(dtype)).latent_dist
+            return ((posterior.mean - self.shift) * self.scale).float()
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         dtype = next(self.vae.parameters()).dtype
-        image = self.vae.decode((latent / self.scale + self.shift).to(dtype)).sample
-        return image.float().clamp(-1, 1)
+        with visiting(self.vae, latent.device, self.offloaded):
+            image = self.vae.decode((latent / self.scale + self.shift).to(dtype)).sample
+            return image.float().clamp(-1, 1)
 
 
 @dataclass
@@ -82,6 +107,8 @@ class Backbone:
     prediction_type: str  # "epsilon" | "v_prediction"
     attention: str  # the attention backend that is in use
     source: str  # id or path it was loaded from
+    micro_batch: int | None = None  # most samples per UNet call; None: the whole batch in one call
+    offload: bool = False  # text encoder and VAE wait on the CPU, visiting the UNet's device when used
 
     @property
     def num_train_timesteps(self) -> int:
@@ -106,9 +133,28 @@ class Backbone:
         return next(self.unet.parameters()).dtype
 
     def to(self, device: torch.device | str) -> "Backbone":
-        for net in (self.unet, self.text_encoder, self.codec):
-            net.to(device)
+        self.unet.to(device)
+        for net in (self.text_encoder, self.codec):
+            net.to("cpu" if self.offload else device)
         self.alphas_cumprod = self.alphas_cumprod.to(device)
+        return self
+
+    def tune(self, compile: bool = False, low_memory: bool = False, micro_batch: int | None = None) -> "Backbone":
+        """Speed and memory switches that leave the results unchanged (up to float rounding).
+
+        `low_memory`: UNet calls of at most `micro_batch` (default 4, the sequential schedule's call
+        size) samples, and the text encoder and VAE kept on the CPU between uses. Attention is not
+        sliced: SDPA and xformers already run attention without the (tokens x tokens) matrix.
+        `compile`: torch.compile of the UNet in place (hooks and attribute access keep working).
+        """
+        if micro_batch is not None and micro_batch < 1:
+            raise ModelLoadError(f"micro_batch must be at least 1, got {micro_batch}")
+        self.micro_batch = micro_batch if micro_batch is not None else (4 if low_memory else None)
+        self.offload = bool(low_memory)
+        self.codec.offloaded = self.offload
+        self.to(self.device)
+        if compile:
+            self.unet.compile()
         return self
 
     @torch.no_grad()
@@ -122,13 +168,22 @@ class Backbone:
         tokens = self.tokenizer(
             list(prompts), padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
         )
-        out = self.text_encoder(tokens.input_ids.to(self.device))
-        hidden = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
-        return hidden.to(self.dtype)
+        with visiting(self.text_encoder, self.device, self.offload):
+            out = self.text_encoder(tokens.input_ids.to(self.device))
+            hidden = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
+            return hidden.to(self.dtype)
 
     def predict_eps(self, z_t: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-        """Noise prediction in float32, converting v-prediction models (eps = a v + s z_t)."""
-        out = self.unet(z_t.to(self.dtype), t, encoder_hidden_states=embeddings).sample.float()
+        """Noise prediction in float32, converting v-prediction models (eps = a v + s z_t).
+
+        With `micro_batch` the batch goes through the UNet in slices: each sample's prediction
+        depends on that sample alone (GroupNorm and attention are per sample), so the result is
+        the one call's up to float rounding, at the memory of a slice.
+        """
+        k = self.micro_batch or z_t.shape[0]
+        parts = [self.unet(z.to(self.dtype), tt, encoder_hidden_states=e).sample
+                 for z, tt, e in zip(z_t.split(k), t.split(k), embeddings.split(k))]
+        out = (parts[0] if len(parts) == 1 else torch.cat(parts)).float()
         if self.prediction_type == "epsilon":
             return out
         if self.prediction_type == "v_prediction":
@@ -276,10 +331,14 @@ def load_backbone(
     attention: str = "auto",
     local_files_only: bool | None = None,
     allow_pickle_weights: bool = False,
+    compile: bool = False,
+    low_memory: bool = False,
+    micro_batch: int | None = None,
 ) -> Backbone:
     """Load UNet, text encoder, tokenizer, scheduler constants and (if present) the VAE.
 
     Weights are read from .safetensors only unless `allow_pickle_weights` (a pickle can run code).
+    `compile`, `low_memory` and `micro_batch`: see `Backbone.tune`.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
@@ -319,5 +378,6 @@ def load_backbone(
         source=model,
     ).to(device)
     backbone.attention = set_attention(unet, attention)
+    backbone.tune(compile=compile, low_memory=low_memory, micro_batch=micro_batch)
     log.info("loaded %s (%s, %s, attention=%s)", model, prediction_type, torch_dtype, backbone.attention)
     return backbone
