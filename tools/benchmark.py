@@ -76,19 +76,20 @@ class StepTimer(Callback):
 
     def __init__(self, counter: UNetCounter, warmup: int, steps: int):
         self.counter, self.warmup, self.steps = counter, warmup, steps
-        self.start = self.seconds = None
+        self.start = self.seconds = self.cpu_start = self.cpu_seconds = None
         self.calls = self.samples = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if batch_idx == self.warmup:
             synchronize(pl_module.device)
             self.counter.reset()
-            self.start = time.perf_counter()
+            self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if batch_idx == self.warmup + self.steps - 1:
             synchronize(pl_module.device)
             self.seconds = time.perf_counter() - self.start
+            self.cpu_seconds = time.process_time() - self.cpu_start
             self.calls, self.samples = self.counter.calls, self.counter.samples
 
 
@@ -145,11 +146,14 @@ def _trainer(args, callbacks: list, max_steps: int, log_dir: str) -> L.Trainer:
 
 
 def timed_run(backbone: Backbone, counter: UNetCounter, image, plan: EditPlan, schedule: str, args, log_dir: str):
-    """Seconds, UNet calls and samples per step of one fit, the warm-up steps excluded."""
+    """Per step of one fit, warm-up excluded: wall seconds, this process's CPU seconds (on a shared
+    machine, with one thread, the measure of work that other processes' load does not inflate),
+    UNet calls and samples."""
     module = build_edit(backbone, image, plan, resolution=args.resolution, schedule=schedule, seed=0)
     timer = StepTimer(counter, args.warmup, args.steps)
     _trainer(args, [timer], args.warmup + args.steps, log_dir).fit(module)
-    return timer.seconds / args.steps, timer.calls / args.steps, timer.samples / args.steps, module
+    n = args.steps
+    return timer.seconds / n, timer.cpu_seconds / n, timer.calls / n, timer.samples / n, module
 
 
 def peak_memory(backbone: Backbone, image, plan: EditPlan, schedule: str, args, log_dir: str) -> float:
@@ -176,10 +180,11 @@ def run(backbone: Backbone, counter: UNetCounter, image, plan: EditPlan, schedul
             for schedule in schedules:
                 runs[schedule].append(timed_run(backbone, counter, image, plan, schedule, args, log_dir))
         for schedule in schedules:
-            seconds, calls, samples, module = zip(*runs[schedule])
+            seconds, cpu_seconds, calls, samples, module = zip(*runs[schedule])
             s = statistics.median(seconds)
             out[schedule] = {
                 "s_per_step": s, "s_per_500_steps": 500 * s, "s_per_step_repeats": list(seconds),
+                "cpu_s_per_step": statistics.median(cpu_seconds),
                 "unet_calls_per_step": statistics.median(calls), "unet_samples_per_step": statistics.median(samples),
                 "peak_mem_mb": round(peak_memory(backbone, image, plan, schedule, args, log_dir), 1),
                 "n_terms": len(module[0].active_terms), "latent": list(module[0].latent.shape),
@@ -251,17 +256,22 @@ def main(argv: list[str] | None = None) -> int:
               "warmup": args.warmup, "repeats": args.repeats, "torch": torch.__version__}
     result.update(run(backbone, counter, image, plan, schedules, args))
     if len(schedules) == 2:
-        result["ratio"] = result["sequential"]["s_per_step"] / result["batched"]["s_per_step"]
+        seq, bat = result["sequential"], result["batched"]
+        result["ratio"] = seq["s_per_step"] / bat["s_per_step"]
+        result["ratio_repeats"] = [a / b for a, b in zip(seq["s_per_step_repeats"], bat["s_per_step_repeats"])]
+        result["cpu_ratio"] = seq["cpu_s_per_step"] / bat["cpu_s_per_step"]
     print(f"{result['model']} on {result['device_name']} ({result['dtype']}, {result['precision']}, "
           f"attention={result['attention']}, compile={args.compile}, low_memory={args.low_memory}), "
           f"{args.subtasks} subtasks, {result['resolution']} px")
-    print(f"{'schedule':<11} {'s/step':>9} {'s/500 steps':>12} {'UNet calls':>11} {'samples':>8} {'peak MiB':>9}")
+    print(f"{'schedule':<11} {'s/step':>9} {'s/500 steps':>12} {'CPU s/step':>11} {'UNet calls':>11} {'samples':>8} "
+          f"{'peak MiB':>9}")
     for schedule in schedules:
         r = result[schedule]
-        print(f"{schedule:<11} {r['s_per_step']:>9.4f} {r['s_per_500_steps']:>12.1f} {r['unet_calls_per_step']:>11g} "
-              f"{r['unet_samples_per_step']:>8g} {r['peak_mem_mb']:>9.0f}")
+        print(f"{schedule:<11} {r['s_per_step']:>9.4f} {r['s_per_500_steps']:>12.1f} {r['cpu_s_per_step']:>11.4f} "
+              f"{r['unet_calls_per_step']:>11g} {r['unet_samples_per_step']:>8g} {r['peak_mem_mb']:>9.0f}")
     if "ratio" in result:
-        print(f"sequential / batched seconds per step: {result['ratio']:.2f}")
+        print(f"sequential / batched seconds per step: {result['ratio']:.2f} (repeats "
+              f"{', '.join(f'{v:.2f}' for v in result['ratio_repeats'])}; CPU seconds {result['cpu_ratio']:.2f})")
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
