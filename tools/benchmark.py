@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -91,6 +92,29 @@ class StepTimer(Callback):
             self.seconds = time.perf_counter() - self.start
             self.cpu_seconds = time.process_time() - self.cpu_start
             self.calls, self.samples = self.counter.calls, self.counter.samples
+
+
+class SyncWatch(Callback):
+    """CUDA only: host synchronisations from the start of each non-logging step (the first excluded)
+    to the start of the next, caught by torch.cuda.set_sync_debug_mode("warn")."""
+
+    def __init__(self):
+        self.messages: list[str] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._catch = warnings.catch_warnings(record=True)
+        self._records = self._catch.__enter__()
+        warnings.simplefilter("always")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        torch.cuda.set_sync_debug_mode("default")
+        if batch_idx > 0 and not trainer._logger_connector.should_update_logs:
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        torch.cuda.set_sync_debug_mode("default")
+        self._catch.__exit__(None, None, None)
+        self.messages = [str(w.message) for w in self._records if "synchroniz" in str(w.message)]
 
 
 class PeakRss:
@@ -171,6 +195,16 @@ def peak_memory(backbone: Backbone, image, plan: EditPlan, schedule: str, args, 
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else rss.peak
 
 
+def host_syncs(backbone: Backbone, image, plan: EditPlan, schedule: str, args, log_dir: str) -> dict:
+    """How many host synchronisations the non-logging steps of one fit made (CUDA only)."""
+    if not args.device.startswith("cuda"):
+        return {"count": None, "why": "torch.cuda.set_sync_debug_mode needs CUDA"}
+    module = build_edit(backbone, image, plan, resolution=args.resolution, schedule=schedule, seed=0)
+    watch = SyncWatch()
+    _trainer(args, [watch], args.warmup + args.steps, log_dir).fit(module)
+    return {"count": len(watch.messages), "first": watch.messages[:1]}
+
+
 def run(backbone: Backbone, counter: UNetCounter, image, plan: EditPlan, schedules: list[str], args) -> dict:
     """The schedules' repeats interleave, so a load change on a shared machine hits both alike."""
     runs: dict[str, list] = {s: [] for s in schedules}
@@ -183,6 +217,7 @@ def run(backbone: Backbone, counter: UNetCounter, image, plan: EditPlan, schedul
             seconds, cpu_seconds, calls, samples, module = zip(*runs[schedule])
             s = statistics.median(seconds)
             out[schedule] = {
+                **({"host_syncs": host_syncs(backbone, image, plan, schedule, args, log_dir)} if args.sync_check else {}),
                 "s_per_step": s, "s_per_500_steps": 500 * s, "s_per_step_repeats": list(seconds),
                 "cpu_s_per_step": statistics.median(cpu_seconds),
                 "unet_calls_per_step": statistics.median(calls), "unet_samples_per_step": statistics.median(samples),
@@ -229,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--log_every_n_steps", type=int, default=50, help="Trainer logging interval (logging steps sync)")
+    p.add_argument("--sync_check", type=flag, default=False,
+                   help="CUDA: one more fit per schedule counting host synchronisations in non-logging steps")
     p.add_argument("--schedules", default=",".join(SCHEDULES), help="comma list of sequential, batched")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     return p
