@@ -139,13 +139,16 @@ class Backbone:
         self.alphas_cumprod = self.alphas_cumprod.to(device)
         return self
 
-    def tune(self, compile: bool = False, low_memory: bool = False, micro_batch: int | None = None) -> "Backbone":
+    def tune(self, compile: bool = False, low_memory: bool = False, micro_batch: int | None = None,
+             channels_last: bool = False) -> "Backbone":
         """Speed and memory switches that leave the results unchanged (up to float rounding).
 
         `low_memory`: UNet calls of at most `micro_batch` (default 4, the sequential schedule's call
         size) samples, and the text encoder and VAE kept on the CPU between uses. Attention is not
         sliced: SDPA and xformers already run attention without the (tokens x tokens) matrix.
         `compile`: torch.compile of the UNet in place (hooks and attribute access keep working).
+        `channels_last`: the UNet's weights in NHWC order (no gain measured on the CPU; for GPUs see
+        tools/gpu_bench.sh).
         """
         if micro_batch is not None and micro_batch < 1:
             raise ModelLoadError(f"micro_batch must be at least 1, got {micro_batch}")
@@ -153,6 +156,8 @@ class Backbone:
         self.offload = bool(low_memory)
         self.codec.offloaded = self.offload
         self.to(self.device)
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
         if compile:
             self.unet.compile()
         return self

@@ -228,16 +228,17 @@ def run(backbone: Backbone, counter: UNetCounter, image, plan: EditPlan, schedul
 
 
 def build_backbone(args) -> Backbone:
-    tuning = dict(compile=args.compile, low_memory=args.low_memory, micro_batch=args.micro_batch)
     if args.arch is None:
-        return load_backbone(resolve_bundled(args.model), device=args.device, dtype=args.dtype,
-                             attention=args.attention, **tuning)
-    if args.arch == "sdxl":
+        backbone = load_backbone(resolve_bundled(args.model), device=args.device, dtype=args.dtype,
+                                 attention=args.attention)
+    elif args.arch == "sdxl":
         raise GasError("--arch sdxl: the backbone does not support SDXL (two text encoders, pooled embeddings) yet; "
                        "use --arch sd15 or sd21")
-    backbone = build_arch_backbone(args.arch, args.device, resolve_dtype(args.dtype, args.device), args.width_mult)
-    backbone.attention = set_attention(backbone.unet, args.attention)
-    return backbone.tune(**tuning)
+    else:
+        backbone = build_arch_backbone(args.arch, args.device, resolve_dtype(args.dtype, args.device), args.width_mult)
+        backbone.attention = set_attention(backbone.unet, args.attention)
+    return backbone.tune(compile=args.compile, low_memory=args.low_memory, micro_batch=args.micro_batch,
+                         channels_last=args.channels_last)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="32-true", help="Trainer precision, e.g. 16-mixed (autocast, fp32 weights)")
     p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "xformers"])
     p.add_argument("--compile", type=flag, default=False, help="torch.compile the UNet (true/false)")
+    p.add_argument("--channels_last", type=flag, default=False, help="UNet weights in NHWC order (true/false)")
     p.add_argument("--low_memory", type=flag, default=False,
                    help="micro-batched UNet calls, text encoder and VAE off the accelerator between uses (true/false)")
     p.add_argument("--micro_batch", type=int, default=None, help="most samples per UNet call (default 4 with --low_memory)")
@@ -287,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"model": args.model if args.arch is None else backbone.source, "device": args.device,
               "device_name": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
               "threads": torch.get_num_threads(), "dtype": str(backbone.dtype).replace("torch.", ""),
-              "precision": args.precision, "attention": backbone.attention, "compile": args.compile,
+              "precision": args.precision, "attention": backbone.attention, "compile": args.compile, "channels_last": args.channels_last,
               "low_memory": args.low_memory, "micro_batch": backbone.micro_batch, "subtasks": args.subtasks,
               "resolution": args.resolution or backbone.default_resolution, "steps": args.steps,
               "warmup": args.warmup, "repeats": args.repeats, "torch": torch.__version__}
