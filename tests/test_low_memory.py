@@ -127,3 +127,22 @@ def test_low_memory_keeps_text_encoder_and_vae_on_the_cpu(tiny_sd):
     assert next(bb.unet.parameters()).device.type == "meta" and bb.alphas_cumprod.device.type == "meta"
     assert next(bb.text_encoder.parameters()).device.type == "cpu"
     assert next(bb.codec.parameters()).device.type == "cpu"
+
+
+def test_gas_edit_low_memory_flags_reach_the_unet(tiny_sd, image_file, tmp_path, monkeypatch):
+    """gas-edit --low_memory true --micro_batch 3: every UNet call of the edit has at most 3 samples."""
+    from diffusers import UNet2DConditionModel
+
+    from gas_lightning.cli import main
+
+    sizes = []
+    real = UNet2DConditionModel.forward
+    monkeypatch.setattr(UNet2DConditionModel, "forward", lambda self, x, *a, **k: (sizes.append(x.shape[0]), real(self, x, *a, **k))[1])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--model", tiny_sd, "--image", image_file,
+              "--request", "change the red block into a yellow block. change the grass into snow.",
+              "--boxes", "[[0.05, 0.05, 0.45, 0.5], [0, 0, 1, 1]]", "--output_dir", str(tmp_path / "out"),
+              "--trainer.max_steps", "2", "--low_memory", "true", "--micro_batch", "3"])
+    assert exit_info.value.code == 0
+    # configs/tiny.yaml: batched, whole-scene term on -> 3 terms, 2 + 2 x 3 = 8 samples a step: 3, 3, 2
+    assert sizes[:3] == [3, 3, 2] and max(sizes) == 3
