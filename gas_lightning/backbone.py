@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -25,10 +26,32 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
+@contextmanager
+def visiting(net: nn.Module, device: torch.device, offloaded: bool) -> Iterator[None]:
+    """Run `net` on `device` and, when it is offloaded, send it back to the CPU afterwards."""
+    if not offloaded or torch.device(device).type == "cpu":
+        yield
+        return
+    net.to(device)
+    try:
+        yield
+    finally:
+        net.to("cpu")
+
+
+def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A CPU tensor on `device` without waiting for the accelerator: a copy from pageable memory
+    blocks until every queued kernel has run, a copy from pinned memory does not."""
+    if torch.device(device).type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 class LatentCodec(nn.Module):
     """Maps images in [-1, 1] to the space the denoiser works in, and back."""
 
     downscale: int = 1
+    offloaded: bool = False  # waits on the CPU and visits the input's device for each encode/decode
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -64,15 +87,15 @@ class VaeCodec(LatentCodec):
     @torch.no_grad()
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         param = next(self.vae.parameters())
-        with torch.autocast(param.device.type, enabled=False):
+        with torch.autocast(param.device.type, enabled=False), visiting(self.vae, image.device, self.offloaded):
             posterior = self.vae.encode(image.to(param.dtype)).latent_dist
-        return ((posterior.mean - self.shift) * self.scale).float()
+            return ((posterior.mean - self.shift) * self.scale).float()
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         param = next(self.vae.parameters())
-        with torch.autocast(param.device.type, enabled=False):
+        with torch.autocast(param.device.type, enabled=False), visiting(self.vae, latent.device, self.offloaded):
             image = self.vae.decode((latent / self.scale + self.shift).to(param.dtype)).sample
-        return image.float().clamp(-1, 1)
+            return image.float().clamp(-1, 1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -143,6 +166,8 @@ class Backbone:
     attention: str  # the attention backend that is in use
     source: str  # id or path it was loaded from
     config_source: str | None = None  # the --model_config folder of a single-file checkpoint
+    micro_batch: int | None = None  # most samples per UNet call; None: the whole batch in one call
+    offload: bool = False  # text encoders and VAE wait on the CPU, visiting the UNet's device when used
 
     family = "sd"
 
@@ -172,9 +197,34 @@ class Backbone:
         return [self.unet, self.text_encoder, self.codec]
 
     def to(self, device: torch.device | str) -> "Backbone":
+        self.unet.to(device)
         for net in self.frozen_networks():
-            net.to(device)
+            if net is not self.unet:
+                net.to("cpu" if self.offload else device)
         self.alphas_cumprod = self.alphas_cumprod.to(device)
+        return self
+
+    def tune(self, compile: bool = False, low_memory: bool = False, micro_batch: int | None = None,
+             channels_last: bool = False) -> "Backbone":
+        """Speed and memory switches that leave the results unchanged (up to float rounding).
+
+        `low_memory`: UNet calls of at most `micro_batch` (default 4, the sequential schedule's call
+        size) samples, and the text encoder and VAE kept on the CPU between uses. Attention is not
+        sliced: SDPA and xformers already run attention without the (tokens x tokens) matrix.
+        `compile`: torch.compile of the UNet in place (hooks and attribute access keep working).
+        `channels_last`: the UNet's weights in NHWC order (no gain measured on the CPU; for GPUs see
+        tools/gpu_bench.sh).
+        """
+        if micro_batch is not None and micro_batch < 1:
+            raise ModelLoadError(f"micro_batch must be at least 1, got {micro_batch}")
+        self.micro_batch = micro_batch if micro_batch is not None else (4 if low_memory else None)
+        self.offload = bool(low_memory)
+        self.codec.offloaded = self.offload
+        self.to(self.device)
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        if compile:
+            self.unet.compile()
         return self
 
     def _tokens(self, tokenizer: Any, encoder: nn.Module, prompts: Sequence[str]) -> torch.Tensor:
@@ -190,9 +240,10 @@ class Backbone:
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeddings:
         """The text encoder's last hidden state for each prompt, as SD 1/2 pipelines use it."""
-        out = self.text_encoder(self._tokens(self.tokenizer, self.text_encoder, prompts))
-        hidden = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
-        return PromptEmbeddings(hidden.to(self.dtype))
+        with visiting(self.text_encoder, self.device, self.offload):
+            out = self.text_encoder(self._tokens(self.tokenizer, self.text_encoder, prompts))
+            hidden = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
+            return PromptEmbeddings(hidden.to(self.dtype))
 
     def null_embeddings(self) -> PromptEmbeddings:
         """The unconditional ("null text") conditioning of classifier-free guidance."""
@@ -203,11 +254,21 @@ class Backbone:
         return None
 
     def denoise(self, z_t: torch.Tensor, t: torch.Tensor, cond: PromptEmbeddings | torch.Tensor) -> torch.Tensor:
-        """The raw UNet output (model dtype) for noisy latents `z_t` at timesteps `t` under `cond`."""
+        """The raw UNet output (model dtype) for noisy latents `z_t` at timesteps `t` under `cond`.
+
+        With `micro_batch` the batch goes through the UNet in slices: each sample's prediction
+        depends on that sample alone (GroupNorm and attention are per sample), so the result is
+        the one call's up to float rounding, at the memory of a slice.
+        """
         cond = PromptEmbeddings.of(cond)
-        extra = self.added_cond_kwargs(cond, z_t)
-        kwargs = {} if extra is None else {"added_cond_kwargs": extra}
-        return self.unet(z_t.to(self.dtype), t, encoder_hidden_states=cond.hidden, **kwargs).sample
+        k = self.micro_batch or z_t.shape[0]
+        parts = []
+        for start in range(0, z_t.shape[0], k):
+            z, c = z_t[start : start + k], cond[start : start + k]
+            extra = self.added_cond_kwargs(c, z)
+            kwargs = {} if extra is None else {"added_cond_kwargs": extra}
+            parts.append(self.unet(z.to(self.dtype), t[start : start + k], encoder_hidden_states=c.hidden, **kwargs).sample)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def predict_eps(self, z_t: torch.Tensor, t: torch.Tensor, embeddings: PromptEmbeddings | torch.Tensor) -> torch.Tensor:
         """Noise prediction in float32, converting v-prediction models (eps = a v + s z_t)."""
@@ -243,7 +304,8 @@ class SDXLBackbone(Backbone):
     def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeddings:
         hidden = []
         for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
-            out = encoder(self._tokens(tokenizer, encoder, prompts), output_hidden_states=True)
+            with visiting(encoder, self.device, self.offload):
+                out = encoder(self._tokens(tokenizer, encoder, prompts), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
         pooled = out[0]  # CLIPTextModelWithProjection: text_embeds (B, projection_dim)
         return PromptEmbeddings(torch.cat(hidden, dim=-1).to(self.dtype), pooled.to(self.dtype))

@@ -193,12 +193,16 @@ def load_backbone(
     local_files_only: bool | None = None,
     allow_pickle_weights: bool = False,
     model_config: str | None = None,
+    compile: bool = False,
+    low_memory: bool = False,
+    micro_batch: int | None = None,
 ) -> Backbone:
     """Load UNet, text encoder(s), tokenizer(s), scheduler constants and (if present) the VAE.
 
     `model` is a diffusers folder, a hub id, or a single-file checkpoint; the latter needs
     `model_config`, a local diffusers-layout folder with the family's configs and tokenizers.
     Weights are read from .safetensors only unless `allow_pickle_weights` (a pickle can run code).
+    `compile`, `low_memory` and `micro_batch`: see `Backbone.tune`.
     """
     model = os.fspath(model)
     if local_files_only is None:
@@ -218,7 +222,7 @@ def load_backbone(
         parts = _load_folder(model, index, family, torch_dtype, local_files_only, allow_pickle_weights)
     backbone = _assemble(parts, model, device, attention)
     backbone.config_source = model_config
-    return backbone
+    return backbone.tune(compile=compile, low_memory=low_memory, micro_batch=micro_batch)
 
 
 def _assemble(parts: Components, source: str, device: str | torch.device, attention: str) -> Backbone:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from gas_lightning.backbone import to_device
 from gas_lightning.guidance import GroundedScoreGuidance, Term, TermLog, shielded_term
 from gas_lightning.plan import EditPlan
 
@@ -114,7 +115,7 @@ class GroundAScoreEdit(L.LightningModule):
     def _draw(self, gen: torch.Generator) -> tuple[int, torch.Tensor]:
         cfg = self.guidance.config
         t = int(torch.randint(cfg.t_min, cfg.t_max + 1, (1,), generator=gen))
-        eps = torch.randn(self.latent.shape, generator=gen).to(self.device)
+        eps = to_device(torch.randn(self.latent.shape, generator=gen), self.device)
         return t, eps
 
     def _optimise(self, grad: torch.Tensor, last: bool) -> None:
@@ -157,16 +158,25 @@ class GroundAScoreEdit(L.LightningModule):
         if scheduler is not None:
             scheduler.step()
         self.last_logs = logs
-        self._log_terms(terms, logs)
+        if self._should_log():
+            self._log_terms(terms, logs)
+
+    def _should_log(self) -> bool:
+        """Whether the Trainer writes this step's metrics. Logging reads tensors as numbers, which
+        waits for the accelerator, so the other steps log nothing and never stall it."""
+        connector = getattr(self._trainer, "_logger_connector", None)
+        return True if connector is None else bool(connector.should_update_logs)
 
     def _log_terms(self, terms: Sequence[Term], logs: Sequence[TermLog]) -> None:
         for term, tl in zip(terms, logs):
-            values = {"t": float(tl.t), "gamma": tl.gamma, "grad_norm": tl.grad_norm}
-            if tl.cds_loss is not None:
-                values["cds_loss"] = tl.cds_loss
+            values = {"t": float(tl.t), "gamma": tl.gamma_tensor, "grad_norm": tl.grad_norm_tensor}
+            if tl.cds_loss_tensor is not None:
+                values["cds_loss"] = tl.cds_loss_tensor
             for key, value in values.items():
                 self.log(f"{term.name}/{key}", value, on_step=True, on_epoch=False, sync_dist=False)
-        self.log("edit/latent_change", (self.latent.detach() - self.z_src).abs().mean(), on_step=True, on_epoch=False, prog_bar=True)
+        # On the CPU: Lightning reads progress-bar values as numbers after every step, logged this step or not.
+        change = (self.latent.detach() - self.z_src).abs().mean().cpu()
+        self.log("edit/latent_change", change, on_step=True, on_epoch=False, prog_bar=True)
 
     # outputs ---------------------------------------------------------------------------------
     @torch.no_grad()

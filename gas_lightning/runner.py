@@ -75,6 +75,11 @@ def build_parser(exit_on_error: bool = True):
     p.add_argument("--resolution", type=Optional[int], default=None, help="short side of the working size (default: the model's)")
     p.add_argument("--dtype", type=str, default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--attention", type=str, default="auto", choices=["auto", "sdpa", "xformers"])
+    p.add_argument("--low_memory", type=bool, default=False,
+                   help="UNet calls of at most --micro_batch samples; text encoder and VAE on the CPU between uses")
+    p.add_argument("--micro_batch", type=Optional[int], default=None,
+                   help="most samples per UNet call (default: all in one; 4 with --low_memory)")
+    p.add_argument("--compile", type=bool, default=False, help="torch.compile the UNet (minutes before the first step)")
     p.add_argument("--allow_pickle_weights", type=bool, default=False,
                    help="also load .bin/.pth model weights (a pickle can run code); default: .safetensors only")
     p.add_argument("--debug", type=bool, default=False, help="show the traceback of an error instead of one line")
@@ -201,10 +206,13 @@ def run_edit(
         from gas_lightning.backbone import load_backbone
 
         backbone = load_backbone(resolve_bundled(cfg.model), device=device, dtype=cfg.dtype, attention=cfg.attention,
-                                 allow_pickle_weights=cfg.allow_pickle_weights, model_config=cfg.model_config)
+                                 allow_pickle_weights=cfg.allow_pickle_weights, model_config=cfg.model_config,
+                                 compile=cfg.compile, low_memory=cfg.low_memory, micro_batch=cfg.micro_batch)
     elif str(backbone.device) != device:
         raise GasError(f"the model is on {backbone.device} but the Trainer runs on {device}; load the model on the "
                        "Trainer's device (load_model(device=...)) or set trainer accelerator/devices to match")
+    elif cfg.compile or cfg.low_memory or cfg.micro_batch is not None:  # asked for this edit: applied to the given model
+        backbone.tune(compile=cfg.compile, low_memory=cfg.low_memory, micro_batch=cfg.micro_batch)
     log.info("attention backend: %s", backbone.attention)
     module = build_edit(backbone, image, plan, guidance_config=init.guidance, resolution=cfg.resolution,
                         schedule=cfg.schedule, seed=cfg.seed, loss_scale=cfg.loss_scale, optimizer=init.optimizer,

@@ -151,3 +151,92 @@ def build_tiny_sdxl(folder: str | Path, prediction_type: str = "epsilon", seed: 
     }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
+
+
+# Published Stable Diffusion architectures, built with random weights (no download): enough for
+# timing, memory and arithmetic checks (tools/benchmark.py, tools/precision_check.py), not for edits.
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8,
+)
+SD_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
+    scaling_factor=0.18215,
+)
+ARCHITECTURES = {
+    "sd15": {  # CLIP ViT-L/14 text encoder, epsilon prediction, 512 px
+        "unet": SD15_UNET, "vae": {**SD_VAE, "sample_size": 512}, "prediction_type": "epsilon",
+        "text": dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                     hidden_act="quick_gelu"),
+    },
+    "sd21": {  # OpenCLIP ViT-H text encoder, v-prediction, 768 px
+        "unet": {**SD15_UNET, "sample_size": 96, "cross_attention_dim": 1024, "attention_head_dim": (5, 10, 20, 20),
+                 "use_linear_projection": True, "upcast_attention": True},
+        "vae": {**SD_VAE, "sample_size": 768}, "prediction_type": "v_prediction",
+        "text": dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
+                     hidden_act="gelu", projection_dim=512),
+    },
+}
+GROUPS = 32  # the SD norm_num_groups: every scaled width stays a multiple of it
+
+
+def _scaled(channels: tuple[int, ...], width_mult: float) -> tuple[int, ...]:
+    return tuple(max(GROUPS, round(c * width_mult / GROUPS) * GROUPS) for c in channels)
+
+
+def _scaled_heads(heads: int | tuple[int, ...], channels: tuple[int, ...]) -> tuple[int, ...]:
+    """Keep each block's head count where it still divides the narrower width, else 64-wide heads."""
+    heads = heads if isinstance(heads, tuple) else (heads,) * len(channels)
+    return tuple(h if c % h == 0 else max(1, c // 64) for h, c in zip(heads, channels))
+
+
+def build_arch_backbone(arch: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                        width_mult: float = 1.0, seed: int = 0):
+    """A Backbone with a published architecture's UNet, VAE and text encoder, random weights.
+
+    `width_mult` < 1 narrows the UNet and VAE channels (multiples of 32, same depth, blocks and
+    attention layout), so a CPU can run an SD-shaped network; 1 is the published size. The text
+    encoder keeps its published size (it runs once per edit). The tokenizer is the character
+    tokenizer above with the 77-token context.
+    """
+    import tempfile
+
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from gas_lightning.backbone import Backbone, VaeCodec, set_attention
+    from gas_lightning.errors import GasError
+
+    if arch not in ARCHITECTURES:
+        raise GasError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)} "
+                       "(SDXL: not supported by the backbone yet)")
+    if not 0 < width_mult <= 1:
+        raise GasError(f"width_mult must be in (0, 1], got {width_mult}")
+    spec = ARCHITECTURES[arch]
+    unet_cfg = dict(spec["unet"])
+    vae_cfg = dict(spec["vae"])
+    if width_mult != 1:
+        unet_cfg["block_out_channels"] = _scaled(unet_cfg["block_out_channels"], width_mult)
+        unet_cfg["attention_head_dim"] = _scaled_heads(unet_cfg["attention_head_dim"], unet_cfg["block_out_channels"])
+        vae_cfg["block_out_channels"] = _scaled(vae_cfg["block_out_channels"], width_mult)
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_char_clip_tokenizer(Path(tmp), max_length=77)
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    with torch.device(device):  # initialised where it runs: the published UNet has 860M parameters
+        unet = UNet2DConditionModel(**unet_cfg)
+        vae = AutoencoderKL(**vae_cfg)
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=0,
+                                            eos_token_id=1, pad_token_id=1, **spec["text"]))
+    for net in (unet, vae, text):
+        net.to(dtype).requires_grad_(False).eval()
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                          prediction_type=spec["prediction_type"])
+    backbone = Backbone(unet=unet, text_encoder=text, tokenizer=tokenizer, codec=VaeCodec(vae),
+                        alphas_cumprod=sched.alphas_cumprod.float().clone(), prediction_type=spec["prediction_type"],
+                        attention="sdpa", source=f"{arch} architecture x{width_mult:g} (random weights)").to(device)
+    backbone.attention = set_attention(unet, "auto")
+    return backbone

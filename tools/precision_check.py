@@ -28,13 +28,8 @@ import torch
 from gas_lightning.backbone import Backbone, IdentityCodec, load_backbone
 from gas_lightning.guidance import GroundedScoreGuidance, GuidanceConfig, Term
 from gas_lightning.masks import subtask_masks
+from gas_lightning.testing import SD15_UNET
 
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8,
-)
 BOXES = [(0.30, 0.45, 0.65, 0.95), (0.0, 0.70, 1.0, 1.0), (0.05, 0.05, 0.60, 0.55)]
 PRECISIONS = ("bf16", "bf16-autocast", "fp16", "fp16-autocast")
 

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from gas_lightning.backbone import Backbone, PromptEmbeddings, alpha_sigma
+from gas_lightning.backbone import Backbone, PromptEmbeddings, alpha_sigma, to_device
 from gas_lightning.guidance.cds import CDSConfig, SelfAttentionCapture, patch_nce, to_maps
 from gas_lightning.masks import OVERLAP_WEIGHT
 from gas_lightning.plan import WHOLE_IMAGE, Box
@@ -98,10 +98,25 @@ def shielded_term(terms: Sequence[Term], k: int) -> int:
 
 @dataclass
 class TermLog:
+    """One term's diagnostics of a step, kept as tensors: turning one into a number waits for the
+    accelerator to finish the step, so the module reads them on logging steps only."""
+
     t: int
-    gamma: float
-    grad_norm: float
-    cds_loss: float | None = None
+    gamma_tensor: torch.Tensor
+    grad_norm_tensor: torch.Tensor
+    cds_loss_tensor: torch.Tensor | None = None
+
+    @property
+    def gamma(self) -> float:
+        return float(self.gamma_tensor)
+
+    @property
+    def grad_norm(self) -> float:
+        return float(self.grad_norm_tensor)
+
+    @property
+    def cds_loss(self) -> float | None:
+        return None if self.cds_loss_tensor is None else float(self.cds_loss_tensor)
 
 
 class GroundedScoreGuidance:
@@ -155,12 +170,12 @@ class GroundedScoreGuidance:
         direction = self._cfg(e0_tgt, ec_tgt, term.guidance_scale) - self._cfg(e0_src, ec_src, term.guidance_scale)
         grad = self._weight(term, t) * gamma * term.mask * direction / (h * w)
         grad = torch.nan_to_num(grad)
-        return grad, TermLog(t=t, gamma=float(gamma), grad_norm=float(grad.norm()))
+        return grad, TermLog(t=t, gamma_tensor=gamma, grad_norm_tensor=grad.norm())
 
     def _cds(
         self, z: torch.Tensor, z_src: torch.Tensor, terms: Sequence[Term], t: torch.Tensor, eps: torch.Tensor,
         generator: torch.Generator,
-    ) -> tuple[torch.Tensor, list[float]]:
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Gradient of the PatchNCE losses of `terms` on z, each masked to its term's region.
 
         `t` (n,) and `eps` (n, C, h, w) give each term its own timestep and noise (or one shared,
@@ -194,7 +209,7 @@ class GroundedScoreGuidance:
             (grad,) = torch.autograd.grad(total, z_leaf)
         if not cfg.loss_scaled:
             grad = grad / self.loss_scale
-        return grad.float(), [float(v) for v in losses]
+        return grad.float(), [v.detach() for v in losses]
 
     # the two schedules ------------------------------------------------------------------------
     @torch.no_grad()
@@ -203,7 +218,7 @@ class GroundedScoreGuidance:
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, TermLog]:
         """One term alone: [null src, null tgt, x src, y tgt] in one UNet call."""
-        tt = torch.tensor([t], device=z.device)
+        tt = to_device(torch.tensor([t]), z.device)
         z_t_src, z_t_tgt = self._noisy(z_src, tt, eps), self._noisy(z, tt, eps)
         lat = torch.cat([z_t_src, z_t_tgt, z_t_src, z_t_tgt])
         emb = PromptEmbeddings.cat([self.null, self.null, term.src_emb, term.tgt_emb])
@@ -212,7 +227,7 @@ class GroundedScoreGuidance:
         if term.preserve_form and generator is not None:
             g, (loss,) = self._cds(z, z_src, [term], tt, eps, generator)
             grad = grad + g
-            tlog.cds_loss = loss
+            tlog.cds_loss_tensor = loss
         return grad, tlog
 
     @torch.no_grad()
@@ -231,7 +246,7 @@ class GroundedScoreGuidance:
         ts = [int(v) for v in t] if per_term else [int(t)] * n
         if per_term and (len(ts) != n or len(eps) != n):
             raise ValueError(f"per-term sampling needs {n} timesteps and noises, got {len(ts)} and {len(eps)}")
-        tt = torch.tensor(ts, device=z.device)
+        tt = to_device(torch.tensor(ts), z.device)
         noise = torch.cat(list(eps)) if per_term else eps.expand(n, -1, -1, -1)
         z_t_src, z_t_tgt = self._noisy(z_src.expand(n, -1, -1, -1), tt, noise), self._noisy(z.expand(n, -1, -1, -1), tt, noise)
         cond = [tm.src_emb for tm in terms] + [tm.tgt_emb for tm in terms]
@@ -253,9 +268,12 @@ class GroundedScoreGuidance:
             total += grad
             logs.append(tlog)
         preserve = [i for i, tm in enumerate(terms) if tm.preserve_form]
-        if preserve and generator is not None:
-            g, losses = self._cds(z, z_src, [terms[i] for i in preserve], tt[preserve], noise[preserve], generator)
+        k = self.backbone.micro_batch or max(len(preserve), 1)  # the CDS calls keep activations for a backward pass
+        for chunk in ([preserve[j : j + k] for j in range(0, len(preserve), k)] if generator is not None else []):
+            idx = to_device(torch.tensor(chunk), z.device)
+            g, losses = self._cds(z, z_src, [terms[i] for i in chunk], tt.index_select(0, idx), noise.index_select(0, idx),
+                                  generator)
             total += g
-            for i, loss in zip(preserve, losses):
-                logs[i].cds_loss = loss
+            for i, loss in zip(chunk, losses):
+                logs[i].cds_loss_tensor = loss
         return total, logs
