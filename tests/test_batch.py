@@ -251,3 +251,42 @@ def test_several_devices_are_refused_from_python(tiny_sd, image_file, tmp_path, 
     assert run_cli(batch_args(tiny_sd, jobs, tmp_path / "out", "--trainer.devices", "2",
                               "--trainer.accelerator", "cpu")) == 2
     assert "run gas-edit batch (or python -m gas_lightning.cli batch) from a shell" in capsys.readouterr().err
+
+
+# the world's held-out cases as jobs ------------------------------------------------------------------
+def test_a_world_case_through_batch_is_eval_worlds_edit(tmp_path, monkeypatch):
+    """tools/eval_world.py --write_jobs: the batch edits a case to the latent eval_world's edit_case gets."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    from gas_lightning.backbone import load_backbone
+    from gas_lightning.worlds import MODEL_DIR, held_out_cases
+
+    spec = importlib.util.spec_from_file_location("eval_world", REPO / "tools" / "eval_world.py")
+    eval_world = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "eval_world", eval_world)  # dataclasses look their module up there
+    spec.loader.exec_module(eval_world)
+    settings = {"steps": 6, "lr": 0.2, "lr_schedule": "cosine", "lr_final": 0.0, "loss_scale": 2000.0,
+                "guidance_scale": 12.5, "seed": 5}
+    flags = [f"--{k}={v}" for k, v in settings.items()]
+    jobs = tmp_path / "world" / "jobs.jsonl"
+    jobs.parent.mkdir()
+    assert eval_world.main([*flags, "--cases", "2", "--first_case", "1", "--methods", "gas,gas_penalty",
+                            "--write_jobs", str(jobs)]) == 0
+    names = [json.loads(line)["name"] for line in jobs.read_text().splitlines()]
+    assert names == ["gas_s5_c001", "gas_penalty_s5_c001"]
+    one = jobs.parent / "one.jsonl"  # the penalty method: gas's settings plus a callback from the jobs file
+    one.write_text(jobs.read_text().splitlines()[1] + "\n")
+    out = tmp_path / "out"
+    assert run_cli(["batch", "--model", "gas-lightning:shapes-model", "--attention", "sdpa", "--jobs", str(one),
+                    "--output_dir", str(out), "--trainer.accelerator", "cpu"]) == 0
+
+    modules = []
+    real = eval_world.build_edit
+    monkeypatch.setattr(eval_world, "build_edit", lambda *a, **k: modules.append(real(*a, **k)) or modules[-1])
+    args = SimpleNamespace(**settings, wide_guidance_scale=None, accelerator="cpu")
+    case = held_out_cases(2, seed=5)[1]
+    eval_world.edit_case(load_backbone(str(MODEL_DIR), device="cpu", attention="sdpa"), case,
+                         eval_world.METHODS["gas_penalty"], args)
+    assert torch.equal(modules[0].latent.detach(), latent(out / "gas_penalty_s5_c001"))
+    assert not torch.equal(modules[0].latent.detach(), modules[0].z_src)  # the edit moved
