@@ -214,35 +214,74 @@ def test_a_rerun_skips_finished_jobs_and_redoes_changed_or_unfinished_ones(batch
 
 
 # two processes ---------------------------------------------------------------------------------
-def test_two_processes_give_every_job_the_latent_one_process_gives_it(tiny_sd, image_file, tmp_path):
-    """4 jobs over 2 CPU processes (gloo) against 1 process, bit for bit; the per-job Trainer runs alone
-    (one device, its own rank 0) while the processes' group of 2 stays as it was."""
-    jobs = write_jobs(tmp_path / "jobs.jsonl", [
-        {"name": f"j{k}", "image": image_file, "request": REQUEST, "boxes": BOXES, "seed": k, "preserve_form": [k % 2, 0]}
-        for k in range(4)])
+@pytest.fixture(scope="module")
+def four_jobs(tiny_sd, tmp_path_factory):
+    """4 jobs, run once in one process: the reference every launcher's two processes must match."""
+    from PIL import Image
+
+    tmp = tmp_path_factory.mktemp("four")
+    Image.new("RGB", (48, 40), (90, 160, 60)).save(tmp / "input.png")
+    jobs = write_jobs(tmp / "jobs.jsonl", [
+        {"name": f"j{k}", "image": "input.png", "request": REQUEST, "boxes": BOXES, "seed": k,
+         "preserve_form": [k % 2, 0]} for k in range(4)])
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")])}
-    probe = ["--trainer.callbacks+=batch_probe.InnerTrainerProbe"]
-    results = {}
-    for devices in (1, 2):
-        out = tmp_path / f"devices{devices}"
-        cmd = [sys.executable, "-m", "gas_lightning.cli", *batch_args(tiny_sd, jobs, out, *probe),
-               "--trainer.devices", str(devices), "--trainer.accelerator", "cpu"]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    args = [*batch_args(tiny_sd, jobs, tmp / "one"), "--trainer.callbacks+=batch_probe.InnerTrainerProbe",
+            "--trainer.accelerator", "cpu"]
+    proc = subprocess.run([sys.executable, "-m", "gas_lightning.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return args, env, tmp / "one"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(launcher: str, args: list[str], env: dict) -> list[subprocess.CompletedProcess]:
+    """Two processes as Lightning's launcher, torchrun, or srun (its variables, on this machine) start them."""
+    cli = ["-m", "gas_lightning.cli", *args, "--trainer.devices", "2"]
+    if launcher == "lightning":
+        return [subprocess.run([sys.executable, *cli], env=env, capture_output=True, text=True, timeout=600)]
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *cli]
+        return [subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)]
+    slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
+             "SLURM_JOB_NAME": "gas-batch", "SLURM_JOB_ID": "4242", "SLURM_NODELIST": "localhost",
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    procs = [subprocess.Popen([sys.executable, *cli], env={**env, **slurm, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    done = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=600)
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return done
+
+
+@pytest.mark.parametrize("launcher", ["lightning", "torchrun", "slurm"])
+def test_two_processes_give_every_job_the_latent_one_process_gives_it(four_jobs, launcher, tmp_path):
+    """4 jobs over 2 CPU processes (gloo) against 1 process, bit for bit; each job's Trainer runs alone
+    (one device, its own rank 0) while the processes' group of 2 stays as it was."""
+    args, env, one = four_jobs
+    out = tmp_path / "two"
+    args = [a if a != str(one) else str(out) for a in args]
+    for proc in _launch(launcher, args, env):
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "Epoch 0" not in proc.stderr  # no per-step bars from the inner Trainers
-        results[devices] = out
     for k in range(4):
-        assert torch.equal(latent(results[1] / f"j{k}"), latent(results[2] / f"j{k}")), f"job j{k}"
-    probes = {k: json.loads((results[2] / f"j{k}" / "probe.json").read_text()) for k in range(4)}
-    assert {p["pid"] for p in probes.values()} == {probes[0]["pid"], probes[1]["pid"]} and probes[0]["pid"] != probes[1]["pid"]
-    assert probes[0]["pid"] == probes[2]["pid"] and probes[1]["pid"] == probes[3]["pid"]  # jobs r, r + 2, ...
+        assert torch.equal(latent(one / f"j{k}"), latent(out / f"j{k}")), f"job j{k}"
+    probes = {k: json.loads((out / f"j{k}" / "probe.json").read_text()) for k in range(4)}
+    assert probes[0]["pid"] == probes[2]["pid"] != probes[1]["pid"] == probes[3]["pid"]  # jobs r, r + 2, ...
     for p in probes.values():
         assert (p["world_size"], p["global_rank"], p["strategy"]) == (1, 0, "SingleDeviceStrategy")
         assert p["outer_world"] == 2 and p["local_rank_env"] is None and p["rank_zero_only"] == 0
-    solo = json.loads((results[1] / "j0" / "probe.json").read_text())
-    assert solo["outer_world"] is None
-    summary = json.loads((results[2] / "summary.json").read_text())
+        assert p["cluster"] == "LightningEnvironment"  # not SLURM's (which would requeue the job on SIGUSR1)
+    assert json.loads((one / "j0" / "probe.json").read_text())["outer_world"] is None
+    summary = json.loads((out / "summary.json").read_text())
     assert [r["job"] for r in summary["jobs"]] == ["j0", "j1", "j2", "j3"] and summary["ok"] == 4
 
 
@@ -290,3 +329,21 @@ def test_a_world_case_through_batch_is_eval_worlds_edit(tmp_path, monkeypatch):
                          eval_world.METHODS["gas_penalty"], args)
     assert torch.equal(modules[0].latent.detach(), latent(out / "gas_penalty_s5_c001"))
     assert not torch.equal(modules[0].latent.detach(), modules[0].z_src)  # the edit moved
+
+
+def test_the_readme_batch_example_runs(tmp_path):
+    """README "Many edits": its jobs file and command, with 2 steps instead of 150."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Many edits: gas-edit batch"):]
+    block = section[section.index("cat > jobs.jsonl <<'JOBS'\n") + len("cat > jobs.jsonl <<'JOBS'\n"):]
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(block[:block.index("JOBS\n")])
+    command = section[section.index("gas-edit batch --config configs/shapes.yaml"):].splitlines()[0].split()
+    assert command == ["gas-edit", "batch", "--config", "configs/shapes.yaml", "--jobs", "jobs.jsonl",
+                       "--output_dir", "outputs/batch"]
+    out = tmp_path / "out"
+    assert run_cli(["batch", "--config", str(REPO / "configs" / "shapes.yaml"), "--jobs", str(jobs),
+                    "--output_dir", str(out), "--trainer.max_steps", "2", "--lr_scheduler.T_max", "2"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["job"] for r in summary["jobs"]] == ["yellow-circle", "grass"] and summary["ok"] == 2
+    assert yaml.safe_load((out / "grass" / "config.yaml").read_text())["guidance"]["guidance_scale"] == 7.5
