@@ -23,8 +23,12 @@ def run(argv: list[str] | None = None) -> int:
     from gas_lightning.planners.llm import check_base_url
     from gas_lightning.runner import build_parser, run_edit
 
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["batch"]:  # gas-edit batch --jobs FILE ...: many edits (gas_lightning/batch.py)
+        from gas_lightning import batch
+
+        return batch.run(argv[1:], debug=_DEBUG)
+    parser = build_parser()
     # jsonargparse prints --print_config inside parse_args, before any check could run: parse without
     # it, check, then print, so a password in --llm_base_url never reaches the terminal either.
     printing = [a for a in argv if a == "--print_config" or a.startswith("--print_config=")]

@@ -146,6 +146,33 @@ def edit_case(backbone, case: EditCase, method: Method, args) -> tuple[np.ndarra
     return image, seconds
 
 
+def write_jobs(path: Path, cases: list[EditCase], names: list[str], args) -> None:
+    """The cases as a `gas-edit batch` jobs file with edit_case's settings, one job per method and case
+    (images and plans beside it), so a batch on many devices runs the same edits."""
+    from dataclasses import asdict
+
+    lines = []
+    for name in names:
+        method = METHODS[name]
+        for k, case in enumerate(cases, start=args.first_case):
+            job = f"{name}_s{args.seed}_c{k:03d}"
+            image, plan = path.parent / "images" / f"s{args.seed}_c{k:03d}.png", path.parent / "plans" / f"{job}.json"
+            image.parent.mkdir(parents=True, exist_ok=True)
+            render_pil(case.source).save(image)
+            method.plan(case).save(plan)
+            sched = None if args.lr_schedule == "constant" else {"class_path": "torch.optim.lr_scheduler.CosineAnnealingLR",
+                                                                "init_args": {"T_max": args.steps, "eta_min": args.lr * args.lr_final}}
+            lines.append({"name": job, "image": f"images/{image.name}", "plan": f"plans/{plan.name}",
+                          "seed": args.seed * 1000 + (case.seed or 0), "schedule": method.schedule,
+                          "loss_scale": args.loss_scale, "resolution": None, "guidance": asdict(method.guidance(args)),
+                          "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": args.lr}}, "lr_scheduler": sched,
+                          "trainer": {"max_steps": args.steps, "precision": "32-true", "callbacks": [
+                              {"class_path": "gas_lightning.callbacks.NullTextPenalty"}] if method.penalty else []}})
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    print(f"{len(lines)} jobs: gas-edit batch --model {args.model} --attention sdpa --trainer.accelerator "
+          f"{args.accelerator} --jobs {path} --output_dir runs/world_batch", file=sys.stderr)
+
+
 def scheduler_factory(args):
     """--lr_schedule cosine: torch's cosine decay over the step budget to --lr_final * lr."""
     if args.lr_schedule == "constant":
@@ -203,12 +230,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="object subtasks edit inside the objects' soft masks (WorldGrounder) instead of their boxes")
     p.add_argument("--figure", type=Path, default=Path("outputs/world_eval.png"))
     p.add_argument("--figure_cases", type=int, default=6)
+    p.add_argument("--write_jobs", type=Path, default=None,
+                   help="write the cases as a gas-edit batch jobs file (same settings) instead of editing them")
     args = p.parse_args(argv)
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
 
+    if args.write_jobs is not None:
+        write_jobs(args.write_jobs, held_out_cases(args.cases, seed=args.seed)[args.first_case :], names, args)
+        return 0
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(max(1, torch.get_num_threads()))
