@@ -181,3 +181,11 @@ def test_logged_values_are_those_of_logging_every_step(backbone, tmp_path):
         gammas = [k for k in row if k.endswith("/gamma")]
         assert gammas and all(row[k] == rows[1][step][k] for k in row)
         assert any(float(row[k]) < 1 for k in gammas)  # the penalty ran: a value that is not the default
+
+
+def test_readme_benchmark_commands_parse():
+    lines = [line.strip() for line in (ROOT / "README.md").read_text().splitlines()
+             if line.strip().startswith("python tools/benchmark.py")]
+    assert len(lines) >= 3
+    for line in lines:
+        benchmark.build_parser().parse_args(shlex.split(line, comments=True)[2:])

@@ -21,7 +21,7 @@ python tools/benchmark.py --arch sd15 --resolution 512 --subtasks 3 --device cud
 python tools/benchmark.py --arch sd15 --resolution 512 --subtasks 3 --device cuda --steps 20 --warmup 5 --repeats 3 --dtype bfloat16 --compile true --low_memory false --json "$OUT/bf16_compile.json"
 python tools/benchmark.py --arch sd15 --resolution 512 --subtasks 3 --device cuda --steps 20 --warmup 5 --repeats 3 --dtype bfloat16 --compile true --low_memory true --json "$OUT/bf16_compile_lowmem.json"
 python tools/benchmark.py --arch sd15 --resolution 512 --subtasks 3 --device cuda --steps 20 --warmup 5 --repeats 3 --dtype float16 --channels_last true --compile false --low_memory false --json "$OUT/fp16_channels_last.json"
-python tools/benchmark.py --arch sd15 --resolution 512 --subtasks 3 --device cuda --steps 20 --warmup 5 --repeats 3 --dtype float32 --precision 16-mixed --compile false --low_memory false --json "$OUT/fp32_16mixed.json"
+python tools/benchmark.py --arch sd15 --resolution 512 --subtasks 3 --device cuda --steps 20 --warmup 5 --repeats 3 --dtype float32 --precision 16-mixed --compile false --low_memory false --sync_check true --json "$OUT/fp32_16mixed.json"
 
 python - "$OUT" <<'PY'
 import json, sys
