@@ -179,6 +179,21 @@ ARCHITECTURES = {
         "text": dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
                      hidden_act="gelu", projection_dim=512),
     },
+    "sdxl": {  # SDXL base 1.0: CLIP ViT-L + OpenCLIP bigG (pooled, projected), size/crop conditioning, 1024 px
+        "unet": dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                     block_out_channels=(320, 640, 1280),
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                     transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+                     use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                     projection_class_embeddings_input_dim=1280 + 6 * 256),
+        "vae": {**SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
+        "prediction_type": "epsilon",
+        "text": dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                     hidden_act="quick_gelu"),
+        "text_2": dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                       hidden_act="gelu", projection_dim=1280),
+    },
 }
 GROUPS = 32  # the SD norm_num_groups: every scaled width stays a multiple of it
 
@@ -195,24 +210,23 @@ def _scaled_heads(heads: int | tuple[int, ...], channels: tuple[int, ...]) -> tu
 
 def build_arch_backbone(arch: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                         width_mult: float = 1.0, seed: int = 0):
-    """A Backbone with a published architecture's UNet, VAE and text encoder, random weights.
+    """A Backbone with a published architecture's UNet, VAE and text encoder(s), random weights.
 
     `width_mult` < 1 narrows the UNet and VAE channels (multiples of 32, same depth, blocks and
     attention layout), so a CPU can run an SD-shaped network; 1 is the published size. The text
-    encoder keeps its published size (it runs once per edit). The tokenizer is the character
+    encoders keep their published sizes (they run once per edit). The tokenizers are the character
     tokenizer above with the 77-token context.
     """
     import tempfile
 
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from gas_lightning.backbone import Backbone, VaeCodec, set_attention
+    from gas_lightning.backbone import Backbone, SDXLBackbone, VaeCodec, set_attention
     from gas_lightning.errors import GasError
 
     if arch not in ARCHITECTURES:
-        raise GasError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)} "
-                       "(SDXL: not supported by the backbone yet)")
+        raise GasError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     if not 0 < width_mult <= 1:
         raise GasError(f"width_mult must be in (0, 1], got {width_mult}")
     spec = ARCHITECTURES[arch]
@@ -226,17 +240,24 @@ def build_arch_backbone(arch: str, device: str | torch.device = "cpu", dtype: to
     with tempfile.TemporaryDirectory() as tmp:
         write_char_clip_tokenizer(Path(tmp), max_length=77)
         tokenizer = CLIPTokenizer.from_pretrained(tmp)
-    with torch.device(device):  # initialised where it runs: the published UNet has 860M parameters
+    clip = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    with torch.device(device):  # initialised where it runs: the published UNets have 0.9-2.6B parameters
         unet = UNet2DConditionModel(**unet_cfg)
         vae = AutoencoderKL(**vae_cfg)
-        text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=0,
-                                            eos_token_id=1, pad_token_id=1, **spec["text"]))
-    for net in (unet, vae, text):
-        net.to(dtype).requires_grad_(False).eval()
+        text = CLIPTextModel(CLIPTextConfig(**clip, **spec["text"]))
+        text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip, **spec["text_2"])) if "text_2" in spec else None
+    for net in (unet, vae, text, text_2):
+        if net is not None:
+            net.to(dtype).requires_grad_(False).eval()
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                           prediction_type=spec["prediction_type"])
-    backbone = Backbone(unet=unet, text_encoder=text, tokenizer=tokenizer, codec=VaeCodec(vae),
-                        alphas_cumprod=sched.alphas_cumprod.float().clone(), prediction_type=spec["prediction_type"],
-                        attention="sdpa", source=f"{arch} architecture x{width_mult:g} (random weights)").to(device)
+    common = dict(unet=unet, text_encoder=text, tokenizer=tokenizer, codec=VaeCodec(vae),
+                  alphas_cumprod=sched.alphas_cumprod.float().clone(), prediction_type=spec["prediction_type"],
+                  attention="sdpa", source=f"{arch} architecture x{width_mult:g} (random weights)")
+    if text_2 is None:
+        backbone = Backbone(**common)
+    else:
+        backbone = SDXLBackbone(**common, text_encoder_2=text_2, tokenizer_2=tokenizer)
+    backbone.to(device)
     backbone.attention = set_attention(unet, "auto")
     return backbone

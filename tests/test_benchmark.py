@@ -66,17 +66,34 @@ def test_reduced_sd15_architecture(tmp_path):
     assert (bb.text_encoder.config.hidden_size, bb.text_encoder.config.num_hidden_layers) == (768, 12)
     assert (bb.codec.downscale, bb.prediction_type, bb.default_resolution) == (8, "epsilon", 512)
     emb = bb.encode_prompts(["a cat"])
-    assert emb.shape == (1, 77, 768)
-    eps = bb.predict_eps(torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), emb.expand(2, -1, -1))
+    assert emb.hidden.shape == (1, 77, 768) and emb.pooled is None
+    eps = bb.predict_eps(torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), emb.expand(2))
     assert eps.shape == (2, 4, 8, 8) and torch.isfinite(eps).all()
 
 
-def test_sdxl_is_one_clear_error(tmp_path):
-    with pytest.raises(GasError, match="SDXL"):
-        benchmark.main(["--arch", "sdxl"])
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "--arch", "sdxl"], capture_output=True,
+def test_reduced_sdxl_architecture(monkeypatch):
+    from gas_lightning.backbone import SDXLBackbone
+    from gas_lightning.testing import ARCHITECTURES, build_arch_backbone
+
+    for encoder in ("text", "text_2"):  # two layers each: the assembly is under test, not the encoders' depth
+        monkeypatch.setitem(ARCHITECTURES["sdxl"], encoder, {**ARCHITECTURES["sdxl"][encoder], "num_hidden_layers": 2})
+    bb = build_arch_backbone("sdxl", width_mult=0.1)
+    cfg = bb.unet.config
+    assert isinstance(bb, SDXLBackbone)
+    assert tuple(cfg.block_out_channels) == (32, 64, 128) and tuple(cfg.transformer_layers_per_block) == (1, 2, 10)
+    assert (cfg.cross_attention_dim, cfg.addition_embed_type, bb.default_resolution) == (2048, "text_time", 1024)
+    emb = bb.encode_prompts(["a cat", "a dog"])
+    assert emb.hidden.shape == (2, 77, 768 + 1280) and emb.pooled.shape == (2, 1280)  # CLIP-L + bigG; bigG's pooled
+    eps = bb.predict_eps(torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), emb)
+    assert eps.shape == (2, 4, 16, 16) and torch.isfinite(eps).all()
+
+
+def test_bad_benchmark_input_is_one_clear_error():
+    with pytest.raises(GasError, match="width_mult"):
+        benchmark.main(["--arch", "sd15", "--width_mult", "2"])
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "--subtasks", "9"], capture_output=True,
                           text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, cwd=ROOT)
-    assert proc.returncode == 2 and "SDXL" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "--subtasks" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_gpu_script_commands_parse():
@@ -88,10 +105,11 @@ def test_gpu_script_commands_parse():
     for line in lines:
         words = shlex.split(line.replace('"$OUT', '"out'))
         args = benchmark.build_parser().parse_args(words[words.index("tools/benchmark.py") + 1 :])
-        assert args.arch == "sd15" and args.resolution == 512 and args.subtasks == 3 and args.device == "cuda"
-        assert args.json is not None and args.json.parent == Path("out")
-        seen.add((args.dtype, args.compile, args.low_memory))
-    assert {(d, c, m) for d in ("float16", "bfloat16") for c in (False, True) for m in (False, True)} <= seen
+        assert (args.arch, args.resolution) in {("sd15", 512), ("sdxl", 1024)}
+        assert args.subtasks == 3 and args.device == "cuda" and args.json.parent == Path("out")
+        seen.add((args.arch, args.dtype, args.compile, args.low_memory))
+    assert {("sd15", d, c, m) for d in ("float16", "bfloat16") for c in (False, True) for m in (False, True)} <= seen
+    assert {("sdxl", "float16", False, m) for m in (False, True)} <= seen
 
 
 # No host synchronisation inside a step ---------------------------------------------------------
@@ -181,3 +199,11 @@ def test_logged_values_are_those_of_logging_every_step(backbone, tmp_path):
         gammas = [k for k in row if k.endswith("/gamma")]
         assert gammas and all(row[k] == rows[1][step][k] for k in row)
         assert any(float(row[k]) < 1 for k in gammas)  # the penalty ran: a value that is not the default
+
+
+def test_readme_benchmark_commands_parse():
+    lines = [line.strip() for line in (ROOT / "README.md").read_text().splitlines()
+             if line.strip().startswith("python tools/benchmark.py")]
+    assert len(lines) >= 3
+    for line in lines:
+        benchmark.build_parser().parse_args(shlex.split(line, comments=True)[2:])

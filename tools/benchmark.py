@@ -12,7 +12,7 @@ and samples are counted by wrapping the UNet's call, not from a formula. Peak me
 more run (encode, steps, decode): `torch.cuda.max_memory_allocated` on CUDA, the process's peak
 resident set size (sampled every 2 ms, after returning freed heap to the system) on the CPU.
 
-`--arch sd15|sd21` builds the published architecture with random weights (no download): right for
+`--arch sd15|sd21|sdxl` builds the published architecture with random weights (no download): right for
 time and memory, meaningless as an edit. `--width_mult` narrows it so a CPU can run it.
 """
 
@@ -231,9 +231,6 @@ def build_backbone(args) -> Backbone:
     if args.arch is None:
         backbone = load_backbone(resolve_bundled(args.model), device=args.device, dtype=args.dtype,
                                  attention=args.attention)
-    elif args.arch == "sdxl":
-        raise GasError("--arch sdxl: the backbone does not support SDXL (two text encoders, pooled embeddings) yet; "
-                       "use --arch sd15 or sd21")
     else:
         backbone = build_arch_backbone(args.arch, args.device, resolve_dtype(args.dtype, args.device), args.width_mult)
         backbone.attention = set_attention(backbone.unet, args.attention)
@@ -246,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     flag = lambda v: {"true": True, "false": False}[v.lower()]  # noqa: E731
     model = p.add_mutually_exclusive_group()
     model.add_argument("--model", default="gas-lightning:shapes-model", help="hub id, local folder or gas-lightning:NAME")
-    model.add_argument("--arch", choices=[*ARCHITECTURES, "sdxl"], default=None,
+    model.add_argument("--arch", choices=list(ARCHITECTURES), default=None,
                        help="a published architecture with random weights instead of --model")
     p.add_argument("--width_mult", type=float, default=1.0, help="--arch only: narrower UNet/VAE (e.g. 0.25 for the CPU)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -281,11 +278,11 @@ def main(argv: list[str] | None = None) -> int:
         raise GasError("--schedules takes sequential and/or batched; --steps and --repeats >= 1, --warmup >= 0")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    plan = benchmark_plan(args.subtasks)
     backbone = build_backbone(args)
     counter = UNetCounter(backbone.unet)
     backbone.unet = counter
     image = load_image(resolve_bundled("gas-lightning:example.png"))
-    plan = benchmark_plan(args.subtasks)
     result = {"model": args.model if args.arch is None else backbone.source, "device": args.device,
               "device_name": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
               "threads": torch.get_num_threads(), "dtype": str(backbone.dtype).replace("torch.", ""),

@@ -2,9 +2,9 @@
 # The GPU rows of README "Speed and memory": the SD 1.5 architecture (random weights, no download) at
 # 512 px with 3 subtasks, both schedules in every run; fp16 and bf16 weights, with and without
 # torch.compile, with and without --low_memory; fp16 with channels_last; the fp32-weights/16-mixed row of
-# configs/sd15.yaml.
+# configs/sd15.yaml; and the SDXL architecture at 1024 px in fp16, with and without --low_memory.
 # One JSON per row in OUT_DIR, then a summary table.  Not yet run on a GPU: its duration is an estimate
-# (about 8 minutes on one H100-class card, most of it compiling).
+# (about 10 minutes on one H100-class card, most of it compiling).
 #   bash tools/gpu_bench.sh [OUT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +21,9 @@ python tools/benchmark.py --arch sd15 --resolution 512 --subtasks 3 --device cud
 python tools/benchmark.py --arch sd15 --resolution 512 --subtasks 3 --device cuda --steps 20 --warmup 5 --repeats 3 --dtype bfloat16 --compile true --low_memory false --json "$OUT/bf16_compile.json"
 python tools/benchmark.py --arch sd15 --resolution 512 --subtasks 3 --device cuda --steps 20 --warmup 5 --repeats 3 --dtype bfloat16 --compile true --low_memory true --json "$OUT/bf16_compile_lowmem.json"
 python tools/benchmark.py --arch sd15 --resolution 512 --subtasks 3 --device cuda --steps 20 --warmup 5 --repeats 3 --dtype float16 --channels_last true --compile false --low_memory false --json "$OUT/fp16_channels_last.json"
-python tools/benchmark.py --arch sd15 --resolution 512 --subtasks 3 --device cuda --steps 20 --warmup 5 --repeats 3 --dtype float32 --precision 16-mixed --compile false --low_memory false --json "$OUT/fp32_16mixed.json"
+python tools/benchmark.py --arch sd15 --resolution 512 --subtasks 3 --device cuda --steps 20 --warmup 5 --repeats 3 --dtype float32 --precision 16-mixed --compile false --low_memory false --sync_check true --json "$OUT/fp32_16mixed.json"
+python tools/benchmark.py --arch sdxl --resolution 1024 --subtasks 3 --device cuda --steps 10 --warmup 3 --repeats 3 --dtype float16 --compile false --low_memory false --json "$OUT/sdxl_fp16.json"
+python tools/benchmark.py --arch sdxl --resolution 1024 --subtasks 3 --device cuda --steps 10 --warmup 3 --repeats 3 --dtype float16 --compile false --low_memory true --json "$OUT/sdxl_fp16_lowmem.json"
 
 python - "$OUT" <<'PY'
 import json, sys
