@@ -75,6 +75,7 @@ def load_single_file(path: str, model_config: str | None, torch_dtype: torch.dty
     """UNet, VAE and text encoders from the file; tokenizers and scheduler from the config folder."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.loaders.single_file_utils import SingleFileComponentError
+    from diffusers.utils import logging as diffusers_logging
 
     file = Path(path)
     if file.suffix not in SINGLE_FILE_SUFFIXES:
@@ -96,6 +97,8 @@ def load_single_file(path: str, model_config: str | None, torch_dtype: torch.dty
     common = {"config": model_config, "local_files_only": True}
     extra = {"add_watermarker": False} if family == "sdxl" else {"safety_checker": None, "feature_extractor": None,
                                                                 "requires_safety_checker": False}
+    bars = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()  # a bar over 5-7 components says nothing and splits an error message
     try:
         scheduler = DDPMScheduler.from_pretrained(model_config, subfolder="scheduler", local_files_only=True)
         vae = AutoencoderKL.from_single_file(path, subfolder="vae", torch_dtype=vae_dtype(family, torch_dtype), **common)
@@ -107,6 +110,9 @@ def load_single_file(path: str, model_config: str | None, torch_dtype: torch.dty
         raise ModelLoadError(f"--model {path!r} could not be loaded with the configs in --model_config {model_config!r} "
                              f"({type(e).__name__}: {first}); the checkpoint and the config folder must be the same "
                              f"architecture: pass {CONFIG_HINT}") from None
+    finally:
+        if bars:
+            diffusers_logging.enable_progress_bar()
     log.info("loaded single-file %s checkpoint %s with configs from %s", FAMILY_NAMES[family], path, model_config)
     return Components(
         family=family, unet=pipe.unet, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, scheduler=scheduler,

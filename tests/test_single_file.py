@@ -245,6 +245,11 @@ def test_single_file_errors(single, tmp_path, image_file, capsys):
     capsys.readouterr()  # the builder's progress bars
     err = _expect(capsys, tmp_path, image_file, file, "--model_config", str(other))
     assert "is a checkpoint of" in err and "config folder of" in err
+    resized = config_folder(config, tmp_path / "resized_config")  # same family, another UNet width
+    unet_config = json.loads((resized / "unet" / "config.json").read_text())
+    (resized / "unet" / "config.json").write_text(json.dumps({**unet_config, "block_out_channels": [16, 64]}))
+    assert "could not be loaded with the configs in --model_config" in _expect(
+        capsys, tmp_path, image_file, file, "--model_config", str(resized))
     lora = tmp_path / "lora.safetensors"
     save_file({"lora_unet_down_blocks_0.lora_down.weight": torch.zeros(2, 2)}, str(lora))
     assert "holds no UNet weights" in _expect(capsys, tmp_path, image_file, lora, "--model_config", str(config))
