@@ -146,6 +146,7 @@ def test_errors_are_raised_not_exits_and_logging_is_left_alone(tiny_sd, image_fi
     assert before == (list(logging.getLogger().handlers), list(logging.getLogger("gas_lightning").handlers))
 
 
+@pytest.mark.timeout(1800)  # one full 150-step edit: about a minute idle, far longer on a shared CPU
 def test_the_readme_five_line_example_runs(tmp_path, monkeypatch):
     """The README's first Python block, as written, on the bundled model (about 30 s on 2 cores)."""
     import re

@@ -29,6 +29,7 @@ def test_bundled_default_edit_runs_and_writes_outputs(tmp_path):
     assert (out / "checkpoints" / "last.ckpt").is_file()
 
 
+@pytest.mark.timeout(1800)  # one full 150-step edit: about a minute idle, far longer on a shared CPU
 def test_the_main_command_makes_the_requested_edit(tmp_path):
     """The README's main command as shipped (all its steps), scored by the world's exact scorer:
     every requested attribute right and the kept triangle still there."""
