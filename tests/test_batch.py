@@ -293,7 +293,8 @@ def test_several_devices_are_refused_from_python(tiny_sd, image_file, tmp_path, 
 
 
 # the world's held-out cases as jobs ------------------------------------------------------------------
-def test_a_world_case_through_batch_is_eval_worlds_edit(tmp_path, monkeypatch):
+@pytest.mark.parametrize("masks", [False, True])
+def test_a_world_case_through_batch_is_eval_worlds_edit(tmp_path, monkeypatch, masks):
     """tools/eval_world.py --write_jobs: the batch edits a case to the latent eval_world's edit_case gets."""
     import importlib.util
     from types import SimpleNamespace
@@ -311,9 +312,12 @@ def test_a_world_case_through_batch_is_eval_worlds_edit(tmp_path, monkeypatch):
     jobs = tmp_path / "world" / "jobs.jsonl"
     jobs.parent.mkdir()
     assert eval_world.main([*flags, "--cases", "2", "--first_case", "1", "--methods", "gas,gas_penalty",
-                            "--write_jobs", str(jobs)]) == 0
+                            "--write_jobs", str(jobs), *(["--masks"] if masks else [])]) == 0
     names = [json.loads(line)["name"] for line in jobs.read_text().splitlines()]
-    assert names == ["gas_s5_c001", "gas_penalty_s5_c001"]
+    tag = "_masks" if masks else ""
+    assert names == [f"gas{tag}_s5_c001", f"gas_penalty{tag}_s5_c001"]
+    plan = json.loads((jobs.parent / "plans" / f"gas_penalty{tag}_s5_c001.json").read_text())
+    assert any("mask" in s for s in plan["subtasks"]) == masks
     one = jobs.parent / "one.jsonl"  # the penalty method: gas's settings plus a callback from the jobs file
     one.write_text(jobs.read_text().splitlines()[1] + "\n")
     out = tmp_path / "out"
@@ -323,11 +327,11 @@ def test_a_world_case_through_batch_is_eval_worlds_edit(tmp_path, monkeypatch):
     modules = []
     real = eval_world.build_edit
     monkeypatch.setattr(eval_world, "build_edit", lambda *a, **k: modules.append(real(*a, **k)) or modules[-1])
-    args = SimpleNamespace(**settings, wide_guidance_scale=None, accelerator="cpu", masks=False)
+    args = SimpleNamespace(**settings, wide_guidance_scale=None, accelerator="cpu", masks=masks)
     case = held_out_cases(2, seed=5)[1]
     eval_world.edit_case(load_backbone(str(MODEL_DIR), device="cpu", attention="sdpa"), case,
                          eval_world.METHODS["gas_penalty"], args)
-    assert torch.equal(modules[0].latent.detach(), latent(out / "gas_penalty_s5_c001"))
+    assert torch.equal(modules[0].latent.detach(), latent(out / f"gas_penalty{tag}_s5_c001"))
     assert not torch.equal(modules[0].latent.detach(), modules[0].z_src)  # the edit moved
 
 

@@ -124,14 +124,20 @@ METHODS = {
 DEFAULT_METHODS = ("dds", "gas", "gas_sequential")
 
 
-def edit_case(backbone, case: EditCase, method: Method, args) -> tuple[np.ndarray, float]:
-    cfg = method.guidance(args)
+def case_plan(case: EditCase, method: Method, args) -> EditPlan:
+    """The plan a method edits (edit_case) and writes as a job (write_jobs); with --masks, soft masks."""
     plan = method.plan(case)
     if args.masks:
         from gas_lightning.grounding.segmenter import segment_plan
         from gas_lightning.worlds.grounder import WorldGrounder
 
         plan = segment_plan(plan, render_pil(case.source), WorldGrounder())
+    return plan
+
+
+def edit_case(backbone, case: EditCase, method: Method, args) -> tuple[np.ndarray, float]:
+    cfg = method.guidance(args)
+    plan = case_plan(case, method, args)
     module = build_edit(backbone, render_pil(case.source), plan, guidance_config=cfg, schedule=method.schedule,
                         seed=args.seed * 1000 + (case.seed or 0), loss_scale=args.loss_scale,
                         optimizer=lambda params: torch.optim.SGD(params, lr=args.lr),
@@ -155,11 +161,11 @@ def write_jobs(path: Path, cases: list[EditCase], names: list[str], args) -> Non
     for name in names:
         method = METHODS[name]
         for k, case in enumerate(cases, start=args.first_case):
-            job = f"{name}_s{args.seed}_c{k:03d}"
+            job = f"{name}{'_masks' if args.masks else ''}_s{args.seed}_c{k:03d}"
             image, plan = path.parent / "images" / f"s{args.seed}_c{k:03d}.png", path.parent / "plans" / f"{job}.json"
             image.parent.mkdir(parents=True, exist_ok=True)
             render_pil(case.source).save(image)
-            method.plan(case).save(plan)
+            case_plan(case, method, args).save(plan)
             sched = None if args.lr_schedule == "constant" else {"class_path": "torch.optim.lr_scheduler.CosineAnnealingLR",
                                                                 "init_args": {"T_max": args.steps, "eta_min": args.lr * args.lr_final}}
             lines.append({"name": job, "image": f"images/{image.name}", "plan": f"plans/{plan.name}",
