@@ -199,9 +199,14 @@ def run_edit(
     if trainer_kwargs.get("default_root_dir") is None:
         trainer_kwargs["default_root_dir"] = str(out)
     trainer_kwargs["plugins"] = with_atomic_io(trainer_kwargs.get("plugins"))  # kill-safe writes, data-only loads
+    if trainer_kwargs.get("enable_model_summary") is None:  # one row, "other params": the latent
+        trainer_kwargs["enable_model_summary"] = False
+    cpu_precision(trainer_kwargs)
     trainer = L.Trainer(callbacks=all_callbacks, **trainer_kwargs)
 
     device = str(trainer.strategy.root_device)
+    if backbone is not None:  # load_backbone says which attention it set up; a given model is named here
+        log.info("attention backend: %s", backbone.attention)
     if backbone is None:
         from gas_lightning.backbone import load_backbone
 
@@ -213,7 +218,6 @@ def run_edit(
                        "Trainer's device (load_model(device=...)) or set trainer accelerator/devices to match")
     elif cfg.compile or cfg.low_memory or cfg.micro_batch is not None:  # asked for this edit: applied to the given model
         backbone.tune(compile=cfg.compile, low_memory=cfg.low_memory, micro_batch=cfg.micro_batch)
-    log.info("attention backend: %s", backbone.attention)
     module = build_edit(backbone, image, plan, guidance_config=init.guidance, resolution=cfg.resolution,
                         schedule=cfg.schedule, seed=cfg.seed, loss_scale=cfg.loss_scale, optimizer=init.optimizer,
                         lr_scheduler=init.lr_scheduler)
@@ -244,6 +248,19 @@ def make_writable_dir(out: Path) -> None:
     except OSError as e:
         raise GasError(f"--output_dir {str(out)!r} is not writable ({e.strerror or e}); "
                        "choose a folder you can write to, or fix its permissions") from None
+
+
+def cpu_precision(trainer_kwargs: dict) -> None:
+    """16-mixed is CUDA's fp16 autocast. On the CPU Lightning swaps in bf16-mixed, which rounds the
+    small differences DDS follows 8x more coarsely (README: mixed precision): run 32-true there."""
+    import torch
+
+    accelerator = trainer_kwargs.get("accelerator") or "auto"
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()
+                                      and not torch.backends.mps.is_available())
+    if on_cpu and str(trainer_kwargs.get("precision")) in ("16-mixed", "16"):
+        log.info("precision 16-mixed needs a GPU; on the CPU this edit runs in 32-true")
+        trainer_kwargs["precision"] = "32-true"
 
 
 def check_resume(path: str, plan) -> None:

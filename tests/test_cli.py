@@ -197,3 +197,39 @@ def test_every_shipped_config_parses(config, image_file, capsys):
     assert exit_info.value.code == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["trainer"]["max_steps"] > 0 and cfg["optimizer"]["class_path"].startswith("torch.optim.")
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ({"accelerator": "cpu", "precision": "16-mixed"}, "32-true"),
+    ({"accelerator": "cpu", "precision": "bf16-mixed"}, "bf16-mixed"),  # asked for by name: kept
+    ({"accelerator": "cpu", "precision": "32-true"}, "32-true"),
+    ({"accelerator": "gpu", "precision": "16-mixed"}, "16-mixed"),
+])
+def test_16_mixed_on_the_cpu_runs_in_32_true(kwargs, expected):
+    """Lightning would turn 16-mixed into bf16-mixed on the CPU: 8x coarser for DDS (README)."""
+    from gas_lightning.runner import cpu_precision
+
+    cpu_precision(kwargs)
+    assert kwargs["precision"] == expected
+
+
+def test_an_sd_config_on_the_cpu_edits_in_float32(tiny_sd, image_file, tmp_path, monkeypatch):
+    """configs/sd15.yaml asks for 16-mixed; on the CPU its edit's UNet must see float32, not bf16."""
+    from gas_lightning.backbone import Backbone
+
+    seen = []
+    real = Backbone.denoise
+
+    def spy(self, z, *args, **kwargs):
+        out = real(self, z, *args, **kwargs)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(Backbone, "denoise", spy)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(Path(__file__).resolve().parents[1] / "configs" / "sd15.yaml"), "--model", tiny_sd,
+              "--image", image_file, "--request",
+              "change the grass into snow.", "--boxes", "[[0, 0, 1, 1]]", "--output_dir", str(tmp_path / "out"),
+              "--trainer.max_steps", "1", "--trainer.accelerator", "cpu"])
+    assert exit_info.value.code == 0
+    assert seen and set(seen) == {torch.float32}

@@ -243,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    for path in (args.progress, args.json, args.figure):  # made before the edits, not found missing after them
+        if path is not None and str(path) != "-":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
 
     if args.write_jobs is not None:
         write_jobs(args.write_jobs, held_out_cases(args.cases, seed=args.seed)[args.first_case :], names, args)
