@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 BUNDLED_MODEL = "gas-lightning:shapes-model"
 BUNDLED_PRESET = "gas-lightning:shapes.yaml"  # configs/shapes.yaml is a link to it
 EDIT_KEYS = ("request", "source", "target", "plan", "sources", "targets", "source_prompt", "target_prompt",
-             "preserve_form", "intensities", "boxes", "keep")
+             "preserve_form", "intensities", "boxes", "keep", "masks")
 
 __all__ = ["edit", "plan_edit", "load_model", "EditResult"]
 
@@ -59,6 +59,7 @@ def edit(
     sources: Sequence[str] | None = None,
     targets: Sequence[str] | None = None,
     boxes: Sequence[Sequence[float] | None] | None = None,
+    masks: "str | Path | Sequence[Any] | None" = None,
     model: "str | Backbone | None" = None,
     steps: int | None = None,
     seed: int = 0,
@@ -75,15 +76,23 @@ def edit(
     bundled model runs with its tuned settings (the CPU is enough). `model` may be an id, a folder
     or a model from `load_model()` (reused, not reloaded). `output_dir` defaults to a new temporary
     folder (or the config's own `output_dir`); `callbacks` are Lightning callbacks added to the Trainer's.
+    `masks` confine subtasks to regions instead of boxes: a label-map path, or one entry per subtask
+    (a PNG path, a painted PIL image, an (H, W) array or tensor, or None for the subtask's box).
     """
     from gas_lightning.runner import build_parser, run_edit
 
     parser = build_parser(exit_on_error=False)
     backbone = model if _is_backbone(model) else None
+    painted = masks is not None and not isinstance(masks, (str, Path)) and any(_in_memory(m) for m in masks)
+    if masks is not None and not painted:
+        options = {**options, "masks": str(masks) if isinstance(masks, (str, Path)) else
+                   [None if m is None else str(m) for m in masks]}
     cfg = _config(parser, config, model, output_dir, steps, seed, trainer_kwargs, backbone, options,
                   request=request, source=source, target=target, sources=sources, targets=targets, boxes=boxes,
                   plan=None if plan is None or _is_plan(plan) else str(plan), replace_edit=_is_plan(plan))
     pil = _in_memory_image(image, cfg)
+    if painted:
+        cfg.masks = _saved_masks(masks, Path(cfg.output_dir))
     return run_edit(cfg, parser, image=pil, backbone=backbone, callbacks=callbacks,
                     plan=plan if _is_plan(plan) else None)
 
@@ -187,6 +196,33 @@ def _in_memory_image(image, cfg) -> "Image.Image | None":
         picture.save(f, format="PNG")
     cfg.image = str(out / "source.png")
     return picture
+
+
+def _in_memory(mask) -> bool:
+    return mask is not None and not isinstance(mask, (str, Path))
+
+
+def _saved_masks(masks: Sequence[Any], out: Path) -> list[str | None]:
+    """Painted masks are saved as mask{k}.png beside source.png and named in config.yaml, so that the
+    config repeats the edit; 8-bit grey keeps soft edges."""
+    import numpy as np
+    from PIL import Image
+
+    from gas_lightning.io import atomic_write
+    from gas_lightning.masks import read_mask
+    from gas_lightning.runner import make_writable_dir
+
+    make_writable_dir(out)
+    paths: list[str | None] = []
+    for k, mask in enumerate(masks):
+        if not _in_memory(mask):
+            paths.append(None if mask is None else str(mask))
+            continue
+        weights = read_mask(mask, what=f"masks[{k}]")  # a bad mask is one error here, before any model loads
+        with atomic_write(out / f"mask{k}.png") as f:
+            Image.fromarray(np.round(weights * 255).astype(np.uint8), "L").save(f, format="PNG")
+        paths.append(str(out / f"mask{k}.png"))
+    return paths
 
 
 def _is_pil(x) -> bool:

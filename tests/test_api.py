@@ -166,3 +166,35 @@ def test_the_readme_five_line_example_runs(tmp_path, monkeypatch):
     b = np.asarray(edited, dtype=float)
     # the snow (most of the picture) turned greener: a visible edit, not a copy
     assert (b[..., 1] - b[..., 0]).mean() > (a[..., 1] - a[..., 0]).mean() + 20
+
+
+def test_painted_masks_are_saved_named_in_the_config_and_repeat_the_edit(tiny_sd, image_file, tmp_path):
+    """masks=[a painted PIL mask, None]: the first subtask edits inside it; config.yaml reruns the edit."""
+    import numpy as np
+
+    painted = Image.new("L", (48, 40), 0)
+    painted.paste(255, (4, 4, 20, 20))  # the red block of image_file
+    out = tmp_path / "painted"
+    result = quick(image=image_file, request=REQUEST, boxes=[None, [0, 0, 1, 1]], masks=[painted, None],
+                   model=tiny_sd, output_dir=out)
+    assert result.plan.subtasks[0].mask and not result.plan.subtasks[1].mask
+    assert np.array_equal(np.asarray(Image.open(out / "mask0.png")), np.asarray(painted))
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["masks"] == [str(out / "mask0.png"), None]
+    with pytest.raises(SystemExit) as e:
+        main(["--config", str(out / "config.yaml"), "--output_dir", str(tmp_path / "again")])
+    assert e.value.code == 0
+    again = torch.load(tmp_path / "again" / "latent.pt", weights_only=True)["latent"]
+    torch.testing.assert_close(result.latent, again, rtol=0, atol=0)
+    # a new edit given in the call replaces the config's, masks included
+    other = quick(image=image_file, request=REQUEST, boxes=BOXES, model=tiny_sd, config=out / "config.yaml",
+                  output_dir=tmp_path / "other")
+    assert not any(s.mask for s in other.plan.subtasks)
+
+
+def test_an_empty_painted_mask_is_one_error(tiny_sd, image_file, tmp_path):
+    import numpy as np
+
+    with pytest.raises(GasError, match=r"masks\[0\] is empty"):
+        quick(image=image_file, request=REQUEST, boxes=BOXES, masks=[np.zeros((40, 48)), None], model=tiny_sd,
+              output_dir=tmp_path / "empty")
