@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 from PIL import Image
 
@@ -69,6 +69,9 @@ class GroundingSpec:
     # for the bundled shapes world's exact masks. Whole-image boxes (backgrounds) keep the whole image.
     segmenter: str | None = None
     segmenter_device: str = "cpu"
+    # all: every object subtask gets its mask; same_outline: only kept objects, preserve-form swaps and
+    # recolours, while a shape change keeps its box (its mask would be the old shape)
+    segment: Literal["all", "same_outline"] = "all"
 
 
 def resolve_bundled(path: str | None) -> str | None:
@@ -224,5 +227,5 @@ def ground(plan: EditPlan, image: Image.Image, spec: GroundingSpec) -> EditPlan:
     if segmenter is not None:
         from gas_lightning.grounding.segmenter import segment_plan
 
-        plan = segment_plan(plan, image, segmenter)
+        plan = segment_plan(plan, image, segmenter, scope=spec.segment)
     return plan

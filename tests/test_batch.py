@@ -327,7 +327,7 @@ def test_a_world_case_through_batch_is_eval_worlds_edit(tmp_path, monkeypatch, m
     modules = []
     real = eval_world.build_edit
     monkeypatch.setattr(eval_world, "build_edit", lambda *a, **k: modules.append(real(*a, **k)) or modules[-1])
-    args = SimpleNamespace(**settings, wide_guidance_scale=None, accelerator="cpu", masks=masks)
+    args = SimpleNamespace(**settings, wide_guidance_scale=None, accelerator="cpu", masks="all" if masks else None)
     case = held_out_cases(2, seed=5)[1]
     eval_world.edit_case(load_backbone(str(MODEL_DIR), device="cpu", attention="sdpa"), case,
                          eval_world.METHODS["gas_penalty"], args)

@@ -134,3 +134,45 @@ def test_missing_sam_weights_are_one_clear_error(which, tmp_path, image_file, ca
                          "[[0.05, 0.05, 0.45, 0.5], [0, 0, 1, 1]]", "--segmenter", name, "--output_dir",
                          tmp_path / "out", "--plan_only", "true")
     assert code == 2 and "segmenter" in err and err.count("\n") == 1, err
+
+
+def test_same_outline_scope_leaves_shape_changes_their_boxes(image_file):
+    """--segment same_outline: kept objects, recolours and preserve-form swaps get masks; a square
+    turning into a triangle keeps its box (its mask would be the old square)."""
+    box = (0.1, 0.1, 0.5, 0.5)
+    plan = EditPlan("s", "t", (
+        Subtask("the red circle", "a blue circle", box=box),  # recolour: same noun
+        Subtask("the red square", "a red triangle", box=box),  # shape change
+        Subtask("the orange triangle", "the orange triangle", box=box),  # keep
+        Subtask("a dog", "a cat", box=box, preserve_form=True),  # pose-keeping swap
+        Subtask("the grass", "snow", box=(0.0, 0.0, 1.0, 1.0)),
+    ))
+    mask = np.ones((40, 48), dtype=np.float32)
+    fixed = _Fixed([mask, mask, mask])
+    out = segment_plan(plan, Image.open(image_file), fixed, scope="same_outline")
+    assert fixed.calls[0][1] == ["the red circle", "the orange triangle", "a dog"]
+    assert [s.mask is not None for s in out.subtasks] == [True, False, True, True, False]
+    assert out.subtasks[1].box == box
+    every = segment_plan(plan, Image.open(image_file), _Fixed([mask] * 4))
+    assert [s.mask is not None for s in every.subtasks] == [True, True, True, True, False]
+    with pytest.raises(ValueError, match="same_outline"):
+        segment_plan(plan, Image.open(image_file), fixed, scope="shapes")
+
+
+def test_gas_edit_segment_flag_reaches_the_segmenter(tmp_path, capsys):
+    """--segmenter world --segment same_outline on a shape change: the square keeps its box in plan.json."""
+    from gas_lightning.worlds import held_out_cases, render_pil
+
+    case = next(c for c in held_out_cases(30, seed=3) if any(ch.kind == "shape" for ch in c.changes))
+    image = tmp_path / "scene.png"
+    render_pil(case.source).save(image)
+    case.edit_plan().save(tmp_path / "plan.json")
+    code, _ = gas_edit(capsys, "--image", image, "--plan", tmp_path / "plan.json", "--segmenter", "world",
+                       "--segment", "same_outline", "--output_dir", tmp_path / "out", "--plan_only", "true")
+    assert code == 0
+    plan = EditPlan.load(tmp_path / "out" / "plan.json")
+    shaped = [s for s in plan.subtasks if s.source != s.target and s.box != (0.0, 0.0, 1.0, 1.0)]
+    from gas_lightning.grounding.segmenter import keeps_outline
+
+    assert shaped and all((s.mask is not None) == keeps_outline(s) for s in shaped)
+    assert any(s.mask is None for s in shaped)

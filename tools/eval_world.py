@@ -122,6 +122,7 @@ METHODS = {
     )
 }
 DEFAULT_METHODS = ("dds", "gas", "gas_sequential")
+MASK_TAGS = {"all": "masks", "same_outline": "masks_same_outline"}  # --masks SCOPE: the results' and jobs' suffix
 
 
 def case_plan(case: EditCase, method: Method, args) -> EditPlan:
@@ -131,7 +132,7 @@ def case_plan(case: EditCase, method: Method, args) -> EditPlan:
         from gas_lightning.grounding.segmenter import segment_plan
         from gas_lightning.worlds.grounder import WorldGrounder
 
-        plan = segment_plan(plan, render_pil(case.source), WorldGrounder())
+        plan = segment_plan(plan, render_pil(case.source), WorldGrounder(), scope=args.masks)
     return plan
 
 
@@ -161,7 +162,7 @@ def write_jobs(path: Path, cases: list[EditCase], names: list[str], args) -> Non
     for name in names:
         method = METHODS[name]
         for k, case in enumerate(cases, start=args.first_case):
-            job = f"{name}{'_masks' if args.masks else ''}_s{args.seed}_c{k:03d}"
+            job = f"{name}{'_' + MASK_TAGS[args.masks] if args.masks else ''}_s{args.seed}_c{k:03d}"
             image, plan = path.parent / "images" / f"s{args.seed}_c{k:03d}.png", path.parent / "plans" / f"{job}.json"
             image.parent.mkdir(parents=True, exist_ok=True)
             render_pil(case.source).save(image)
@@ -232,8 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="write the results object here ('-' for stdout)")
     p.add_argument("--progress", type=Path, default=None,
                    help="append each case's scores to this JSON-lines file as soon as it is done")
-    p.add_argument("--masks", action="store_true",
-                   help="object subtasks edit inside the objects' soft masks (WorldGrounder) instead of their boxes")
+    p.add_argument("--masks", nargs="?", const="all", default=None, choices=["all", "same_outline"],
+                   help="object subtasks edit inside the objects' soft masks (WorldGrounder) instead of their boxes; "
+                        "same_outline: only kept objects and recolours, shape changes keep their boxes")
     p.add_argument("--figure", type=Path, default=Path("outputs/world_eval.png"))
     p.add_argument("--figure_cases", type=int, default=6)
     p.add_argument("--write_jobs", type=Path, default=None,
@@ -259,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     per_case: dict[str, list[dict]] = {}
     fig_rows = [[c.source_image, c.target_image] for c in cases[: args.figure_cases]]
     for method_name in names:
-        name = method_name + ("+masks" if args.masks else "")
+        name = method_name + ("+" + MASK_TAGS[args.masks] if args.masks else "")
         scores, times = [], []
         for k, case in enumerate(cases):
             image, seconds = edit_case(backbone, case, METHODS[method_name], args)
