@@ -207,3 +207,9 @@ def test_readme_benchmark_commands_parse():
     assert len(lines) >= 3
     for line in lines:
         benchmark.build_parser().parse_args(shlex.split(line, comments=True)[2:])
+
+
+def test_16_mixed_on_the_cpu_is_run_and_reported_as_32_true(tiny_sd, tmp_path):
+    """As gas-edit runs it: Lightning would otherwise time bf16-mixed under the name 16-mixed."""
+    r = run_benchmark(tmp_path, "--model", tiny_sd, "--subtasks", "1", "--precision", "16-mixed", "--schedules", "batched")
+    assert r["precision"] == "32-true"

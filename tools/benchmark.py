@@ -272,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from gas_lightning.runner import cpu_precision
+
+    settings = {"accelerator": "gpu" if args.device.startswith("cuda") else "cpu", "precision": args.precision}
+    cpu_precision(settings)  # 16-mixed on the CPU runs (and is reported) as 32-true, as gas-edit runs it
+    args.precision = settings["precision"]
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     schedules = [s for s in args.schedules.split(",") if s]
     if not set(schedules) <= set(SCHEDULES) or args.steps < 1 or args.repeats < 1 or args.warmup < 0:
