@@ -110,6 +110,14 @@ def summarize(data, n_boot: int = 4000) -> dict:
             "ci95": [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))],
             "only_first_right": int((diff > 0).sum()), "only_second_right": int((diff < 0).sum()),
         }
+        # PSNR outside the edited boxes, paired (cases where both are finite): what masks are for
+        psnr = np.array([data[a][s][c]["psnr_outside"] - data[b][s][c]["psnr_outside"] for s, c in shared])
+        psnr = psnr[np.isfinite(psnr)]
+        if len(psnr):
+            boots = np.array([psnr[rng.integers(0, len(psnr), len(psnr))].mean() for _ in range(n_boot)])
+            result["paired"][f"{a} - {b}"]["psnr_outside"] = {
+                "cases": len(psnr), "difference_db": float(psnr.mean()), "median_db": float(np.median(psnr)),
+                "ci95": [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))]}
     return result
 
 
@@ -135,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"paired {pair}: {r['difference']:+.3f} over {r['cases']} cases "
               f"(95% {r['ci95'][0]:+.3f}..{r['ci95'][1]:+.3f}; only first right {r['only_first_right']}, "
               f"only second right {r['only_second_right']})")
+        if "psnr_outside" in r:
+            q = r["psnr_outside"]
+            print(f"  PSNR outside: {q['difference_db']:+.2f} dB (95% {q['ci95'][0]:+.2f}..{q['ci95'][1]:+.2f}; "
+                  f"median {q['median_db']:+.2f}) over {q['cases']} cases")
     if args.json is not None:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
     return 0
