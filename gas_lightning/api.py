@@ -205,11 +205,8 @@ def _in_memory(mask) -> bool:
 def _saved_masks(masks: Sequence[Any], out: Path) -> list[str | None]:
     """Painted masks are saved as mask{k}.png beside source.png and named in config.yaml, so that the
     config repeats the edit; 8-bit grey keeps soft edges."""
-    import numpy as np
-    from PIL import Image
-
     from gas_lightning.io import atomic_write
-    from gas_lightning.masks import read_mask
+    from gas_lightning.masks import mask_image, read_mask
     from gas_lightning.runner import make_writable_dir
 
     make_writable_dir(out)
@@ -220,7 +217,7 @@ def _saved_masks(masks: Sequence[Any], out: Path) -> list[str | None]:
             continue
         weights = read_mask(mask, what=f"masks[{k}]")  # a bad mask is one error here, before any model loads
         with atomic_write(out / f"mask{k}.png") as f:
-            Image.fromarray(np.round(weights * 255).astype(np.uint8), "L").save(f, format="PNG")
+            mask_image(weights).save(f, format="PNG")
         paths.append(str(out / f"mask{k}.png"))
     return paths
 

@@ -150,11 +150,15 @@ def _array(arr: np.ndarray, label: int | None, what: str) -> np.ndarray:
     return arr
 
 
+def mask_image(weights: np.ndarray) -> Image.Image:
+    """(H, W) weights in [0, 1] -> an 8-bit grey image: how a mask made in memory is stored (soft edges kept)."""
+    return Image.fromarray(np.clip(np.rint(np.asarray(weights, dtype=np.float32) * 255), 0, 255).astype(np.uint8))
+
+
 def encode_mask(weights: np.ndarray) -> str:
     """(H, W) weights in [0, 1] -> a PNG data URI (8-bit grey): a mask made in memory, as plan data."""
     buf = io.BytesIO()
-    Image.fromarray(np.clip(np.rint(np.asarray(weights, dtype=np.float32) * 255), 0, 255).astype(np.uint8)).save(
-        buf, format="PNG", optimize=True)
+    mask_image(weights).save(buf, format="PNG", optimize=True)
     return DATA_URI + base64.b64encode(buf.getvalue()).decode("ascii")
 
 

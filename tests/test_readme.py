@@ -28,6 +28,7 @@ from test_llm_planner import ChatServer
 from test_segmenter import tiny_sam  # noqa: F401  (fixture: a random SAM)
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))  # eval_world, summarize_eval, benchmark and the prose's tools
 README = (REPO / "README.md").read_text()
 STEPS = ["--trainer.max_steps", "2"]
 SEPARATOR = "\0"  # joins a command with a fragment run in its place, in the claims below
@@ -314,7 +315,6 @@ def test_the_mask_commands(workdir, tiny_sd, tiny_gdino, tiny_sam):  # noqa: F81
 
 def test_the_evaluation_commands(workdir, monkeypatch):
     """The masks-against-boxes evaluation, as written but for 1 case of 2 steps, and its summary."""
-    sys.path.insert(0, str(REPO / "tools"))
     import eval_world
     import summarize_eval
 
@@ -350,7 +350,6 @@ def test_the_cluster_commands_parse(monkeypatch):
 
 def test_the_cpu_benchmark_commands(tmp_path):
     """The three CPU benchmark lines as written, each shortened to one repeat of 2 steps."""
-    sys.path.insert(0, str(REPO / "tools"))
     import benchmark
 
     commands = [c for c in fenced_commands(section("Speed and memory")) if c.startswith("python tools/benchmark.py")
@@ -369,7 +368,6 @@ def test_inline_tool_commands_parse(monkeypatch):
     accept their arguments. Parsing stops before any work."""
     import argparse
 
-    sys.path.insert(0, str(REPO / "tools"))
 
     class Parsed(Exception):
         pass

@@ -51,6 +51,12 @@ def _bootstrap_mean(per_seed: list[np.ndarray], rng: np.random.Generator, n: int
     return float(np.quantile(stats, 0.025)), float(np.quantile(stats, 0.975))
 
 
+def _paired_ci(diff: np.ndarray, rng: np.random.Generator, n: int) -> list[float]:
+    """95% interval of the mean of paired differences, resampling the shared cases."""
+    boots = np.array([diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(n)])
+    return [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))]
+
+
 def _finite_mean(values) -> float:
     vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     return float(np.mean(vals)) if vals else float("nan")
@@ -104,20 +110,17 @@ def summarize(data, n_boot: int = 4000) -> dict:
         if not shared:
             continue
         diff = np.array([data[a][s][c]["all_attributes"] - data[b][s][c]["all_attributes"] for s, c in shared])
-        boots = np.array([diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(n_boot)])
         result["paired"][f"{a} - {b}"] = {
-            "cases": len(diff), "difference": float(diff.mean()),
-            "ci95": [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))],
+            "cases": len(diff), "difference": float(diff.mean()), "ci95": _paired_ci(diff, rng, n_boot),
             "only_first_right": int((diff > 0).sum()), "only_second_right": int((diff < 0).sum()),
         }
         # PSNR outside the edited boxes, paired (cases where both are finite): what masks are for
         psnr = np.array([data[a][s][c]["psnr_outside"] - data[b][s][c]["psnr_outside"] for s, c in shared])
         psnr = psnr[np.isfinite(psnr)]
         if len(psnr):
-            boots = np.array([psnr[rng.integers(0, len(psnr), len(psnr))].mean() for _ in range(n_boot)])
             result["paired"][f"{a} - {b}"]["psnr_outside"] = {
                 "cases": len(psnr), "difference_db": float(psnr.mean()), "median_db": float(np.median(psnr)),
-                "ci95": [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))]}
+                "ci95": _paired_ci(psnr, rng, n_boot)}
     return result
 
 

@@ -103,7 +103,7 @@ SEGMENT_SCOPES = ("all", "same_outline")
 
 def head_noun(phrase: str) -> str:
     """The phrase's last word, lower case: 'the red circle' -> 'circle'."""
-    words = [w for w in "".join(c if c.isalnum() else " " for c in phrase.lower()).split()]
+    words = "".join(c if c.isalnum() else " " for c in phrase.lower()).split()
     return words[-1] if words else ""
 
 
