@@ -112,9 +112,10 @@ class GroundAScoreEdit(L.LightningModule):
     def active_terms(self) -> list[Term]:
         return [t for t in self.terms if t.weight > 0]
 
-    def _draw(self, gen: torch.Generator) -> tuple[int, torch.Tensor]:
+    def _draw(self, gen: torch.Generator, term: Term | None = None) -> tuple[int, torch.Tensor]:
         cfg = self.guidance.config
-        t = int(torch.randint(cfg.t_min, cfg.t_max + 1, (1,), generator=gen))
+        t_max = term.t_max if term is not None and term.t_max is not None else cfg.t_max
+        t = int(torch.randint(cfg.t_min, t_max + 1, (1,), generator=gen))
         eps = to_device(torch.randn(self.latent.shape, generator=gen), self.device)
         return t, eps
 
@@ -139,7 +140,7 @@ class GroundAScoreEdit(L.LightningModule):
         if self.schedule == "batched":
             sampling = self.guidance.config.batched_noise
             if sampling != "shared":  # drawn in the sequential schedule's order
-                draws = [self._draw(gen) for _ in terms]
+                draws = [self._draw(gen, tm) for tm in terms]
                 if sampling == "keep_aware":
                     draws = [draws[shielded_term(terms, i)] if tm.keep else draws[i] for i, tm in enumerate(terms)]
                 t, eps = [d[0] for d in draws], [d[1] for d in draws]
@@ -150,7 +151,7 @@ class GroundAScoreEdit(L.LightningModule):
         else:
             logs = []
             for i, term in enumerate(terms):
-                t, eps = self._draw(gen)
+                t, eps = self._draw(gen, term)
                 grad, tlog = self.guidance.term_gradient(self.latent.detach(), self.z_src, term, t, eps, gen)
                 self._optimise(grad, last=i == len(terms) - 1)
                 logs.append(tlog)

@@ -144,6 +144,7 @@ def build_terms(backbone: Backbone, plan: EditPlan, masks: EditMasks, config: Gu
             box=s.box,
             region=None if masks.regions[i] is None else masks.regions[i].to(emb.device),
             guidance_scale=wide if wide is not None and s.area >= cfg.wide_area else None,
+            t_max=cfg.local_t_max if s.area < cfg.wide_area else None,
         )
         for i, s in enumerate(plan.subtasks)
     ]
@@ -177,13 +178,21 @@ def build_edit(
     size = working_size(*image.size, resolution or backbone.default_resolution, backbone.size_multiple)
     pixels = image_to_tensor(image, size).to(backbone.device)
     z_src = backbone.codec.encode(pixels)
-    if not 0.0 <= cfg.overlap_weight <= 1.0:
-        raise GasError(f"guidance.overlap_weight must be in [0, 1], got {cfg.overlap_weight}")
+    if cfg.local_t_max is not None:
+        if not cfg.t_min <= cfg.local_t_max <= cfg.t_max:
+            raise GasError(f"guidance.local_t_max must lie in [t_min, t_max] = [{cfg.t_min}, {cfg.t_max}], got {cfg.local_t_max}")
+        if schedule == "batched" and cfg.batched_noise == "shared":
+            raise GasError("guidance.local_t_max needs a timestep per term: use guidance.batched_noise per_term or "
+                           "keep_aware (or schedule sequential); shared sampling draws one t for all terms")
+    for name in ("overlap_weight", "mask_overlap_weight"):
+        value = getattr(cfg, name)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise GasError(f"guidance.{name} must be in [0, 1], got {value}")
     if not 0.0 < cfg.wide_area <= 1.0 or (cfg.wide_guidance_scale is not None and cfg.wide_guidance_scale < 0):
         raise GasError(f"guidance.wide_area must be in (0, 1] and guidance.wide_guidance_scale >= 0 (or null), "
                        f"got {cfg.wide_area} and {cfg.wide_guidance_scale}")
     region_masks = EditMasks.from_plan(plan, z_src.shape[-2], z_src.shape[-1], overlap_weight=cfg.overlap_weight,
-                                       masks=masks, image_size=image.size)
+                                       masks=masks, image_size=image.size, mask_overlap_weight=cfg.mask_overlap_weight)
     terms = build_terms(backbone, plan, region_masks, config=cfg)
     guidance = GroundedScoreGuidance(backbone, cfg, null_embedding=backbone.null_embeddings(), loss_scale=loss_scale)
     module = GroundAScoreEdit(guidance, z_src, terms, plan, schedule=schedule, seed=seed, loss_scale=loss_scale,

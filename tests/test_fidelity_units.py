@@ -102,7 +102,7 @@ def test_null_text_penalty_in_a_trainer_run_matches_the_hand_computed_gamma(back
     image.paste((200, 40, 40), (8, 8, 16, 16))
     module = build_edit(bb, image, plan, schedule=schedule)
     eps = torch.randn(module.latent.shape, generator=torch.Generator().manual_seed(123))
-    monkeypatch.setattr(GroundAScoreEdit, "_draw", lambda self, gen: (T_FIXED, eps.to(self.device)))
+    monkeypatch.setattr(GroundAScoreEdit, "_draw", lambda self, gen, term=None: (T_FIXED, eps.to(self.device)))
     z_src = module.z_src.detach().clone()
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[NullTextPenalty()])
@@ -267,6 +267,22 @@ def test_overlap_weight_option_is_the_value_used():
     expected = torch.ones(8, 8)
     expected[2:4, 2:4] = 0.1
     torch.testing.assert_close(m[0], expected)
+
+
+def test_mask_overlap_weight_applies_where_the_smaller_region_is_a_mask():
+    # background box over everything; a soft mask (one whole cell, one half cell) and a box inside it
+    ball = torch.zeros(8, 8)
+    ball[1, 1], ball[1, 2] = 1.0, 0.5
+    m = subtask_masks([(0.0, 0.0, 1.0, 1.0), ball, (0.5, 0.5, 0.75, 0.75)], 8, 8, overlap_weight=0.3,
+                      mask_overlap_weight=0.0)
+    expected = torch.ones(8, 8)
+    expected[1, 1], expected[1, 2] = 0.0, 0.5  # 1 - (1 - 0) * w: the mask's own weight given up
+    expected[4:6, 4:6] = 0.3  # the box keeps the reference's 0.3
+    torch.testing.assert_close(m[0], expected)
+    torch.testing.assert_close(m[1], ball)
+    # unset, a mask takes overlap_weight like a box
+    m_default = subtask_masks([(0.0, 0.0, 1.0, 1.0), ball], 8, 8, overlap_weight=0.3)
+    assert float(m_default[0, 1, 1]) == pytest.approx(0.3) and float(m_default[0, 1, 2]) == pytest.approx(0.65)
 
 
 def test_union_mask_is_binary_over_the_subtask_regions():

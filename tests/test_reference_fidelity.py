@@ -170,7 +170,7 @@ def test_sequential_schedule_matches_the_reference_iteration(tiny_sd, setting, m
                         loss_scale=LOSS_SCALE, optimizer=lambda p: torch.optim.SGD(p, lr=LR))
     draws = _fixed_draws(module.latent.shape)
     queue = iter([d for row in draws for d in row])
-    monkeypatch.setattr(GroundAScoreEdit, "_draw", lambda self, gen: next(queue))
+    monkeypatch.setattr(GroundAScoreEdit, "_draw", lambda self, gen, term=None: next(queue))
     trainer = L.Trainer(max_steps=len(TIMESTEPS), accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[NullTextPenalty()])
     trainer.fit(module)
@@ -203,7 +203,7 @@ def test_the_comparison_notices_a_wrong_cds_scale(tiny_sd, setting, monkeypatch)
                         loss_scale=LOSS_SCALE, optimizer=lambda p: torch.optim.SGD(p, lr=LR))
     draws = _fixed_draws(module.latent.shape)
     queue = iter([d for row in draws for d in row])
-    monkeypatch.setattr(GroundAScoreEdit, "_draw", lambda self, gen: next(queue))
+    monkeypatch.setattr(GroundAScoreEdit, "_draw", lambda self, gen, term=None: next(queue))
     L.Trainer(max_steps=len(TIMESTEPS), accelerator="cpu", logger=False, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False, callbacks=[NullTextPenalty()]).fit(module)
     z_src = module.z_src

@@ -95,3 +95,39 @@ def test_keep_aware_sampling_gives_a_keep_term_the_draw_of_the_edit_around_it(ba
     ball, grass, keep = seen["keep_aware"]
     assert keep == grass and [ball, grass] == seen["per_term"][:2]
     assert seen["per_term"][2] != seen["per_term"][1]  # with per-term draws the keep term's t was its own
+
+
+def test_local_t_max_caps_object_terms_only_and_needs_per_term_draws(backbone):
+    """Objects (boxes under wide_area) draw t in [t_min, local_t_max]; the background keeps [t_min, t_max].
+    The same generator stream is consumed, so only the objects' t changes, never the noise."""
+    import lightning as L
+    from PIL import Image
+
+    from gas_lightning.errors import GasError
+    from gas_lightning.pipeline import build_edit
+
+    plan = EditPlan.from_lists(["a red ball", "grass"], ["a blue ball", "snow"],
+                               boxes=[[0.55, 0.55, 0.95, 0.95], [0.0, 0.0, 1.0, 1.0]])
+    image = Image.new("RGB", (32, 32), (90, 160, 60))
+    for schedule in ("batched", "sequential"):
+        seen = []
+        cfg = GuidanceConfig(full_prompt=False, batched_noise="per_term", t_min=50, t_max=949, local_t_max=60)
+        module = build_edit(backbone, image, plan, cfg, schedule=schedule, seed=2)
+        assert [tm.t_max for tm in module.terms] == [60, None]
+        real = module.guidance.batched_gradient if schedule == "batched" else module.guidance.term_gradient
+
+        def spy(z, z_src, terms, t, *rest, real=real):
+            seen.append(list(t) if isinstance(t, list) else [t])
+            return real(z, z_src, terms, t, *rest)
+
+        module.guidance.batched_gradient = module.guidance.term_gradient = spy
+        L.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False).fit(module)
+        ts = [t for step in seen for t in step]
+        ball, grass = ts[0::2], ts[1::2]
+        assert len(ball) == 6 and all(50 <= t <= 60 for t in ball), (schedule, ball)
+        assert max(grass) > 60, (schedule, grass)  # six draws from [50, 949] all <= 60: p ~ 1e-29
+    with pytest.raises(GasError, match="local_t_max needs a timestep per term"):
+        build_edit(backbone, image, plan, GuidanceConfig(full_prompt=False, batched_noise="shared", local_t_max=600))
+    with pytest.raises(GasError, match=r"local_t_max must lie in \[t_min, t_max\]"):
+        build_edit(backbone, image, plan, GuidanceConfig(full_prompt=False, batched_noise="per_term", local_t_max=990))

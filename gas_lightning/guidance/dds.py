@@ -45,9 +45,16 @@ class GuidanceConfig:
     wide_area: float = 0.5
     t_min: int = 50
     t_max: int = 949
+    # highest timestep drawn for subtasks whose box covers less than `wide_area` (objects); None: t_max.
+    # At high noise a small object is invisible in z_t, the object's own prompt no longer places it, and
+    # its DDS term carries the background's change onto it. Needs per-term draws (not "shared" sampling).
+    local_t_max: int | None = None
     full_prompt: bool = True
     full_prompt_weights: tuple[float, ...] = FULL_PROMPT_WEIGHTS
     overlap_weight: float = OVERLAP_WEIGHT  # a larger box's mask where a smaller box sits inside it
+    # the same where the smaller region is a mask (None: overlap_weight). A box lends the larger region's
+    # term the cells around its object; a mask has none, so 0 leaves the object's pixels to its own term.
+    mask_overlap_weight: float | None = None
     # batched schedule: one t and noise for all terms ("shared", DESIGN.md), one per term ("per_term",
     # the sequential schedule's sampling inside the one UNet call), or one per term except that a keep
     # term takes the draw of the edit it overlaps most ("keep_aware"; see shielded_term)
@@ -80,6 +87,7 @@ class Term:
     keep: bool = False  # a keep subtask (source == target): it shields its object from the edits around it
     box: Box | None = None
     guidance_scale: float | None = None  # None: the config's guidance_scale
+    t_max: int | None = None  # None: the config's t_max
     region: torch.Tensor | None = None  # a masked subtask's own (h, w) weight (the CDS region); None: the box
 
 
