@@ -124,6 +124,11 @@ def term_name(index: int, phrase: str) -> str:
     return f"subtask{index}_{slug}"
 
 
+def _local(s, cfg: GuidanceConfig) -> bool:
+    """Whether guidance.local_t_max caps this subtask's timesteps (an object, in the configured scope)."""
+    return s.area < cfg.wide_area and (cfg.local_t_scope == "objects" or s.keeps_outline)
+
+
 def build_terms(backbone: Backbone, plan: EditPlan, masks: EditMasks, config: GuidanceConfig | None = None) -> list[Term]:
     """One text-encoder call for every phrase and both sentences; then one Term per subtask (+ whole scene)."""
     cfg = config or GuidanceConfig()
@@ -144,7 +149,7 @@ def build_terms(backbone: Backbone, plan: EditPlan, masks: EditMasks, config: Gu
             box=s.box,
             region=None if masks.regions[i] is None else masks.regions[i].to(emb.device),
             guidance_scale=wide if wide is not None and s.area >= cfg.wide_area else None,
-            t_max=cfg.local_t_max if s.area < cfg.wide_area else None,
+            t_max=cfg.local_t_max if _local(s, cfg) else None,
         )
         for i, s in enumerate(plan.subtasks)
     ]

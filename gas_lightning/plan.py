@@ -53,6 +53,12 @@ def check_box(box: Any, what: str = "box") -> Box:
     return (x0, y0, x1, y1)
 
 
+def head_noun(phrase: str) -> str:
+    """The phrase's last word, lower case: 'the red circle' -> 'circle'."""
+    words = "".join(c if c.isalnum() else " " for c in phrase.lower()).split()
+    return words[-1] if words else ""
+
+
 @dataclass(frozen=True)
 class Subtask:
     """One object-level edit: `source` in the image becomes `target`, inside `box` (or `mask`).
@@ -111,6 +117,12 @@ class Subtask:
         overlap rule, so the larger edit around it is damped there.
         """
         return self.source.strip().lower() == self.target.strip().lower()
+
+    @property
+    def keeps_outline(self) -> bool:
+        """A kept object, a preserve-form swap or a recolour ('the red circle' -> 'a blue circle'): the
+        edit belongs inside the object's old outline. A shape change needs room beyond it."""
+        return self.keep or self.preserve_form or head_noun(self.source) == head_noun(self.target)
 
     @property
     def area(self) -> float:

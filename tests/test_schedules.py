@@ -131,3 +131,17 @@ def test_local_t_max_caps_object_terms_only_and_needs_per_term_draws(backbone):
         build_edit(backbone, image, plan, GuidanceConfig(full_prompt=False, batched_noise="shared", local_t_max=600))
     with pytest.raises(GasError, match=r"local_t_max must lie in \[t_min, t_max\]"):
         build_edit(backbone, image, plan, GuidanceConfig(full_prompt=False, batched_noise="per_term", local_t_max=990))
+
+
+def test_local_t_scope_same_outline_leaves_shape_changes_the_full_range(backbone):
+    plan = EditPlan.from_lists(["a red ball", "the blue square", "grass", "a dog"],
+                               ["a blue ball", "a blue circle", "snow", "a dog"],
+                               boxes=[[0.55, 0.55, 0.95, 0.95], [0.05, 0.5, 0.4, 0.9], [0, 0, 1, 1], [0.05, 0.05, 0.4, 0.4]])
+    masks = EditMasks.from_plan(plan, 16, 16)
+    for scope, expected in (("objects", [600, 600, None, 600]), ("same_outline", [600, None, None, 600])):
+        cfg = GuidanceConfig(full_prompt=False, batched_noise="per_term", local_t_max=600, local_t_scope=scope)
+        assert [tm.t_max for tm in build_terms(backbone, plan, masks, cfg)] == expected, scope
+    from gas_lightning.errors import GasError
+
+    with pytest.raises(GasError, match="local_t_scope must be one of objects, same_outline"):
+        GuidanceConfig(local_t_scope="shapes")

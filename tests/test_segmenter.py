@@ -172,7 +172,6 @@ def test_gas_edit_segment_flag_reaches_the_segmenter(tmp_path, capsys):
     assert code == 0
     plan = EditPlan.load(tmp_path / "out" / "plan.json")
     shaped = [s for s in plan.subtasks if s.source != s.target and s.box != (0.0, 0.0, 1.0, 1.0)]
-    from gas_lightning.grounding.segmenter import keeps_outline
 
-    assert shaped and all((s.mask is not None) == keeps_outline(s) for s in shaped)
+    assert shaped and all((s.mask is not None) == s.keeps_outline for s in shaped)
     assert any(s.mask is None for s in shaped)

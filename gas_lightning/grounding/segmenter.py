@@ -101,26 +101,13 @@ class SamSegmenter:
 SEGMENT_SCOPES = ("all", "same_outline")
 
 
-def head_noun(phrase: str) -> str:
-    """The phrase's last word, lower case: 'the red circle' -> 'circle'."""
-    words = "".join(c if c.isalnum() else " " for c in phrase.lower()).split()
-    return words[-1] if words else ""
-
-
-def keeps_outline(subtask) -> bool:
-    """A kept object, a preserve-form swap or a recolour ('the red circle' -> 'a blue circle'): the
-    edit belongs inside the object's old outline. A shape change needs room beyond it."""
-    return subtask.source == subtask.target or bool(subtask.preserve_form) \
-        or head_noun(subtask.source) == head_noun(subtask.target)
-
-
 def segment_plan(plan: EditPlan, image: Image.Image, segmenter: Segmenter, scope: str = "all") -> EditPlan:
     """Give every boxed subtask without a mask the segmenter's mask of its box, in one call.
 
     A whole-image box (a background, or the grounding fallback) keeps the whole image: prompted
     with the whole frame a segmenter returns some object, not the ground. A subtask whose mask
     comes back empty keeps its box, with a warning. scope "same_outline" masks only the subtasks
-    that keep their object's outline (`keeps_outline`); a shape change keeps its box, since the
+    that keep their object's outline (`Subtask.keeps_outline`); a shape change keeps its box, since the
     mask is the old shape and the new one must grow past it.
     """
     from gas_lightning.masks import attach_masks
@@ -128,7 +115,7 @@ def segment_plan(plan: EditPlan, image: Image.Image, segmenter: Segmenter, scope
     if scope not in SEGMENT_SCOPES:
         raise ValueError(f"segment scope must be one of {SEGMENT_SCOPES}, got {scope!r}")
     todo = [i for i, s in enumerate(plan.subtasks) if s.box is not None and s.mask is None and s.box != WHOLE_IMAGE
-            and (scope == "all" or keeps_outline(s))]
+            and (scope == "all" or s.keeps_outline)]
     if not todo:
         return plan
     found = segmenter.segment(image, [plan.subtasks[i].box for i in todo], [plan.subtasks[i].source for i in todo])

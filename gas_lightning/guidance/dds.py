@@ -32,6 +32,7 @@ from gas_lightning.plan import WHOLE_IMAGE, Box
 
 FULL_PROMPT_WEIGHTS = (0.5, 0.4, 0.3, 0.2, 0.1)
 BATCHED_NOISE = ("shared", "per_term", "keep_aware")
+LOCAL_T_SCOPES = ("objects", "same_outline")
 
 
 @dataclass
@@ -49,6 +50,10 @@ class GuidanceConfig:
     # At high noise a small object is invisible in z_t, the object's own prompt no longer places it, and
     # its DDS term carries the background's change onto it. Needs per-term draws (not "shared" sampling).
     local_t_max: int | None = None
+    # which object subtasks local_t_max caps: "objects" (all of them) or "same_outline" (only those that keep
+    # their outline: kept objects, recolours, preserve-form swaps; a shape change needs the high-noise steps
+    # that lay out the new form)
+    local_t_scope: str = "objects"
     full_prompt: bool = True
     full_prompt_weights: tuple[float, ...] = FULL_PROMPT_WEIGHTS
     overlap_weight: float = OVERLAP_WEIGHT  # a larger box's mask where a smaller box sits inside it
@@ -62,6 +67,10 @@ class GuidanceConfig:
     cds: CDSConfig = field(default_factory=CDSConfig)
 
     def __post_init__(self) -> None:
+        if self.local_t_scope not in LOCAL_T_SCOPES:
+            from gas_lightning.errors import GasError
+
+            raise GasError(f"guidance.local_t_scope must be one of {', '.join(LOCAL_T_SCOPES)}, got {self.local_t_scope!r}")
         if self.batched_noise not in BATCHED_NOISE:
             from gas_lightning.errors import GasError
 
