@@ -145,14 +145,18 @@ def case_plan(case: EditCase, method: Method, args) -> EditPlan:
     return plan
 
 
-def edit_case(backbone, case: EditCase, method: Method, args) -> tuple[np.ndarray, float]:
-    cfg = method.guidance(args)
-    plan = case_plan(case, method, args)
-    module = build_edit(backbone, render_pil(case.source), plan, guidance_config=cfg, schedule=method.schedule,
-                        seed=args.seed * 1000 + (case.seed or 0), loss_scale=args.loss_scale,
+def case_module(backbone, case: EditCase, method: Method, args):
+    """The ready edit of one case (not yet run) and the callbacks its method needs."""
+    module = build_edit(backbone, render_pil(case.source), case_plan(case, method, args), guidance_config=method.guidance(args),
+                        schedule=method.schedule, seed=args.seed * 1000 + (case.seed or 0), loss_scale=args.loss_scale,
                         optimizer=lambda params: torch.optim.SGD(params, lr=args.lr),
                         lr_scheduler=scheduler_factory(args))
-    callbacks = [NullTextPenalty()] if method.penalty else []
+    return module, [NullTextPenalty()] if method.penalty else []
+
+
+def edit_case(backbone, case: EditCase, method: Method, args, ready=None) -> tuple[np.ndarray, float]:
+    """Edit one case; `ready`: case_module's (module, callbacks) for it, e.g. with hooks attached."""
+    module, callbacks = ready if ready is not None else case_module(backbone, case, method, args)
     trainer = L.Trainer(max_steps=args.steps, accelerator=args.accelerator, devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
     start = time.perf_counter()
