@@ -277,3 +277,10 @@ def test_train_world_workers_draw_different_scenes(monkeypatch):
         batches.append(next(iter(stream))[0])
     assert not np.array_equal(batches[0].numpy(), batches[1].numpy())
     assert np.array_equal(batches[0].numpy(), batches[2].numpy())
+
+
+def test_eval_world_refuses_a_case_range_with_no_case(capsys):
+    """--cases is the end of the range, not a count from --first_case: a run that would edit nothing says so."""
+    with pytest.raises(SystemExit) as exit_info:
+        _tool("eval_world").main(["--cases", "25", "--first_case", "25", "--methods", "gas"])
+    assert exit_info.value.code == 2 and "--cases 50 --first_case 25" in capsys.readouterr().err

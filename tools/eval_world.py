@@ -258,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    if not 0 <= args.first_case < args.cases:
+        p.error(f"--first_case {args.first_case} leaves no case of --cases {args.cases}: --cases is the last case + 1 "
+                f"(cases 25-49: --cases 50 --first_case 25)")
     for path in (args.progress, args.json, args.figure):  # made before the edits, not found missing after them
         if path is not None and str(path) != "-":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
