@@ -14,9 +14,7 @@ from gas_lightning.worlds import MODEL_DIR, held_out_cases  # noqa: E402
 
 
 def _args(steps):
-    return eval_world.argparse.Namespace(seed=3, masks="same_outline", guidance_scale=12.5, wide_guidance_scale=None,
-                                         loss_scale=2000.0, lr=0.2, lr_schedule="cosine", lr_final=0.0, steps=steps,
-                                         accelerator="cpu")
+    return eval_world.parser().parse_args(["--seed", "3", "--masks", "same_outline", "--steps", str(steps)])
 
 
 def test_the_terms_effects_sum_to_the_latents_change():

@@ -224,7 +224,8 @@ def fmt(v) -> str:
     return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line; also the one source of the edit settings' defaults for tools that edit a case."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", type=int, default=50)
     p.add_argument("--first_case", type=int, default=0,
@@ -253,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--figure_cases", type=int, default=6)
     p.add_argument("--write_jobs", type=Path, default=None,
                    help="write the cases as a gas-edit batch jobs file (same settings) instead of editing them")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]

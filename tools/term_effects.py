@@ -69,10 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown method {a.methods!r}; choose from {', '.join(eval_world.METHODS)}")
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    # eval_world's defaults (the preset's step budget, lr and schedule)
-    args = eval_world.argparse.Namespace(seed=a.seed, masks=a.masks, guidance_scale=12.5, wide_guidance_scale=None,
-                                         loss_scale=2000.0, lr=0.2, lr_schedule="cosine", lr_final=0.0, steps=a.steps,
-                                         accelerator="cpu")
+    # every other edit setting as eval_world has it (the preset's lr, schedule and guidance)
+    args = eval_world.parser().parse_args(["--seed", str(a.seed), "--steps", str(a.steps), "--model", a.model]
+                                          + (["--masks", a.masks] if a.masks else []))
     backbone = load_backbone(a.model, device="cpu", attention="sdpa")
     if not isinstance(backbone.codec, IdentityCodec):
         raise SystemExit("term_effects reads latents as pixels: it needs a pixel-space model such as the bundled one")

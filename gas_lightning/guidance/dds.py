@@ -67,13 +67,11 @@ class GuidanceConfig:
     cds: CDSConfig = field(default_factory=CDSConfig)
 
     def __post_init__(self) -> None:
-        if self.local_t_scope not in LOCAL_T_SCOPES:
-            from gas_lightning.errors import GasError
+        from gas_lightning.errors import GasError
 
+        if self.local_t_scope not in LOCAL_T_SCOPES:
             raise GasError(f"guidance.local_t_scope must be one of {', '.join(LOCAL_T_SCOPES)}, got {self.local_t_scope!r}")
         if self.batched_noise not in BATCHED_NOISE:
-            from gas_lightning.errors import GasError
-
             raise GasError(f"guidance.batched_noise must be one of {', '.join(BATCHED_NOISE)}, got {self.batched_noise!r}")
 
     def beta(self, t: int) -> float:
