@@ -284,3 +284,18 @@ def test_eval_world_refuses_a_case_range_with_no_case(capsys):
     with pytest.raises(SystemExit) as exit_info:
         _tool("eval_world").main(["--cases", "25", "--first_case", "25", "--methods", "gas"])
     assert exit_info.value.code == 2 and "--cases 50 --first_case 25" in capsys.readouterr().err
+
+
+def test_eval_world_kinds_edits_only_the_cases_that_ask_for_that_kind(tmp_path, capsys):
+    """--kinds shape: the jobs are the shape-change cases of the range, each under its own case number."""
+    jobs = tmp_path / "jobs.jsonl"
+    assert _tool("eval_world").main(["--cases", "12", "--first_case", "2", "--seed", "4", "--methods", "gas",
+                                     "--kinds", "shape", "--write_jobs", str(jobs)]) == 0
+    names = [json.loads(line)["name"] for line in jobs.read_text().splitlines()]
+    cases = held_out_cases(12, seed=4)
+    wanted = [k for k in range(2, 12) if "shape" in [c.kind for c in cases[k].changes]]
+    assert 0 < len(wanted) < 10  # the filter has something to keep and something to drop
+    assert names == [f"gas_s4_c{k:03d}" for k in wanted]
+    with pytest.raises(SystemExit) as exit_info:
+        _tool("eval_world").main(["--cases", "2", "--methods", "gas", "--kinds", "shapes"])
+    assert exit_info.value.code == 2 and "unknown --kinds ['shapes']" in capsys.readouterr().err

@@ -37,7 +37,7 @@ from gas_lightning.guidance import GuidanceConfig
 from gas_lightning.pipeline import build_edit, tensor_to_image
 from gas_lightning.plan import EditPlan, Subtask
 from gas_lightning.worlds import MODEL_DIR, aggregate, held_out_cases, render_pil, score
-from gas_lightning.worlds.cases import EditCase
+from gas_lightning.worlds.cases import KINDS, EditCase
 
 METRICS = ("per_attribute", "all_attributes", "colour", "shape", "background", "erosion", "bg_psnr_in_boxes",
            "psnr_outside", "preserved", "seconds_per_edit")
@@ -68,6 +68,7 @@ class Method:
     wide_guidance_scale: float | None = 7.5
     preserve_form: bool = False
     grounded: bool = False  # boxes from the request text and the WorldGrounder instead of the case
+    shape_context: bool = False  # shape changes name the ground around them: "a red square on snow" -> "a red triangle on sand"
     # batched schedule's sampling, as configs/shapes.yaml: keep_aware (per-term draws, a keep term sharing the
     # draw of the edit around it), chosen on validation seed 2 over shared (DESIGN.md) and per_term.
     batched_noise: str = "keep_aware"
@@ -128,6 +129,7 @@ METHODS = {
         Method("gas_penalty", penalty=True),
         Method("gas_preserve", preserve_form=True),
         Method("gas_grounded", grounded=True),
+        Method("gas_shape_context", shape_context=True),
     )
 }
 DEFAULT_METHODS = ("dds", "gas", "gas_sequential")
@@ -142,6 +144,12 @@ def case_plan(case: EditCase, method: Method, args) -> EditPlan:
         from gas_lightning.worlds.grounder import WorldGrounder
 
         plan = segment_plan(plan, render_pil(case.source), WorldGrounder(), scope=args.masks)
+    if method.shape_context:  # after segmenting: the grounder reads one object per phrase
+        reshaped, objs = {c.index for c in case.changes if c.kind == "shape"}, case.edited_objects
+        plan = plan.replace_subtasks([
+            replace(s, source=f"{s.source} on {case.source.background}", target=f"{s.target} on {case.target.background}")
+            if k < len(objs) and objs[k] in reshaped else s
+            for k, s in enumerate(plan.subtasks)])
     return plan
 
 
@@ -166,7 +174,7 @@ def edit_case(backbone, case: EditCase, method: Method, args, ready=None) -> tup
     return image, seconds
 
 
-def write_jobs(path: Path, cases: list[EditCase], names: list[str], args) -> None:
+def write_jobs(path: Path, numbered: list[tuple[int, EditCase]], names: list[str], args) -> None:
     """The cases as a `gas-edit batch` jobs file with edit_case's settings, one job per method and case
     (images and plans beside it), so a batch on many devices runs the same edits."""
     from dataclasses import asdict
@@ -174,7 +182,7 @@ def write_jobs(path: Path, cases: list[EditCase], names: list[str], args) -> Non
     lines = []
     for name in names:
         method = METHODS[name]
-        for k, case in enumerate(cases, start=args.first_case):
+        for k, case in numbered:
             job = f"{name}{'_' + MASK_TAGS[args.masks] if args.masks else ''}_s{args.seed}_c{k:03d}"
             image, plan = path.parent / "images" / f"s{args.seed}_c{k:03d}.png", path.parent / "plans" / f"{job}.json"
             image.parent.mkdir(parents=True, exist_ok=True)
@@ -231,6 +239,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--first_case", type=int, default=0,
                    help="edit cases first_case..cases-1 only (to split one seed's cases over processes)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kinds", default=None,
+                   help="comma list of change kinds (colour, shape, background): edit only the cases that ask for one "
+                        "of them, for a study of those changes (the other cases' numbers stay unmeasured)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list of {', '.join(METHODS)}")
     p.add_argument("--model", default=str(MODEL_DIR))
     p.add_argument("--steps", type=int, default=150)
@@ -264,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    kinds = {k.strip() for k in (args.kinds or "").split(",") if k.strip()}
+    if kinds - set(KINDS):
+        p.error(f"unknown --kinds {sorted(kinds - set(KINDS))}; choose from {', '.join(KINDS)}")
     if not 0 <= args.first_case < args.cases:
         p.error(f"--first_case {args.first_case} leaves no case of --cases {args.cases}: --cases is the last case + 1 "
                 f"(cases 25-49: --cases 50 --first_case 25)")
@@ -271,25 +285,28 @@ def main(argv: list[str] | None = None) -> int:
         if path is not None and str(path) != "-":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
 
+    numbered = list(enumerate(held_out_cases(args.cases, seed=args.seed)))[args.first_case :]
+    if args.kinds:
+        numbered = [(i, c) for i, c in numbered if any(ch.kind in kinds for ch in c.changes)]
+    cases = [c for _, c in numbered]
     if args.write_jobs is not None:
-        write_jobs(args.write_jobs, held_out_cases(args.cases, seed=args.seed)[args.first_case :], names, args)
+        write_jobs(args.write_jobs, numbered, names, args)
         return 0
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     backbone = load_backbone(args.model, device="cuda" if args.accelerator == "gpu" else "cpu", attention="sdpa")
-    cases = held_out_cases(args.cases, seed=args.seed)[args.first_case :]
     results: dict[str, dict] = {}
     per_case: dict[str, list[dict]] = {}
     fig_rows = [[c.source_image, c.target_image] for c in cases[: args.figure_cases]]
     for method_name in names:
         name = method_name + ("+" + MASK_TAGS[args.masks] if args.masks else "")
         scores, times = [], []
-        for k, case in enumerate(cases):
+        for k, (index, case) in enumerate(numbered):
             image, seconds = edit_case(backbone, case, METHODS[method_name], args)
             scores.append(score(image, case))
             times.append(seconds)
-            per_case.setdefault(name, []).append({"case": args.first_case + k, "seconds": seconds, **scores[-1]})
+            per_case.setdefault(name, []).append({"case": index, "seconds": seconds, **scores[-1]})
             if args.progress is not None:  # one JSON line per case: a run stopped part-way keeps what it did
                 with args.progress.open("a") as f:
                     f.write(json.dumps({"method": name, "seed": args.seed, **per_case[name][-1]}) + "\n")
