@@ -130,6 +130,8 @@ METHODS = {
         Method("gas_preserve", preserve_form=True),
         Method("gas_grounded", grounded=True),
         Method("gas_shape_context", shape_context=True),
+        # with --masks same_outline only shape changes keep boxes: the background term at full weight inside them
+        Method("gas_shape_box_overlap_1", overlap_weight=1.0, mask_overlap_weight=0.3),
     )
 }
 DEFAULT_METHODS = ("dds", "gas", "gas_sequential")
