@@ -89,10 +89,7 @@ class Method:
             plan = case.edit_plan(keep=self.keep)
         if self.preserve_form:
             # keep the form of edited objects whose shape is not requested to change
-            shape_edit = {c.index for c in case.changes if c.kind == "shape"}
-            objs = case.edited_objects
-            subtasks = [replace(s, preserve_form=(k < len(objs) and objs[k] not in shape_edit))
-                        for k, s in enumerate(plan.subtasks)]
+            subtasks = [replace(s, preserve_form=kind == "same_shape") for s, kind in zip(plan.subtasks, subtask_kinds(case, plan))]
             plan = plan.replace_subtasks(subtasks)
         return plan
 
@@ -105,6 +102,14 @@ class Method:
                               overlap_weight=self.overlap_weight, wide_guidance_scale=wide,
                               mask_overlap_weight=self.mask_overlap_weight, local_t_max=self.local_t_max,
                               local_t_scope=self.local_t_scope)
+
+
+def subtask_kinds(case: EditCase, plan: EditPlan) -> list[str | None]:
+    """Per subtask of a case's plan (edited objects first, in case.edit_plan's order): "reshaped" for an
+    object whose shape changes, "same_shape" for one that keeps it, None for the background and keeps."""
+    reshaped, objs = {c.index for c in case.changes if c.kind == "shape"}, case.edited_objects
+    return [None if k >= len(objs) else "reshaped" if objs[k] in reshaped else "same_shape"
+            for k in range(len(plan.subtasks))]
 
 
 METHODS = {
@@ -147,11 +152,10 @@ def case_plan(case: EditCase, method: Method, args) -> EditPlan:
 
         plan = segment_plan(plan, render_pil(case.source), WorldGrounder(), scope=args.masks)
     if method.shape_context:  # after segmenting: the grounder reads one object per phrase
-        reshaped, objs = {c.index for c in case.changes if c.kind == "shape"}, case.edited_objects
         plan = plan.replace_subtasks([
             replace(s, source=f"{s.source} on {case.source.background}", target=f"{s.target} on {case.target.background}")
-            if k < len(objs) and objs[k] in reshaped else s
-            for k, s in enumerate(plan.subtasks)])
+            if kind == "reshaped" else s
+            for s, kind in zip(plan.subtasks, subtask_kinds(case, plan))])
     return plan
 
 
