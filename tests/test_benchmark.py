@@ -55,6 +55,15 @@ def test_json_and_counted_unet_calls(tiny_sd, tmp_path):
     assert r["batched"]["peak_mem_mb"] > 0
 
 
+def test_keep_aware_sampling_is_timed_with_its_own_samples(tiny_sd, tmp_path):
+    """The shapes preset's sampling: every term its own [null src, null tgt, src, tgt], still one call."""
+    r = run_benchmark(tmp_path, "--model", tiny_sd, "--subtasks", "2", "--batched_noise", "keep_aware",
+                      "--schedules", "batched")
+    assert r["batched_noise"] == "keep_aware"
+    assert r["batched"]["unet_calls_per_step"] == 1
+    assert r["batched"]["unet_samples_per_step"] == 4 * 3  # 3 terms, as the sequential schedule's samples
+
+
 def test_reduced_sd15_architecture(tmp_path):
     from gas_lightning.testing import build_arch_backbone
 
@@ -101,15 +110,17 @@ def test_gpu_script_commands_parse():
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     lines = [line for line in script.read_text().splitlines() if "tools/benchmark.py" in line and not line.lstrip().startswith("#")]
     assert len(lines) >= 8  # both dtypes x with/without compile x with/without low_memory
-    seen = set()
+    seen, noise = set(), set()
     for line in lines:
         words = shlex.split(line.replace('"$OUT', '"out'))
         args = benchmark.build_parser().parse_args(words[words.index("tools/benchmark.py") + 1 :])
         assert (args.arch, args.resolution) in {("sd15", 512), ("sdxl", 1024)}
         assert args.subtasks == 3 and args.device == "cuda" and args.json.parent == Path("out")
         seen.add((args.arch, args.dtype, args.compile, args.low_memory))
+        noise.add(args.batched_noise)
     assert {("sd15", d, c, m) for d in ("float16", "bfloat16") for c in (False, True) for m in (False, True)} <= seen
     assert {("sdxl", "float16", False, m) for m in (False, True)} <= seen
+    assert noise == {"shared", "keep_aware"}  # the SD configs' sampling and the shapes preset's
 
 
 # No host synchronisation inside a step ---------------------------------------------------------

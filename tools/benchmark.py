@@ -39,6 +39,7 @@ from lightning.pytorch.callbacks import Callback
 from gas_lightning.backbone import Backbone, load_backbone, resolve_dtype, set_attention
 from gas_lightning.callbacks import NullTextPenalty
 from gas_lightning.errors import GasError
+from gas_lightning.guidance.dds import BATCHED_NOISE, GuidanceConfig
 from gas_lightning.pipeline import build_edit, load_image
 from gas_lightning.plan import EditPlan
 from gas_lightning.resolve import resolve_bundled
@@ -169,11 +170,16 @@ def _trainer(args, callbacks: list, max_steps: int, log_dir: str) -> L.Trainer:
                      enable_model_summary=False, callbacks=[NullTextPenalty(), *callbacks])
 
 
+def edit(backbone: Backbone, image, plan: EditPlan, schedule: str, args):
+    return build_edit(backbone, image, plan, GuidanceConfig(batched_noise=args.batched_noise),
+                      resolution=args.resolution, schedule=schedule, seed=0)
+
+
 def timed_run(backbone: Backbone, counter: UNetCounter, image, plan: EditPlan, schedule: str, args, log_dir: str):
     """Per step of one fit, warm-up excluded: wall seconds, this process's CPU seconds (on a shared
     machine, with one thread, the measure of work that other processes' load does not inflate),
     UNet calls and samples."""
-    module = build_edit(backbone, image, plan, resolution=args.resolution, schedule=schedule, seed=0)
+    module = edit(backbone, image, plan, schedule, args)
     timer = StepTimer(counter, args.warmup, args.steps)
     _trainer(args, [timer], args.warmup + args.steps, log_dir).fit(module)
     n = args.steps
@@ -188,7 +194,7 @@ def peak_memory(backbone: Backbone, image, plan: EditPlan, schedule: str, args, 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     with PeakRss() as rss:
-        module = build_edit(backbone, image, plan, resolution=args.resolution, schedule=schedule, seed=0)
+        module = edit(backbone, image, plan, schedule, args)
         _trainer(args, [], args.warmup + 1, log_dir).fit(module)
         module.decode()
         synchronize(device)
@@ -199,7 +205,7 @@ def host_syncs(backbone: Backbone, image, plan: EditPlan, schedule: str, args, l
     """How many host synchronisations the non-logging steps of one fit made (CUDA only)."""
     if not args.device.startswith("cuda"):
         return {"count": None, "why": "torch.cuda.set_sync_debug_mode needs CUDA"}
-    module = build_edit(backbone, image, plan, resolution=args.resolution, schedule=schedule, seed=0)
+    module = edit(backbone, image, plan, schedule, args)
     watch = SyncWatch()
     _trainer(args, [watch], args.warmup + args.steps, log_dir).fit(module)
     return {"count": len(watch.messages), "first": watch.messages[:1]}
@@ -257,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--low_memory", type=flag, default=False,
                    help="micro-batched UNet calls, text encoder and VAE off the accelerator between uses (true/false)")
     p.add_argument("--micro_batch", type=int, default=None, help="most samples per UNet call (default 4 with --low_memory)")
+    p.add_argument("--batched_noise", default="shared", choices=list(BATCHED_NOISE),
+                   help="the batched schedule's sampling: shared (2n + 2 samples per call, the SD configs' default) or "
+                        "per_term / keep_aware (4n, the shapes preset's keep_aware; the sequential schedule is the same either way)")
     p.add_argument("--subtasks", type=int, default=3)
     p.add_argument("--resolution", type=int, default=None, help="short side in pixels (default: the model's)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
@@ -292,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
               "device_name": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
               "threads": torch.get_num_threads(), "dtype": str(backbone.dtype).replace("torch.", ""),
               "precision": args.precision, "attention": backbone.attention, "compile": args.compile, "channels_last": args.channels_last,
-              "low_memory": args.low_memory, "micro_batch": backbone.micro_batch, "subtasks": args.subtasks,
+              "low_memory": args.low_memory, "batched_noise": args.batched_noise, "micro_batch": backbone.micro_batch, "subtasks": args.subtasks,
               "resolution": args.resolution or backbone.default_resolution, "steps": args.steps,
               "warmup": args.warmup, "repeats": args.repeats, "torch": torch.__version__}
     result.update(run(backbone, counter, image, plan, schedules, args))
@@ -302,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         result["ratio_repeats"] = [a / b for a, b in zip(seq["s_per_step_repeats"], bat["s_per_step_repeats"])]
         result["cpu_ratio"] = seq["cpu_s_per_step"] / bat["cpu_s_per_step"]
     print(f"{result['model']} on {result['device_name']} ({result['dtype']}, {result['precision']}, "
-          f"attention={result['attention']}, compile={args.compile}, low_memory={args.low_memory}), "
+          f"attention={result['attention']}, compile={args.compile}, low_memory={args.low_memory}, "
+          f"batched_noise={args.batched_noise}), "
           f"{args.subtasks} subtasks, {result['resolution']} px")
     print(f"{'schedule':<11} {'s/step':>9} {'s/500 steps':>12} {'CPU s/step':>11} {'UNet calls':>11} {'samples':>8} "
           f"{'peak MiB':>9}")
