@@ -30,3 +30,14 @@ def test_paired_success_and_psnr_by_hand(tmp_path):
     q = pair["psnr_outside"]
     assert q["cases"] == 2 and math.isclose(q["difference_db"], -2.0) and math.isclose(q["median_db"], -2.0)
     assert -3.0 <= q["ci95"][0] <= q["ci95"][1] <= -1.0
+
+
+def test_psnr_outside_objects_is_paired_where_both_records_have_it(tmp_path):
+    rows = [record("boxes", 1, 0, 1.0, 30.0), record("boxes", 1, 1, 1.0, 30.0),
+            record("masks", 1, 0, 1.0, 31.0), record("masks", 1, 1, 1.0, 31.0)]
+    rows[0]["psnr_outside_objects"], rows[2]["psnr_outside_objects"] = 20.0, 26.0  # case 1: older records, none
+    path = tmp_path / "runs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pair = summarize_eval.summarize(summarize_eval.load([path]), n_boot=50)["paired"]["boxes - masks"]
+    assert pair["psnr_outside_objects"]["cases"] == 1 and pair["psnr_outside_objects"]["difference_db"] == -6.0
+    assert pair["psnr_outside"]["cases"] == 2 and pair["psnr_outside"]["difference_db"] == -1.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -136,6 +137,27 @@ def test_scorer_perfect_noop_and_wrong_object():
 
     agg = aggregate([perfect, noop])
     assert agg["per_attribute"] == 0.5 and agg["all_attributes"] == 0.5 and agg["cases"] == 2
+
+
+def test_psnr_outside_objects_counts_the_ground_in_an_edited_box():
+    """A halo pixel (ground inside the recoloured circle's box, off the circle) lowers the PSNR outside the
+    edited objects and leaves the PSNR outside the edited boxes alone; a pixel on the circle lowers neither."""
+    src = _scene(("circle", "red", 2, 2, 12), ("square", "blue", 18, 18, 10))
+    c = make_case(src, [Change("colour", 0, "red", "yellow")])
+    assert score(c.target_image, c)["psnr_outside_objects"] == 60.0
+    corner = (2, 2)  # the circle's box starts at (2, 2); a circle does not reach its box's corner
+    assert src.coverage[0][corner] == 0 and c.target.coverage[0][corner] == 0
+    img = c.target_image.copy()
+    img[corner] = np.clip(img[corner].astype(int) - 51, 0, 255)
+    assert (img[corner].astype(int) - c.target_image[corner]).tolist() == [-51, -51, -51]
+    # the edited objects cover the circle's pixels only (source and target: same place, same shape)
+    ground = 32 * 32 - int(np.count_nonzero(src.coverage[0] > 0))
+    halo = score(img, c)
+    assert halo["psnr_outside"] == 60.0
+    assert math.isclose(halo["psnr_outside_objects"], 10 * math.log10(255**2 * ground / 51**2))
+    inside = c.target_image.copy()
+    inside[8, 8] = 0  # the circle's centre
+    assert score(inside, c)["psnr_outside_objects"] == 60.0
 
 
 def test_scorer_on_held_out_cases():

@@ -40,7 +40,7 @@ from gas_lightning.worlds import MODEL_DIR, aggregate, held_out_cases, render_pi
 from gas_lightning.worlds.cases import KINDS, EditCase
 
 METRICS = ("per_attribute", "all_attributes", "colour", "shape", "background", "erosion", "bg_psnr_in_boxes",
-           "psnr_outside", "preserved", "seconds_per_edit")
+           "psnr_outside", "psnr_outside_objects", "preserved", "seconds_per_edit")
 
 
 @dataclass(frozen=True)

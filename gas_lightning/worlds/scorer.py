@@ -10,8 +10,10 @@ true masks before and after the edit are known, so each requested attribute gets
 
 Beyond success: `erosion` (how much of an edited object's target mask turned into background,
 the failure that the null-text penalty is meant to prevent), background PSNR inside the edited
-boxes (did the edit tint the ground around the object?), PSNR outside the edited boxes, and
-`preserved` (objects that were not to change kept colour and shape).
+boxes (did the edit tint the ground around the object?), PSNR outside the edited boxes, PSNR
+outside the edited objects themselves (every pixel no edited object covers before or after, so the
+ground in an edited box counts: the halo a box leaves and a mask should not), and `preserved`
+(objects that were not to change kept colour and shape).
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def score(edited_image: Any, case: EditCase) -> dict[str, Any]:
     Returns per-attribute results (`attributes`: list of {kind, index, requested, got, ok}),
     `per_attribute` (fraction right), `all_attributes` (1.0 when all are right), the mean per
     kind (`colour`, `shape`, `background`; None when not requested), `erosion`, `eroded`,
-    `bg_psnr_in_boxes`, `psnr_outside` (dB, capped at 60; NaN when there are no such pixels)
+    `bg_psnr_in_boxes`, `psnr_outside`, `psnr_outside_objects` (dB, capped at 60; NaN when there are no such pixels)
     and `preserved` (fraction of untouched objects that kept colour and shape).
     """
     src, tgt, size = case.source, case.target, case.size
@@ -136,6 +138,9 @@ def score(edited_image: Any, case: EditCase) -> dict[str, Any]:
         in_boxes |= _box_mask(src.pixel_box(i), size) | _box_mask(tgt.pixel_box(i), size)
     bg_in = in_boxes & background_px
     outside = ~in_boxes
+    on_edited = np.zeros((size, size), dtype=bool)
+    for i in edited:
+        on_edited |= (src_cov[i] > 0) | (tgt_cov[i] > 0)
 
     kept = []
     for i in range(n):
@@ -156,6 +161,7 @@ def score(edited_image: Any, case: EditCase) -> dict[str, Any]:
         "eroded": float(np.mean([v > ERODED for v in lost])) if lost else 0.0,
         "bg_psnr_in_boxes": _psnr(img[bg_in], ideal[bg_in]),
         "psnr_outside": _psnr(img[outside], ideal[outside]),
+        "psnr_outside_objects": _psnr(img[~on_edited], ideal[~on_edited]),
         "preserved": float(np.mean(kept)) if kept else 1.0,
         "n_attributes": len(oks),
     }
@@ -173,7 +179,8 @@ def aggregate(scores: Sequence[dict[str, Any]] | Iterable[dict[str, Any]]) -> di
     for kind in ("colour", "shape", "background"):
         oks = [a["ok"] for a in attrs if a["kind"] == kind]
         out[kind] = float(np.mean(oks)) if oks else None
-    for key in ("all_attributes", "erosion", "eroded", "bg_psnr_in_boxes", "psnr_outside", "preserved"):
+    for key in ("all_attributes", "erosion", "eroded", "bg_psnr_in_boxes", "psnr_outside", "psnr_outside_objects",
+                "preserved"):
         vals = [s[key] for s in scores if s.get(key) is not None and not math.isnan(s[key])]
         out[key] = float(np.mean(vals)) if vals else float("nan")
     return out
