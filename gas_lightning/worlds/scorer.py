@@ -134,13 +134,12 @@ def score(edited_image: Any, case: EditCase) -> dict[str, Any]:
         lost.append(float(np.mean(labels[m] >= N_OBJECT_COLOURS)) if m.any() else 0.0)
 
     in_boxes = np.zeros((size, size), dtype=bool)
+    on_edited = np.zeros((size, size), dtype=bool)  # the edited objects themselves, before or after
     for i in edited:
         in_boxes |= _box_mask(src.pixel_box(i), size) | _box_mask(tgt.pixel_box(i), size)
+        on_edited |= (src_cov[i] > 0) | (tgt_cov[i] > 0)
     bg_in = in_boxes & background_px
     outside = ~in_boxes
-    on_edited = np.zeros((size, size), dtype=bool)
-    for i in edited:
-        on_edited |= (src_cov[i] > 0) | (tgt_cov[i] > 0)
 
     kept = []
     for i in range(n):
