@@ -20,7 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from gas_lightning.backbone import Backbone
 from gas_lightning.errors import GasError
 from gas_lightning.guidance import GroundedScoreGuidance, GuidanceConfig, Term
-from gas_lightning.masks import EditMasks, MaskLike
+from gas_lightning.masks import EditMasks, MaskLike, box_to_grid
 from gas_lightning.module import GroundAScoreEdit, OptimizerFactory, SchedulerFactory
 from gas_lightning.plan import EditPlan
 
@@ -129,6 +129,13 @@ def _local(s, cfg: GuidanceConfig) -> bool:
     return s.area < cfg.wide_area and (cfg.local_t_scope == "objects" or s.keeps_outline)
 
 
+def _context(s, region: torch.Tensor | None, size, cfg: GuidanceConfig, device) -> torch.Tensor | None:
+    """Term.context of an object subtask under reference_context "current": its own region (mask or box)."""
+    if cfg.reference_context != "current" or s.area >= cfg.wide_area:
+        return None
+    return (region if region is not None else box_to_grid(s.box, *size)).to(device)
+
+
 def build_terms(backbone: Backbone, plan: EditPlan, masks: EditMasks, config: GuidanceConfig | None = None) -> list[Term]:
     """One text-encoder call for every phrase and both sentences; then one Term per subtask (+ whole scene)."""
     cfg = config or GuidanceConfig()
@@ -150,6 +157,7 @@ def build_terms(backbone: Backbone, plan: EditPlan, masks: EditMasks, config: Gu
             region=None if masks.regions[i] is None else masks.regions[i].to(emb.device),
             guidance_scale=wide if wide is not None and s.area >= cfg.wide_area else None,
             t_max=cfg.local_t_max if _local(s, cfg) else None,
+            context=_context(s, masks.regions[i], masks.subtasks.shape[-2:], cfg, emb.device),
         )
         for i, s in enumerate(plan.subtasks)
     ]
@@ -189,6 +197,9 @@ def build_edit(
         if schedule == "batched" and cfg.batched_noise == "shared":
             raise GasError("guidance.local_t_max needs a timestep per term: use guidance.batched_noise per_term or "
                            "keep_aware (or schedule sequential); shared sampling draws one t for all terms")
+    if cfg.reference_context == "current" and schedule == "batched" and cfg.batched_noise == "shared":
+        raise GasError("guidance.reference_context current gives each object term its own reference latent: use "
+                       "guidance.batched_noise per_term or keep_aware (or schedule sequential)")
     for name in ("overlap_weight", "mask_overlap_weight"):
         value = getattr(cfg, name)
         if value is not None and not 0.0 <= value <= 1.0:

@@ -92,3 +92,58 @@ def test_wide_guidance_scale_applies_to_wide_boxes_only(backbone):
     batched, _ = wide.batched_gradient(z, z_src, terms, 500, eps)
     torch.testing.assert_close(batched, sum(wide.term_gradient(z, z_src, t, 500, eps)[0] for t in terms),
                                rtol=1e-4, atol=1e-6)
+
+
+def test_current_reference_context_scores_only_the_objects_own_change(backbone):
+    """reference_context "current": an object term's reference branch is the source inside the object's
+    region and the current latent outside it. So for a keep term (source text == target text) a change
+    made only outside its region leaves both UNet inputs identical, and its gradient is exactly zero; a
+    change made only inside the region gives the same inputs as the source reference."""
+    from gas_lightning.pipeline import build_terms
+
+    plan = EditPlan.from_lists(["a red ball", "grass"], ["a red ball", "snow"],
+                               boxes=[[0.25, 0.25, 0.5, 0.75], [0.0, 0.0, 1.0, 1.0]])
+    masks = EditMasks.from_plan(plan, 16, 16)
+    cfg = GuidanceConfig(full_prompt=False, batched_noise="per_term", reference_context="current")
+    ball, grass = build_terms(backbone, plan, masks, cfg)
+    inside = torch.zeros(16, 16)
+    inside[4:12, 4:8] = 1.0  # rows y 0.25-0.75, columns x 0.25-0.5 of the box (written out, not taken from the code)
+    torch.testing.assert_close(ball.context, inside)
+    assert grass.context is None  # the background (a wide box) keeps the source reference
+    source_terms = build_terms(backbone, plan, masks, GuidanceConfig(full_prompt=False, batched_noise="per_term"))
+    assert all(tm.context is None for tm in source_terms)
+
+    guidance = GroundedScoreGuidance(backbone, cfg)
+    torch.manual_seed(3)
+    z_src, eps = torch.randn(1, 4, 16, 16), torch.randn(1, 4, 16, 16)
+    outside_changed = z_src + (1 - inside) * torch.randn_like(z_src)
+    g_current, _ = guidance.term_gradient(outside_changed, z_src, ball, 800, eps)
+    g_source, _ = guidance.term_gradient(outside_changed, z_src, source_terms[0], 800, eps)
+    assert g_current.abs().max() == 0
+    assert g_source.abs().max() > 0  # the source reference carries the change around the ball onto it
+
+    inside_changed = z_src + inside * torch.randn_like(z_src)
+    torch.testing.assert_close(guidance.term_gradient(inside_changed, z_src, ball, 800, eps)[0],
+                               guidance.term_gradient(inside_changed, z_src, source_terms[0], 800, eps)[0])
+
+    # batched with per-term draws: the sum of the sequential terms, each with its own reference
+    z = z_src + 0.3 * torch.randn_like(z_src)
+    noises = [torch.randn_like(z), torch.randn_like(z)]
+    batched, _ = guidance.batched_gradient(z, z_src, [ball, grass], [700, 300], noises)
+    summed = guidance.term_gradient(z, z_src, ball, 700, noises[0])[0] + guidance.term_gradient(z, z_src, grass, 300, noises[1])[0]
+    torch.testing.assert_close(batched, summed, rtol=1e-4, atol=1e-6)
+
+
+def test_current_reference_context_needs_per_term_draws(backbone):
+    from PIL import Image
+
+    from gas_lightning.errors import GasError
+    from gas_lightning.pipeline import build_edit
+
+    plan = EditPlan.from_lists(["a red ball"], ["a blue ball"], boxes=[[0.25, 0.25, 0.5, 0.75]])
+    image = Image.new("RGB", (32, 32), (90, 160, 60))
+    with pytest.raises(GasError, match="reference_context current .* per_term or keep_aware"):
+        build_edit(backbone, image, plan, GuidanceConfig(batched_noise="shared", reference_context="current"))
+    build_edit(backbone, image, plan, GuidanceConfig(batched_noise="shared", reference_context="current"), schedule="sequential")
+    with pytest.raises(GasError, match="reference_context must be one of source, current"):
+        GuidanceConfig(reference_context="target")

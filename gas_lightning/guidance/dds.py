@@ -16,6 +16,10 @@ does (`"per_term"`: 4n samples, still one call), which keeps the terms' noise in
 The preserve-form (CDS) gradient is returned in the same units as the DDS gradient, i.e.
 divided by the DDS loss scale unless `cds.loss_scaled`: the optimiser step multiplies the sum by
 the loss scale, so the CDS part enters unscaled, as in the reference.
+
+A term's reference branch is noised from the source latent (DDS), or, with
+`reference_context="current"`, from the source inside an object's own region and the current latent
+outside it (`Term.context`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from gas_lightning.plan import WHOLE_IMAGE, Box
 FULL_PROMPT_WEIGHTS = (0.5, 0.4, 0.3, 0.2, 0.1)
 BATCHED_NOISE = ("shared", "per_term", "keep_aware")
 LOCAL_T_SCOPES = ("objects", "same_outline")
+REFERENCE_CONTEXTS = ("source", "current")
 
 
 @dataclass
@@ -54,6 +59,12 @@ class GuidanceConfig:
     # their outline: kept objects, recolours, preserve-form swaps; a shape change needs the high-noise steps
     # that lay out the new form)
     local_t_scope: str = "objects"
+    # what an object term's reference branch sees outside the object's own region: the source latent
+    # ("source": DDS and the reference), or the current latent ("current"). With "source", whatever the other
+    # terms changed around the object (a new ground) differs between the two branches, and at high noise,
+    # where the object is invisible in z_t, the object's term carries that change onto the object. With
+    # "current" both branches share everything outside the region, so only the object's own change is scored.
+    reference_context: str = "source"
     full_prompt: bool = True
     full_prompt_weights: tuple[float, ...] = FULL_PROMPT_WEIGHTS
     overlap_weight: float = OVERLAP_WEIGHT  # a larger box's mask where a smaller box sits inside it
@@ -71,6 +82,9 @@ class GuidanceConfig:
 
         if self.local_t_scope not in LOCAL_T_SCOPES:
             raise GasError(f"guidance.local_t_scope must be one of {', '.join(LOCAL_T_SCOPES)}, got {self.local_t_scope!r}")
+        if self.reference_context not in REFERENCE_CONTEXTS:
+            raise GasError(f"guidance.reference_context must be one of {', '.join(REFERENCE_CONTEXTS)}, "
+                           f"got {self.reference_context!r}")
         if self.batched_noise not in BATCHED_NOISE:
             raise GasError(f"guidance.batched_noise must be one of {', '.join(BATCHED_NOISE)}, got {self.batched_noise!r}")
 
@@ -96,6 +110,9 @@ class Term:
     guidance_scale: float | None = None  # None: the config's guidance_scale
     t_max: int | None = None  # None: the config's t_max
     region: torch.Tensor | None = None  # a masked subtask's own (h, w) weight (the CDS region); None: the box
+    # (h, w) weight where the reference branch sees the source latent, the current latent elsewhere
+    # (guidance.reference_context "current"); None: the source everywhere
+    context: torch.Tensor | None = None
 
 
 def shielded_term(terms: Sequence[Term], k: int) -> int:
@@ -166,6 +183,13 @@ class GroundedScoreGuidance:
         a, s = alpha_sigma(self.backbone.alphas_cumprod, t, z.ndim)
         return a * z + s * eps
 
+    @staticmethod
+    def _reference(z: torch.Tensor, z_src: torch.Tensor, term: Term) -> torch.Tensor:
+        """The latent the term's reference (source-prompt) branch is noised from."""
+        if term.context is None:
+            return z_src
+        return term.context * z_src + (1 - term.context) * z
+
     def _cfg(self, e0: torch.Tensor, ec: torch.Tensor, scale: float | None = None) -> torch.Tensor:
         return e0 + (self.config.guidance_scale if scale is None else scale) * (ec - e0)
 
@@ -234,7 +258,7 @@ class GroundedScoreGuidance:
     ) -> tuple[torch.Tensor, TermLog]:
         """One term alone: [null src, null tgt, x src, y tgt] in one UNet call."""
         tt = to_device(torch.tensor([t]), z.device)
-        z_t_src, z_t_tgt = self._noisy(z_src, tt, eps), self._noisy(z, tt, eps)
+        z_t_src, z_t_tgt = self._noisy(self._reference(z, z_src, term), tt, eps), self._noisy(z, tt, eps)
         lat = torch.cat([z_t_src, z_t_tgt, z_t_src, z_t_tgt])
         emb = PromptEmbeddings.cat([self.null, self.null, term.src_emb, term.tgt_emb])
         e = self.backbone.predict_eps(lat, tt.expand(4), emb)
@@ -263,7 +287,10 @@ class GroundedScoreGuidance:
             raise ValueError(f"per-term sampling needs {n} timesteps and noises, got {len(ts)} and {len(eps)}")
         tt = to_device(torch.tensor(ts), z.device)
         noise = torch.cat(list(eps)) if per_term else eps.expand(n, -1, -1, -1)
-        z_t_src, z_t_tgt = self._noisy(z_src.expand(n, -1, -1, -1), tt, noise), self._noisy(z.expand(n, -1, -1, -1), tt, noise)
+        if not per_term and any(tm.context is not None for tm in terms):
+            raise ValueError("reference_context 'current' gives each term its own reference: it needs per-term sampling")
+        refs = torch.cat([self._reference(z, z_src, tm) for tm in terms])
+        z_t_src, z_t_tgt = self._noisy(refs, tt, noise), self._noisy(z.expand(n, -1, -1, -1), tt, noise)
         cond = [tm.src_emb for tm in terms] + [tm.tgt_emb for tm in terms]
         if per_term:  # [null src x n, null tgt x n, x src x n, y tgt x n]
             lat = torch.cat([z_t_src, z_t_tgt, z_t_src, z_t_tgt])
