@@ -124,14 +124,15 @@ def term_name(index: int, phrase: str) -> str:
     return f"subtask{index}_{slug}"
 
 
-def _local(s, cfg: GuidanceConfig) -> bool:
-    """Whether guidance.local_t_max caps this subtask's timesteps (an object, in the configured scope)."""
-    return s.area < cfg.wide_area and (cfg.local_t_scope == "objects" or s.keeps_outline)
+def _in_scope(s, cfg: GuidanceConfig, scope: str) -> bool:
+    """Whether an object-scoped option (local_t_max, reference_context) applies to this subtask: an object
+    (a box under wide_area), and with scope "same_outline" one that keeps its outline."""
+    return s.area < cfg.wide_area and (scope == "objects" or s.keeps_outline)
 
 
 def _context(s, region: torch.Tensor | None, size, cfg: GuidanceConfig, device) -> torch.Tensor | None:
     """Term.context of an object subtask under reference_context "current": its own region (mask or box)."""
-    if cfg.reference_context != "current" or s.area >= cfg.wide_area:
+    if cfg.reference_context != "current" or not _in_scope(s, cfg, cfg.reference_context_scope):
         return None
     return (region if region is not None else box_to_grid(s.box, *size)).to(device)
 
@@ -156,7 +157,7 @@ def build_terms(backbone: Backbone, plan: EditPlan, masks: EditMasks, config: Gu
             box=s.box,
             region=None if masks.regions[i] is None else masks.regions[i].to(emb.device),
             guidance_scale=wide if wide is not None and s.area >= cfg.wide_area else None,
-            t_max=cfg.local_t_max if _local(s, cfg) else None,
+            t_max=cfg.local_t_max if _in_scope(s, cfg, cfg.local_t_scope) else None,
             context=_context(s, masks.regions[i], masks.subtasks.shape[-2:], cfg, emb.device),
         )
         for i, s in enumerate(plan.subtasks)

@@ -6,6 +6,7 @@ independently computed values in tests/test_fidelity_units.py."""
 import pytest
 import torch
 
+from gas_lightning.errors import GasError
 from gas_lightning.guidance import GroundedScoreGuidance, GuidanceConfig
 from gas_lightning.masks import EditMasks
 from gas_lightning.pipeline import build_terms
@@ -147,3 +148,25 @@ def test_current_reference_context_needs_per_term_draws(backbone):
     build_edit(backbone, image, plan, GuidanceConfig(batched_noise="shared", reference_context="current"), schedule="sequential")
     with pytest.raises(GasError, match="reference_context must be one of source, current"):
         GuidanceConfig(reference_context="target")
+
+
+def test_current_reference_context_scope_same_outline_leaves_shape_changes_the_source(backbone):
+    from gas_lightning.pipeline import build_terms
+
+    plan = EditPlan.from_lists(["a red ball", "the blue square", "grass", "a dog"],
+                               ["a blue ball", "a blue circle", "snow", "a dog"],
+                               boxes=[[0.5, 0.5, 1.0, 1.0], [0.0, 0.5, 0.5, 1.0], [0, 0, 1, 1], [0.0, 0.0, 0.5, 0.5]])
+    masks = EditMasks.from_plan(plan, 4, 4)
+    quarter = [torch.zeros(4, 4) for _ in range(3)]
+    quarter[0][2:, 2:], quarter[1][2:, :2], quarter[2][:2, :2] = 1.0, 1.0, 1.0  # the boxes' cells, by hand
+    for scope, expected in (("objects", [quarter[0], quarter[1], None, quarter[2]]),
+                            ("same_outline", [quarter[0], None, None, quarter[2]])):
+        cfg = GuidanceConfig(full_prompt=False, batched_noise="per_term", reference_context="current",
+                             reference_context_scope=scope)
+        for term, want in zip(build_terms(backbone, plan, masks, cfg), expected):
+            if want is None:
+                assert term.context is None, (scope, term.name)
+            else:
+                torch.testing.assert_close(term.context, want)
+    with pytest.raises(GasError, match="reference_context_scope must be one of objects, same_outline"):
+        GuidanceConfig(reference_context_scope="shapes")

@@ -65,6 +65,7 @@ class Method:
     local_t_max: int | None = None  # None: t_max for every term (see GuidanceConfig)
     local_t_scope: str = "objects"
     reference_context: str = "source"  # see GuidanceConfig.reference_context
+    reference_context_scope: str = "objects"
     guidance_scale: float | None = None  # None: --guidance_scale
     wide_guidance_scale: float | None = 7.5
     preserve_form: bool = False
@@ -102,7 +103,8 @@ class Method:
         return GuidanceConfig(guidance_scale=scale, full_prompt=self.full_prompt, batched_noise=self.batched_noise,
                               overlap_weight=self.overlap_weight, wide_guidance_scale=wide,
                               mask_overlap_weight=self.mask_overlap_weight, local_t_max=self.local_t_max,
-                              local_t_scope=self.local_t_scope, reference_context=self.reference_context)
+                              local_t_scope=self.local_t_scope, reference_context=self.reference_context,
+                              reference_context_scope=self.reference_context_scope)
 
 
 def subtask_kinds(case: EditCase, plan: EditPlan) -> list[str | None]:
@@ -132,7 +134,9 @@ METHODS = {
         Method("gas_mask_overlap_0_local_t600", mask_overlap_weight=0.0, local_t_max=600),
         Method("gas_mask_overlap_0_outline_t600", mask_overlap_weight=0.0, local_t_max=600, local_t_scope="same_outline"),
         Method("gas_current_ref", reference_context="current"),
-        Method("gas_current_ref_mask_overlap_0", reference_context="current", mask_overlap_weight=0.0),
+        Method("gas_current_ref_outline", reference_context="current", reference_context_scope="same_outline"),
+        Method("gas_current_ref_outline_mask_overlap_0", reference_context="current", reference_context_scope="same_outline",
+               mask_overlap_weight=0.0),
         Method("gas_full_prompt", full_prompt=True),
         Method("gas_penalty", penalty=True),
         Method("gas_preserve", preserve_form=True),

@@ -65,6 +65,10 @@ class GuidanceConfig:
     # where the object is invisible in z_t, the object's term carries that change onto the object. With
     # "current" both branches share everything outside the region, so only the object's own change is scored.
     reference_context: str = "source"
+    # which object subtasks "current" applies to: "objects" (all), or "same_outline" (kept objects, recolours,
+    # preserve-form swaps: a shape change's old form must still turn into the new ground, which the source
+    # reference carries onto it)
+    reference_context_scope: str = "objects"
     full_prompt: bool = True
     full_prompt_weights: tuple[float, ...] = FULL_PROMPT_WEIGHTS
     overlap_weight: float = OVERLAP_WEIGHT  # a larger box's mask where a smaller box sits inside it
@@ -80,8 +84,9 @@ class GuidanceConfig:
     def __post_init__(self) -> None:
         from gas_lightning.errors import GasError
 
-        if self.local_t_scope not in LOCAL_T_SCOPES:
-            raise GasError(f"guidance.local_t_scope must be one of {', '.join(LOCAL_T_SCOPES)}, got {self.local_t_scope!r}")
+        for name in ("local_t_scope", "reference_context_scope"):
+            if getattr(self, name) not in LOCAL_T_SCOPES:
+                raise GasError(f"guidance.{name} must be one of {', '.join(LOCAL_T_SCOPES)}, got {getattr(self, name)!r}")
         if self.reference_context not in REFERENCE_CONTEXTS:
             raise GasError(f"guidance.reference_context must be one of {', '.join(REFERENCE_CONTEXTS)}, "
                            f"got {self.reference_context!r}")
