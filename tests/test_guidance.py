@@ -133,6 +133,8 @@ def test_current_reference_context_scores_only_the_objects_own_change(backbone):
     batched, _ = guidance.batched_gradient(z, z_src, [ball, grass], [700, 300], noises)
     summed = guidance.term_gradient(z, z_src, ball, 700, noises[0])[0] + guidance.term_gradient(z, z_src, grass, 300, noises[1])[0]
     torch.testing.assert_close(batched, summed, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="needs per-term sampling"):  # one shared t: one reference for all terms
+        guidance.batched_gradient(z, z_src, [ball, grass], 700, noises[0])
 
 
 def test_current_reference_context_needs_per_term_draws(backbone):
