@@ -20,7 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from gas_lightning.backbone import Backbone
 from gas_lightning.errors import GasError
 from gas_lightning.guidance import GroundedScoreGuidance, GuidanceConfig, Term
-from gas_lightning.masks import EditMasks, MaskLike, box_to_grid
+from gas_lightning.masks import EditMasks, MaskLike, region_grid
 from gas_lightning.module import GroundAScoreEdit, OptimizerFactory, SchedulerFactory
 from gas_lightning.plan import EditPlan
 
@@ -134,7 +134,7 @@ def _context(s, region: torch.Tensor | None, size, cfg: GuidanceConfig, device) 
     """Term.context of an object subtask under reference_context "current": its own region (mask or box)."""
     if cfg.reference_context != "current" or not _in_scope(s, cfg, cfg.reference_context_scope):
         return None
-    return (region if region is not None else box_to_grid(s.box, *size)).to(device)
+    return region_grid(region if region is not None else s.box, *size).to(device)
 
 
 def build_terms(backbone: Backbone, plan: EditPlan, masks: EditMasks, config: GuidanceConfig | None = None) -> list[Term]:
@@ -195,12 +195,11 @@ def build_edit(
     if cfg.local_t_max is not None:
         if not cfg.t_min <= cfg.local_t_max <= cfg.t_max:
             raise GasError(f"guidance.local_t_max must lie in [t_min, t_max] = [{cfg.t_min}, {cfg.t_max}], got {cfg.local_t_max}")
-        if schedule == "batched" and cfg.batched_noise == "shared":
-            raise GasError("guidance.local_t_max needs a timestep per term: use guidance.batched_noise per_term or "
-                           "keep_aware (or schedule sequential); shared sampling draws one t for all terms")
-    if cfg.reference_context == "current" and schedule == "batched" and cfg.batched_noise == "shared":
-        raise GasError("guidance.reference_context current gives each object term its own reference latent: use "
-                       "guidance.batched_noise per_term or keep_aware (or schedule sequential)")
+    per_term_options = [name for name, on in (("local_t_max", cfg.local_t_max is not None),
+                                              ("reference_context current", cfg.reference_context == "current")) if on]
+    if per_term_options and schedule == "batched" and cfg.batched_noise == "shared":
+        raise GasError(f"guidance.{per_term_options[0]} needs a timestep per term: use guidance.batched_noise "
+                       "per_term or keep_aware (or schedule sequential); shared sampling draws one t for all terms")
     for name in ("overlap_weight", "mask_overlap_weight"):
         value = getattr(cfg, name)
         if value is not None and not 0.0 <= value <= 1.0:

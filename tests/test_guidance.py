@@ -100,8 +100,6 @@ def test_current_reference_context_scores_only_the_objects_own_change(backbone):
     region and the current latent outside it. So for a keep term (source text == target text) a change
     made only outside its region leaves both UNet inputs identical, and its gradient is exactly zero; a
     change made only inside the region gives the same inputs as the source reference."""
-    from gas_lightning.pipeline import build_terms
-
     plan = EditPlan.from_lists(["a red ball", "grass"], ["a red ball", "snow"],
                                boxes=[[0.25, 0.25, 0.5, 0.75], [0.0, 0.0, 1.0, 1.0]])
     masks = EditMasks.from_plan(plan, 16, 16)
@@ -140,7 +138,6 @@ def test_current_reference_context_scores_only_the_objects_own_change(backbone):
 def test_current_reference_context_needs_per_term_draws(backbone):
     from PIL import Image
 
-    from gas_lightning.errors import GasError
     from gas_lightning.pipeline import build_edit
 
     plan = EditPlan.from_lists(["a red ball"], ["a blue ball"], boxes=[[0.25, 0.25, 0.5, 0.75]])
@@ -153,8 +150,6 @@ def test_current_reference_context_needs_per_term_draws(backbone):
 
 
 def test_current_reference_context_scope_same_outline_leaves_shape_changes_the_source(backbone):
-    from gas_lightning.pipeline import build_terms
-
     plan = EditPlan.from_lists(["a red ball", "the blue square", "grass", "a dog"],
                                ["a blue ball", "a blue circle", "snow", "a dog"],
                                boxes=[[0.5, 0.5, 1.0, 1.0], [0.0, 0.5, 0.5, 1.0], [0, 0, 1, 1], [0.0, 0.0, 0.5, 0.5]])
