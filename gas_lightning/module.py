@@ -78,6 +78,10 @@ class GroundAScoreEdit(L.LightningModule):
     def on_fit_start(self) -> None:
         # The strategy has moved the registered tensors by now; the frozen networks and terms follow.
         self._move_frozen(self.device)
+        if self.guidance.config.t_max_end is not None and self.trainer.max_steps < 1:
+            from gas_lightning.errors import GasError
+
+            raise GasError("guidance.t_max_end anneals the timesteps over trainer.max_steps: set --trainer.max_steps")
 
     def _move_frozen(self, device: torch.device) -> None:
         self.guidance.to(device)
@@ -112,9 +116,16 @@ class GroundAScoreEdit(L.LightningModule):
     def active_terms(self) -> list[Term]:
         return [t for t in self.terms if t.weight > 0]
 
+    def _progress(self) -> float:
+        """How far the run is, 0 at the first step and 1 at the last (guidance.t_max_end)."""
+        max_steps = self._trainer.max_steps if self._trainer is not None else -1
+        return self.global_step / (max_steps - 1) if max_steps > 1 else 0.0
+
     def _draw(self, gen: torch.Generator, term: Term | None = None) -> tuple[int, torch.Tensor]:
         cfg = self.guidance.config
-        t_max = term.t_max if term is not None and term.t_max is not None else cfg.t_max
+        t_max = cfg.t_max_at(self._progress())
+        if term is not None and term.t_max is not None:
+            t_max = min(t_max, term.t_max)
         t = int(torch.randint(cfg.t_min, t_max + 1, (1,), generator=gen))
         eps = to_device(torch.randn(self.latent.shape, generator=gen), self.device)
         return t, eps

@@ -192,9 +192,10 @@ def build_edit(
     size = working_size(*image.size, resolution or backbone.default_resolution, backbone.size_multiple)
     pixels = image_to_tensor(image, size).to(backbone.device)
     z_src = backbone.codec.encode(pixels)
-    if cfg.local_t_max is not None:
-        if not cfg.t_min <= cfg.local_t_max <= cfg.t_max:
-            raise GasError(f"guidance.local_t_max must lie in [t_min, t_max] = [{cfg.t_min}, {cfg.t_max}], got {cfg.local_t_max}")
+    for name in ("local_t_max", "t_max_end"):
+        value = getattr(cfg, name)
+        if value is not None and not cfg.t_min <= value <= cfg.t_max:
+            raise GasError(f"guidance.{name} must lie in [t_min, t_max] = [{cfg.t_min}, {cfg.t_max}], got {value}")
     per_term_options = [name for name, on in (("local_t_max", cfg.local_t_max is not None),
                                               ("reference_context current", cfg.reference_context == "current")) if on]
     if per_term_options and schedule == "batched" and cfg.batched_noise == "shared":

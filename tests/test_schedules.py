@@ -145,3 +145,48 @@ def test_local_t_scope_same_outline_leaves_shape_changes_the_full_range(backbone
 
     with pytest.raises(GasError, match="local_t_scope must be one of objects, same_outline"):
         GuidanceConfig(local_t_scope="shapes")
+
+
+def test_t_max_end_anneals_the_timestep_bound_over_the_run(backbone):
+    """Step s of S draws t in [t_min, t_max + (t_max_end - t_max) * s / (S - 1)], in every schedule and
+    sampling; a term's own cap still applies. With t_max_end = t_min the last step can only draw t_min."""
+    import lightning as L
+    from PIL import Image
+
+    from gas_lightning.errors import GasError
+    from gas_lightning.pipeline import build_edit
+
+    # the bound written out by hand: 949 -> 50 over four steps
+    cfg = GuidanceConfig(t_min=50, t_max=949, t_max_end=50)
+    assert [cfg.t_max_at(p) for p in (0.0, 1 / 3, 2 / 3, 1.0)] == [949, 649, 350, 50]
+    assert GuidanceConfig(t_max=949).t_max_at(1.0) == 949  # None: no annealing
+    plan = EditPlan.from_lists(["a red ball", "grass"], ["a blue ball", "snow"],
+                               boxes=[[0.55, 0.55, 0.95, 0.95], [0.0, 0.0, 1.0, 1.0]])
+    image = Image.new("RGB", (32, 32), (90, 160, 60))
+    bounds = [949, 649, 350, 50]
+    for schedule, sampling, local in (("batched", "shared", None), ("batched", "keep_aware", 300), ("sequential", "shared", None)):
+        seen = []
+        cfg = GuidanceConfig(full_prompt=False, batched_noise=sampling, t_min=50, t_max=949, t_max_end=50, local_t_max=local)
+        module = build_edit(backbone, image, plan, cfg, schedule=schedule, seed=5)
+        real = module.guidance.batched_gradient if schedule == "batched" else module.guidance.term_gradient
+
+        def spy(z, z_src, terms, t, *rest, real=real):
+            seen.append(list(t) if isinstance(t, list) else [t] * (len(terms) if isinstance(terms, list) else 1))
+            return real(z, z_src, terms, t, *rest)
+
+        module.guidance.batched_gradient = module.guidance.term_gradient = spy
+        L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False).fit(module)
+        steps = seen if schedule == "batched" else [seen[i] + seen[i + 1] for i in range(0, len(seen), 2)]
+        assert len(steps) == 4, (schedule, seen)
+        for bound, ts in zip(bounds, steps):
+            ball_cap = bound if local is None else min(bound, local)
+            assert 50 <= ts[0] <= ball_cap and 50 <= ts[1] <= bound, (schedule, sampling, bound, ts)
+        assert steps[-1] == [50, 50]
+        assert max(t for ts in steps[:2] for t in ts[1:]) > 350, (schedule, steps)  # seeded: early steps do draw above the late bounds
+    with pytest.raises(GasError, match=r"t_max_end must lie in \[t_min, t_max\]"):
+        build_edit(backbone, image, plan, GuidanceConfig(full_prompt=False, t_max_end=20))
+    module = build_edit(backbone, image, plan, GuidanceConfig(full_prompt=False, t_max_end=400))
+    with pytest.raises(GasError, match="t_max_end anneals the timesteps over trainer.max_steps"):
+        L.Trainer(max_steps=-1, max_time="00:00:00:20", accelerator="cpu", logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False).fit(module)

@@ -64,6 +64,7 @@ class Method:
     mask_overlap_weight: float | None = None  # None: overlap_weight (see GuidanceConfig)
     local_t_max: int | None = None  # None: t_max for every term (see GuidanceConfig)
     local_t_scope: str = "objects"
+    t_max_end: int | None = None  # None: no annealing of the timestep bound (see GuidanceConfig)
     reference_context: str = "source"  # see GuidanceConfig.reference_context
     reference_context_scope: str = "objects"
     guidance_scale: float | None = None  # None: --guidance_scale
@@ -103,7 +104,7 @@ class Method:
         return GuidanceConfig(guidance_scale=scale, full_prompt=self.full_prompt, batched_noise=self.batched_noise,
                               overlap_weight=self.overlap_weight, wide_guidance_scale=wide,
                               mask_overlap_weight=self.mask_overlap_weight, local_t_max=self.local_t_max,
-                              local_t_scope=self.local_t_scope, reference_context=self.reference_context,
+                              local_t_scope=self.local_t_scope, t_max_end=self.t_max_end, reference_context=self.reference_context,
                               reference_context_scope=self.reference_context_scope)
 
 
@@ -133,6 +134,8 @@ METHODS = {
         Method("gas_local_t600", local_t_max=600),
         Method("gas_mask_overlap_0_local_t600", mask_overlap_weight=0.0, local_t_max=600),
         Method("gas_mask_overlap_0_outline_t600", mask_overlap_weight=0.0, local_t_max=600, local_t_scope="same_outline"),
+        Method("gas_t_anneal400", t_max_end=400),
+        Method("gas_t_anneal600", t_max_end=600),
         Method("gas_current_ref", reference_context="current"),
         Method("gas_current_ref_outline", reference_context="current", reference_context_scope="same_outline"),
         Method("gas_current_ref_outline_mask_overlap_0", reference_context="current", reference_context_scope="same_outline",

@@ -51,6 +51,11 @@ class GuidanceConfig:
     wide_area: float = 0.5
     t_min: int = 50
     t_max: int = 949
+    # the highest timestep drawn at the last step: the bound falls linearly from t_max to it over the run
+    # (threestudio's annealed max_step_percent); None: t_max throughout (the reference). Early steps keep the
+    # high noise that lays out new forms and colours; late steps, once the ground around an object has
+    # changed, no longer see the object only as noise. A term's own cap (local_t_max) still applies.
+    t_max_end: int | None = None
     # highest timestep drawn for subtasks whose box covers less than `wide_area` (objects); None: t_max.
     # At high noise a small object is invisible in z_t, the object's own prompt no longer places it, and
     # its DDS term carries the background's change onto it. Needs per-term draws (not "shared" sampling).
@@ -92,6 +97,12 @@ class GuidanceConfig:
                            f"got {self.reference_context!r}")
         if self.batched_noise not in BATCHED_NOISE:
             raise GasError(f"guidance.batched_noise must be one of {', '.join(BATCHED_NOISE)}, got {self.batched_noise!r}")
+
+    def t_max_at(self, progress: float) -> int:
+        """The upper bound of the drawn timesteps at `progress` (0 at the first step, 1 at the last)."""
+        if self.t_max_end is None:
+            return self.t_max
+        return round(self.t_max + (self.t_max_end - self.t_max) * min(max(progress, 0.0), 1.0))
 
     def beta(self, t: int) -> float:
         """Whole-scene weight beta(t): 0.5 at low noise down to 0.1 at high noise, in buckets of 200 steps."""
