@@ -9,6 +9,7 @@ import json
 import shlex
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -22,6 +23,7 @@ from torch.utils._pytree import tree_flatten
 
 from gas_lightning.callbacks import NullTextPenalty
 from gas_lightning.errors import GasError
+from gas_lightning.guidance import GuidanceConfig
 from gas_lightning.pipeline import build_edit
 from gas_lightning.plan import EditPlan
 
@@ -62,6 +64,11 @@ def test_keep_aware_sampling_is_timed_with_its_own_samples(tiny_sd, tmp_path):
     assert r["batched_noise"] == "keep_aware"
     assert r["batched"]["unet_calls_per_step"] == 1
     assert r["batched"]["unet_samples_per_step"] == 4 * 3  # 3 terms, as the sequential schedule's samples
+    # a kept object shares the draw of the edit around it, and so its null-text pair: 4 x 4 terms - 2
+    r = run_benchmark(tmp_path, "--model", tiny_sd, "--subtasks", "2", "--keep", "1", "--batched_noise", "keep_aware")
+    assert r["keep"] == 1 and r["batched"]["unet_calls_per_step"] == 1
+    assert r["batched"]["unet_samples_per_step"] == 4 * 4 - 2
+    assert r["sequential"]["unet_samples_per_step"] == 4 * 4
 
 
 def test_reduced_sd15_architecture(tmp_path):
@@ -175,9 +182,11 @@ class _StepMarker(Callback):
         self.mode.step = None
 
 
-@pytest.mark.parametrize("schedule", ["batched", "sequential"])
-def test_no_host_read_of_step_tensors_outside_logging_steps(backbone, schedule, tmp_path):
-    module = build_edit(backbone, Image.new("RGB", (32, 32)), PLAN, schedule=schedule)
+@pytest.mark.parametrize("schedule,sampling", [("batched", "shared"), ("batched", "keep_aware"), ("sequential", "shared")])
+def test_no_host_read_of_step_tensors_outside_logging_steps(backbone, schedule, sampling, tmp_path):
+    plan = PLAN if sampling == "shared" else PLAN.replace_subtasks(
+        [*PLAN.subtasks, replace(PLAN.subtasks[0], source="a bird", target="a bird", box=(0.6, 0.6, 0.9, 0.9))])
+    module = build_edit(backbone, Image.new("RGB", (32, 32)), plan, GuidanceConfig(batched_noise=sampling), schedule=schedule)
     mode = StepTensorReads()
     mode.mark(module.latent)
     mode.mark(module.z_src)

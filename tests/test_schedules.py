@@ -5,6 +5,8 @@ test_reference_fidelity.py); here the one-call batched gradient must equal the s
 for every term count, shared (one t, one noise) and per-term (each term its own t and noise).
 """
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -17,6 +19,18 @@ PLAN = EditPlan.from_lists(
     ["a dog", "grass", "a red ball"], ["a cat", "snow", "a blue ball"],
     boxes=[[0.1, 0.1, 0.6, 0.6], [0.0, 0.0, 1.0, 1.0], [0.5, 0.5, 0.75, 0.9]], preserve_form=[0, 0, 1],
 )
+
+
+@contextmanager
+def unet_batches(backbone):
+    """The batch size of every UNet call made inside the block."""
+    calls = []
+    real = backbone.unet.forward
+    backbone.unet.forward = lambda *a, **k: (calls.append(a[0].shape[0]), real(*a, **k))[1]
+    try:
+        yield calls
+    finally:
+        backbone.unet.forward = real
 
 
 def _terms(backbone, n):
@@ -46,13 +60,8 @@ def test_per_term_batched_gradient_gives_each_term_its_own_t_and_noise(backbone,
     z = z_src + 0.3 * torch.randn(z_src.shape, generator=gen)
     ts = [120, 640, 930][:n]
     noises = [torch.randn(z_src.shape, generator=gen) for _ in ts]
-    calls = []
-    real = backbone.unet.forward
-    backbone.unet.forward = lambda *a, **k: (calls.append(a[0].shape[0]), real(*a, **k))[1]
-    try:
+    with unet_batches(backbone) as calls:
         batched, logs = guidance.batched_gradient(z, z_src, terms, ts, noises, torch.Generator().manual_seed(3))
-    finally:
-        backbone.unet.forward = real
     preserve = sum(tm.preserve_form for tm in terms)
     # one DDS call of 4 samples per term (each its own null-text pair); CDS adds a reference and an edited call
     assert calls == [4 * n] + [preserve] * 2 * (preserve > 0)
@@ -190,3 +199,34 @@ def test_t_max_end_anneals_the_timestep_bound_over_the_run(backbone):
     with pytest.raises(GasError, match="t_max_end anneals the timesteps over trainer.max_steps"):
         L.Trainer(max_steps=-1, max_time="00:00:00:20", accelerator="cpu", logger=False, enable_checkpointing=False,
                   enable_progress_bar=False, enable_model_summary=False).fit(module)
+
+
+def test_terms_given_one_draw_share_their_null_text_samples(backbone):
+    """keep_aware hands a keep term the very (t, eps) of an edit term: its null-text pair is the edit's,
+    so the call holds 4n - 2 samples, and the gradient is still the sum of the terms taken one by one.
+    A term whose reference differs (reference_context) shares only the null-text sample of the current latent."""
+    from dataclasses import replace
+
+    plan = EditPlan.from_lists(["a red ball", "grass", "a dog"], ["a blue ball", "snow", "a dog"],
+                               boxes=[[0.55, 0.55, 0.95, 0.95], [0.0, 0.0, 1.0, 1.0], [0.05, 0.05, 0.4, 0.4]])
+    cfg = GuidanceConfig(full_prompt=False)
+    guidance = GroundedScoreGuidance(backbone, cfg)
+    terms = build_terms(backbone, plan, EditMasks.from_plan(plan, 16, 16), cfg)
+    gen = torch.Generator().manual_seed(4)
+    z_src = torch.randn(1, 4, 16, 16, generator=gen)
+    z = z_src + 0.3 * torch.randn(z_src.shape, generator=gen)
+    e_ball, e_grass = torch.randn(z_src.shape, generator=gen), torch.randn(z_src.shape, generator=gen)
+    ts, noises = [700, 250, 250], [e_ball, e_grass, e_grass]  # the keep term (2) takes the grass term's draw
+    context = torch.zeros(16, 16)
+    context[:6, :6] = 1.0
+    for keep, samples in ((terms[2], 10), (replace(terms[2], context=context), 11)):
+        with unet_batches(backbone) as calls:
+            batched, logs = guidance.batched_gradient(z, z_src, [terms[0], terms[1], keep], ts, noises)
+        assert calls == [samples]
+        expected = sum(guidance.term_gradient(z, z_src, tm, t, e)[0] for tm, t, e in zip([terms[0], terms[1], keep], ts, noises))
+        torch.testing.assert_close(batched, expected, rtol=1e-4, atol=1e-6)
+        assert [lg.t for lg in logs] == ts
+    # equal values in different tensors are different draws: nothing is shared
+    with unet_batches(backbone) as calls:
+        guidance.batched_gradient(z, z_src, terms, ts, [e_ball, e_grass, e_grass.clone()])
+    assert calls == [12]

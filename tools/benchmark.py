@@ -48,6 +48,7 @@ from gas_lightning.testing import ARCHITECTURES, build_arch_backbone
 SCHEDULES = ("sequential", "batched")
 PHRASES = [("the red circle", "a yellow circle"), ("the blue square", "a green square"), ("the snow", "sand"),
            ("the orange triangle", "a purple triangle"), ("the green circle", "a red circle"), ("the sky", "a sunset")]
+KEEP_PHRASES = ["the yellow square", "the purple circle", "the red triangle"]
 
 
 class UNetCounter:
@@ -149,16 +150,21 @@ class PeakRss:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def benchmark_plan(n: int) -> EditPlan:
-    """n subtasks with distinct phrases on a grid of overlapping boxes."""
+def benchmark_plan(n: int, keep: int = 0) -> EditPlan:
+    """n subtasks with distinct phrases on a grid of overlapping boxes, then `keep` keep subtasks (source ==
+    target, as the shapes preset's untouched objects) in small boxes inside them."""
     if not 1 <= n <= len(PHRASES):
         raise GasError(f"--subtasks must be between 1 and {len(PHRASES)}, got {n}")
+    if not 0 <= keep <= len(KEEP_PHRASES):
+        raise GasError(f"--keep must be between 0 and {len(KEEP_PHRASES)}, got {keep}")
     cols = 3 if n > 2 else n
     rows = -(-n // cols)
     boxes = [[(k % cols) / cols, (k // cols) / rows, min(1.0, (k % cols + 1.3) / cols), min(1.0, (k // cols + 1.3) / rows)]
              for k in range(n)]
+    boxes += [[0.05 + 0.3 * k, 0.7, 0.25 + 0.3 * k, 0.95] for k in range(keep)]
     src, tgt = zip(*PHRASES[:n])
-    return EditPlan.from_lists(list(src), list(tgt), source_prompt=", ".join(src), target_prompt=", ".join(tgt), boxes=boxes)
+    src, tgt = list(src) + KEEP_PHRASES[:keep], list(tgt) + KEEP_PHRASES[:keep]
+    return EditPlan.from_lists(src, tgt, source_prompt=", ".join(src), target_prompt=", ".join(tgt), boxes=boxes)
 
 
 def _trainer(args, callbacks: list, max_steps: int, log_dir: str) -> L.Trainer:
@@ -265,8 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro_batch", type=int, default=None, help="most samples per UNet call (default 4 with --low_memory)")
     p.add_argument("--batched_noise", default="shared", choices=list(BATCHED_NOISE),
                    help="the batched schedule's sampling: shared (2n + 2 samples per call, the SD configs' default) or "
-                        "per_term / keep_aware (4n, the shapes preset's keep_aware; the sequential schedule is the same either way)")
+                        "per_term / keep_aware (4n; keep_aware 2 fewer per --keep subtask; the sequential schedule is the same either way)")
     p.add_argument("--subtasks", type=int, default=3)
+    p.add_argument("--keep", type=int, default=0,
+                   help="keep subtasks added to them (under keep_aware each shares an edit's draw and null-text samples)")
     p.add_argument("--resolution", type=int, default=None, help="short side in pixels (default: the model's)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
@@ -292,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         raise GasError("--schedules takes sequential and/or batched; --steps and --repeats >= 1, --warmup >= 0")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    plan = benchmark_plan(args.subtasks)
+    plan = benchmark_plan(args.subtasks, args.keep)
     backbone = build_backbone(args)
     counter = UNetCounter(backbone.unet)
     backbone.unet = counter
@@ -302,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
               "threads": torch.get_num_threads(), "dtype": str(backbone.dtype).replace("torch.", ""),
               "precision": args.precision, "attention": backbone.attention, "compile": args.compile, "channels_last": args.channels_last,
               "low_memory": args.low_memory, "batched_noise": args.batched_noise, "micro_batch": backbone.micro_batch, "subtasks": args.subtasks,
+              "keep": args.keep,
               "resolution": args.resolution or backbone.default_resolution, "steps": args.steps,
               "warmup": args.warmup, "repeats": args.repeats, "torch": torch.__version__}
     result.update(run(backbone, counter, image, plan, schedules, args))
@@ -313,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{result['model']} on {result['device_name']} ({result['dtype']}, {result['precision']}, "
           f"attention={result['attention']}, compile={args.compile}, low_memory={args.low_memory}, "
           f"batched_noise={args.batched_noise}), "
-          f"{args.subtasks} subtasks, {result['resolution']} px")
+          f"{args.subtasks} subtasks + {args.keep} kept, {result['resolution']} px")
     print(f"{'schedule':<11} {'s/step':>9} {'s/500 steps':>12} {'CPU s/step':>11} {'UNet calls':>11} {'samples':>8} "
           f"{'peak MiB':>9}")
     for schedule in schedules:

@@ -9,9 +9,10 @@ the latent z is
 Two ways to evaluate them share this file so that they cannot drift apart:
 `term_gradient` (one term alone, 4 UNet samples: the reference's sequential schedule) and
 `batched_gradient` (all terms in one UNet call). The batched call either shares one t and
-noise between all terms (`batched_noise="shared"`: 2n + 2 conditional samples and two null-text
+noise between all terms (`batched_noise="shared"`: 2n conditional samples and two null-text
 samples shared by every term) or gives each term its own t and noise as the sequential schedule
-does (`"per_term"`: 4n samples, still one call), which keeps the terms' noise independent.
+does (`"per_term"`: 4n samples, still one call), which keeps the terms' noise independent; with
+`"keep_aware"` a keep term shares a draw, and so its two null-text samples, with an edit term.
 
 The preserve-form (CDS) gradient is returned in the same units as the DDS gradient, i.e.
 divided by the DDS loss scale unless `cds.loss_scaled`: the optimiser step multiplies the sum by
@@ -129,6 +130,24 @@ class Term:
     # (h, w) weight where the reference branch sees the source latent, the current latent elsewhere
     # (guidance.reference_context "current"); None: the source everywhere
     context: torch.Tensor | None = None
+
+
+def _first_of(keys: Sequence) -> tuple[list[int], list[int]]:
+    """The index of each distinct key's first occurrence, and for every position the slot of its key."""
+    slots: dict = {}
+    first = []
+    for i, key in enumerate(keys):
+        if key not in slots:
+            slots[key] = len(first)
+            first.append(i)
+    return first, [slots[key] for key in keys]
+
+
+def _rows(x: torch.Tensor, index: Sequence[int]) -> torch.Tensor:
+    """x[index] from slices: a list index would be copied to the accelerator, and this stays on it."""
+    if list(index) == list(range(x.shape[0])):
+        return x
+    return torch.cat([x[i : i + 1] for i in index])
 
 
 def shielded_term(terms: Sequence[Term], k: int) -> int:
@@ -294,7 +313,8 @@ class GroundedScoreGuidance:
 
         One `t` and `eps`: shared by every term, 2n + 2 conditional and 2 shared null-text samples.
         A sequence of n of each: term k at (t[k], eps[k]), 4n samples (its own null-text pair each),
-        the same noise structure as the sequential schedule.
+        the same noise structure as the sequential schedule; terms handed the same noise tensor (keep_aware)
+        share their null-text samples.
         """
         n = len(terms)
         per_term = not isinstance(t, int)
@@ -308,11 +328,18 @@ class GroundedScoreGuidance:
         refs = torch.cat([self._reference(z, z_src, tm) for tm in terms])
         z_t_src, z_t_tgt = self._noisy(refs, tt, noise), self._noisy(z.expand(n, -1, -1, -1), tt, noise)
         cond = [tm.src_emb for tm in terms] + [tm.tgt_emb for tm in terms]
-        if per_term:  # [null src x n, null tgt x n, x src x n, y tgt x n]
-            lat = torch.cat([z_t_src, z_t_tgt, z_t_src, z_t_tgt])
-            emb = PromptEmbeddings.cat([self.null.expand(2 * n)] + cond)
-            e = self.backbone.predict_eps(lat, tt.repeat(4), emb)
-            e0_src, e0_tgt, ec_src, ec_tgt = e[:n], e[n : 2 * n], e[2 * n : 3 * n], e[3 * n :]
+        if per_term:  # [null src x a, null tgt x b, x src x n, y tgt x n], a, b <= n
+            # Terms given the same draw (keep_aware: the same eps object) noise the same z, and unless their
+            # references differ the same z_src too, so their null-text predictions are the same samples: each
+            # is computed once. Without shared draws a = b = n, the sequential schedule's 4n samples.
+            src_first, src_slot = _first_of([(ts[i], id(eps[i]), id(tm.context)) for i, tm in enumerate(terms)])
+            tgt_first, tgt_slot = _first_of([(ts[i], id(eps[i])) for i in range(n)])
+            a, b = len(src_first), len(tgt_first)
+            lat = torch.cat([_rows(z_t_src, src_first), _rows(z_t_tgt, tgt_first), z_t_src, z_t_tgt])
+            emb = PromptEmbeddings.cat([self.null.expand(a + b)] + cond)
+            e = self.backbone.predict_eps(lat, torch.cat([_rows(tt, src_first), _rows(tt, tgt_first), tt, tt]), emb)
+            e0_src, e0_tgt = _rows(e[:a], src_slot), _rows(e[a : a + b], tgt_slot)
+            ec_src, ec_tgt = e[a + b : a + b + n], e[a + b + n :]
         else:  # [null src, null tgt, x src x n, y tgt x n]
             lat = torch.cat([z_t_src[:1], z_t_tgt[:1], z_t_src, z_t_tgt])
             emb = PromptEmbeddings.cat([self.null, self.null] + cond)
