@@ -33,6 +33,24 @@ def unet_batches(backbone):
         backbone.unet.forward = real
 
 
+def drawn_timesteps(module, schedule, max_steps):
+    """Fit the module and return the timesteps each guidance call received (a list per call: the batched
+    call's per-term list, or one entry per term when a single t is shared; one entry per sequential call)."""
+    import lightning as L
+
+    seen = []
+    real = module.guidance.batched_gradient if schedule == "batched" else module.guidance.term_gradient
+
+    def spy(z, z_src, terms, t, *rest):
+        seen.append(list(t) if isinstance(t, list) else [t] * (len(terms) if isinstance(terms, list) else 1))
+        return real(z, z_src, terms, t, *rest)
+
+    module.guidance.batched_gradient = module.guidance.term_gradient = spy
+    L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(module)
+    return seen
+
+
 def _terms(backbone, n):
     plan = PLAN.replace_subtasks(PLAN.subtasks[:n])
     cfg = GuidanceConfig(full_prompt=False)
@@ -109,7 +127,6 @@ def test_keep_aware_sampling_gives_a_keep_term_the_draw_of_the_edit_around_it(ba
 def test_local_t_max_caps_object_terms_only_and_needs_per_term_draws(backbone):
     """Objects (boxes under wide_area) draw t in [t_min, local_t_max]; the background keeps [t_min, t_max].
     The same generator stream is consumed, so only the objects' t changes, never the noise."""
-    import lightning as L
     from PIL import Image
 
     from gas_lightning.errors import GasError
@@ -119,20 +136,10 @@ def test_local_t_max_caps_object_terms_only_and_needs_per_term_draws(backbone):
                                boxes=[[0.55, 0.55, 0.95, 0.95], [0.0, 0.0, 1.0, 1.0]])
     image = Image.new("RGB", (32, 32), (90, 160, 60))
     for schedule in ("batched", "sequential"):
-        seen = []
         cfg = GuidanceConfig(full_prompt=False, batched_noise="per_term", t_min=50, t_max=949, local_t_max=60)
         module = build_edit(backbone, image, plan, cfg, schedule=schedule, seed=2)
         assert [tm.t_max for tm in module.terms] == [60, None]
-        real = module.guidance.batched_gradient if schedule == "batched" else module.guidance.term_gradient
-
-        def spy(z, z_src, terms, t, *rest, real=real):
-            seen.append(list(t) if isinstance(t, list) else [t])
-            return real(z, z_src, terms, t, *rest)
-
-        module.guidance.batched_gradient = module.guidance.term_gradient = spy
-        L.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                  enable_model_summary=False).fit(module)
-        ts = [t for step in seen for t in step]
+        ts = [t for step in drawn_timesteps(module, schedule, 6) for t in step]
         ball, grass = ts[0::2], ts[1::2]
         assert len(ball) == 6 and all(50 <= t <= 60 for t in ball), (schedule, ball)
         assert max(grass) > 60, (schedule, grass)  # six draws from [50, 949] all <= 60: p ~ 1e-29
@@ -174,18 +181,8 @@ def test_t_max_end_anneals_the_timestep_bound_over_the_run(backbone):
     image = Image.new("RGB", (32, 32), (90, 160, 60))
     bounds = [949, 649, 350, 50]
     for schedule, sampling, local in (("batched", "shared", None), ("batched", "keep_aware", 300), ("sequential", "shared", None)):
-        seen = []
         cfg = GuidanceConfig(full_prompt=False, batched_noise=sampling, t_min=50, t_max=949, t_max_end=50, local_t_max=local)
-        module = build_edit(backbone, image, plan, cfg, schedule=schedule, seed=5)
-        real = module.guidance.batched_gradient if schedule == "batched" else module.guidance.term_gradient
-
-        def spy(z, z_src, terms, t, *rest, real=real):
-            seen.append(list(t) if isinstance(t, list) else [t] * (len(terms) if isinstance(terms, list) else 1))
-            return real(z, z_src, terms, t, *rest)
-
-        module.guidance.batched_gradient = module.guidance.term_gradient = spy
-        L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                  enable_model_summary=False).fit(module)
+        seen = drawn_timesteps(build_edit(backbone, image, plan, cfg, schedule=schedule, seed=5), schedule, 4)
         steps = seen if schedule == "batched" else [seen[i] + seen[i + 1] for i in range(0, len(seen), 2)]
         assert len(steps) == 4, (schedule, seen)
         for bound, ts in zip(bounds, steps):
