@@ -88,7 +88,7 @@ class GroundAScoreEdit(L.LightningModule):
         self.terms = [replace(t, src_emb=t.src_emb.to(device), tgt_emb=t.tgt_emb.to(device), mask=t.mask.to(device))
                       for t in self.terms]
 
-    def set_penalty(self, flags: Sequence[bool], coefficient: float) -> None:
+    def set_penalty(self, flags: Sequence[bool], coefficient: float, relative: bool = False) -> None:
         """Switch the null-text penalty per subtask term (the whole-scene term never has it)."""
         subtask_terms = [t for t in self.terms if not t.is_full]
         if len(flags) != len(subtask_terms):
@@ -96,6 +96,7 @@ class GroundAScoreEdit(L.LightningModule):
         it = iter(flags)
         self.terms = [t if t.is_full else replace(t, penalty=bool(next(it))) for t in self.terms]
         self.guidance.penalty_coefficient = float(coefficient)
+        self.guidance.penalty_relative = bool(relative)
 
     def configure_optimizers(self) -> Any:
         if self._optimizer_factory is None:

@@ -54,15 +54,21 @@ def _eps(bb, z_t: torch.Tensor, t: int, emb: torch.Tensor) -> torch.Tensor:
         return bb.unet(z_t, torch.tensor([t]), encoder_hidden_states=emb).sample.float()
 
 
-def _hand_term_grad(bb, sched, z, z_src, t, eps, src_emb, tgt_emb, null, mask, *, penalty=False, beta=1.0):
-    """DESIGN.md: gamma * M * [cfg(e(z_t^tgt, y)) - cfg(e(z_t^src, x))] / (h w), times beta for the whole scene."""
+def _hand_term_grad(bb, sched, z, z_src, t, eps, src_emb, tgt_emb, null, mask, *, penalty=False, beta=1.0,
+                    relative_c=None):
+    """DESIGN.md: gamma * M * [cfg(e(z_t^tgt, y)) - cfg(e(z_t^src, x))] / (h w), times beta for the whole scene.
+    relative_c: the relative penalty instead, c * sum|e0_tgt - e_y| M / sum|e0_src - e_x| M."""
     ab = sched.alphas_cumprod[t].double()
     a, s = float(ab.sqrt()), float((1 - ab).sqrt())
     zt_src, zt_tgt = a * z_src + s * eps, a * z + s * eps
     e0_src, e0_tgt = _eps(bb, zt_src, t, null), _eps(bb, zt_tgt, t, null)
     ex, ey = _eps(bb, zt_src, t, src_emb), _eps(bb, zt_tgt, t, tgt_emb)
     gamma = 1.0
-    if penalty:
+    if penalty and relative_c is not None:
+        # the target text's gap on the current latent over the source text's gap on the source, same region
+        ratio = float(((e0_tgt - ey).abs() * mask).sum()) / float(((e0_src - ex).abs() * mask).sum())
+        gamma = min(max(relative_c * ratio, 0.0), 1.0)
+    elif penalty:
         # mean over the WHOLE latent tensor (all channels, all positions), then clamp to [0, 1]
         gamma = min(max(C * float(((e0_tgt - ey).abs() * mask).mean()), 0.0), 1.0)
     direction = (e0_tgt + W * (ey - e0_tgt)) - (e0_src + W * (ex - e0_src))
@@ -90,8 +96,9 @@ def _grid_masks():
     return m_small, m_wide, m_full
 
 
-@pytest.mark.parametrize("schedule", ["batched", "sequential"])
-def test_null_text_penalty_in_a_trainer_run_matches_the_hand_computed_gamma(backbone, tiny_sd, monkeypatch, schedule):
+@pytest.mark.parametrize("schedule,relative_c", [("batched", None), ("sequential", None), ("batched", 0.25), ("sequential", 0.25)])
+def test_null_text_penalty_in_a_trainer_run_matches_the_hand_computed_gamma(backbone, tiny_sd, monkeypatch, schedule,
+                                                                          relative_c):
     from gas_lightning.callbacks import NullTextPenalty
     from gas_lightning.module import GroundAScoreEdit
     from gas_lightning.pipeline import build_edit
@@ -105,7 +112,8 @@ def test_null_text_penalty_in_a_trainer_run_matches_the_hand_computed_gamma(back
     monkeypatch.setattr(GroundAScoreEdit, "_draw", lambda self, gen, term=None: (T_FIXED, eps.to(self.device)))
     z_src = module.z_src.detach().clone()
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[NullTextPenalty()])
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[NullTextPenalty() if relative_c is None else NullTextPenalty(relative=True, coefficient=relative_c)])
     trainer.fit(module)
 
     # the same two steps by hand
@@ -119,14 +127,15 @@ def test_null_text_penalty_in_a_trainer_run_matches_the_hand_computed_gamma(back
     z = z_src.clone()
     for _ in range(2):
         if schedule == "batched":  # every term at the same z, one SGD step with the summed gradient
-            parts = [_hand_term_grad(bb, sched, z, z_src, T_FIXED, eps, x, y, null, m, penalty=p, beta=b)
+            parts = [_hand_term_grad(bb, sched, z, z_src, T_FIXED, eps, x, y, null, m, penalty=p, beta=b, relative_c=relative_c)
                      for x, y, m, p, b in specs]
             z = z - LR * LOSS_SCALE * sum(g for g, _ in parts)
             gammas = [g for _, g in parts]
         else:  # one SGD step per term, each at the latent the previous term left
             gammas = []
             for x, y, m, p, b in specs:
-                g, gamma = _hand_term_grad(bb, sched, z, z_src, T_FIXED, eps, x, y, null, m, penalty=p, beta=b)
+                g, gamma = _hand_term_grad(bb, sched, z, z_src, T_FIXED, eps, x, y, null, m, penalty=p, beta=b,
+                                           relative_c=relative_c)
                 z = z - LR * LOSS_SCALE * g
                 gammas.append(gamma)
 

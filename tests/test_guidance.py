@@ -167,3 +167,31 @@ def test_current_reference_context_scope_same_outline_leaves_shape_changes_the_s
                 torch.testing.assert_close(term.context, want)
     with pytest.raises(GasError, match="reference_context_scope must be one of objects, same_outline"):
         GuidanceConfig(reference_context_scope="shapes")
+
+
+def test_relative_penalty_is_its_coefficient_when_both_branches_see_the_same(backbone):
+    """With the current latent at the source and the target text equal to the source text, the
+    target gap and the source gap are the same numbers: their ratio is 1, so gamma is c (below 1)
+    or clamped to 1; an absolute penalty gives some other value there."""
+    from dataclasses import replace
+
+    guidance, z, z_src, terms = _setup(backbone, penalty=(True, False, False))
+    same = replace(terms[0], tgt_emb=terms[0].src_emb)
+    eps = torch.randn_like(z)
+    guidance.penalty_relative = True
+    guidance.penalty_coefficient = 0.3
+    assert guidance.term_gradient(z_src, z_src, same, 400, eps)[1].gamma == pytest.approx(0.3, abs=1e-6)
+    guidance.penalty_coefficient = 1.0
+    assert guidance.term_gradient(z_src, z_src, same, 400, eps)[1].gamma == pytest.approx(1.0, abs=1e-6)
+    guidance.penalty_relative = False
+    assert guidance.term_gradient(z_src, z_src, same, 400, eps)[1].gamma != pytest.approx(1.0, abs=1e-3)
+
+
+def test_null_text_penalty_callback_defaults_and_refusal():
+    from gas_lightning.callbacks import NullTextPenalty
+
+    assert NullTextPenalty().coefficient == 5.0 and not NullTextPenalty().relative  # the reference's c
+    assert NullTextPenalty(relative=True).coefficient == 1.0
+    assert NullTextPenalty(relative=True, coefficient=0.5).coefficient == 0.5
+    with pytest.raises(ValueError, match="coefficient must be > 0"):
+        NullTextPenalty(coefficient=0)

@@ -59,6 +59,7 @@ class Method:
     full_prompt_only: bool = False  # plain DDS
     full_prompt: bool = False
     penalty: bool = False
+    penalty_relative: bool = False  # the null-text penalty against the source text's gap (NullTextPenalty relative)
     keep: bool = True
     overlap_weight: float = 0.3
     mask_overlap_weight: float | None = None  # None: overlap_weight (see GuidanceConfig)
@@ -142,6 +143,7 @@ METHODS = {
                mask_overlap_weight=0.0),
         Method("gas_full_prompt", full_prompt=True),
         Method("gas_penalty", penalty=True),
+        Method("gas_relative_penalty", penalty=True, penalty_relative=True),
         Method("gas_preserve", preserve_form=True),
         Method("gas_grounded", grounded=True),
         Method("gas_shape_context", shape_context=True),
@@ -175,7 +177,7 @@ def case_module(backbone, case: EditCase, method: Method, args):
                         schedule=method.schedule, seed=args.seed * 1000 + (case.seed or 0), loss_scale=args.loss_scale,
                         optimizer=lambda params: torch.optim.SGD(params, lr=args.lr),
                         lr_scheduler=scheduler_factory(args))
-    return module, [NullTextPenalty()] if method.penalty else []
+    return module, [NullTextPenalty(relative=method.penalty_relative)] if method.penalty else []
 
 
 def edit_case(backbone, case: EditCase, method: Method, args, ready=None) -> tuple[np.ndarray, float]:
@@ -211,7 +213,8 @@ def write_jobs(path: Path, numbered: list[tuple[int, EditCase]], names: list[str
                           "loss_scale": args.loss_scale, "resolution": None, "guidance": asdict(method.guidance(args)),
                           "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": args.lr}}, "lr_scheduler": sched,
                           "trainer": {"max_steps": args.steps, "precision": "32-true", "callbacks": [
-                              {"class_path": "gas_lightning.callbacks.NullTextPenalty"}] if method.penalty else []}})
+                              {"class_path": "gas_lightning.callbacks.NullTextPenalty",
+                               "init_args": {"relative": method.penalty_relative}}] if method.penalty else []}})
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     print(f"{len(lines)} jobs: gas-edit batch --model {args.model} --attention sdpa --trainer.accelerator "
           f"{args.accelerator} --jobs {path} --output_dir runs/world_batch", file=sys.stderr)

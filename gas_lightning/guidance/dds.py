@@ -201,6 +201,7 @@ class GroundedScoreGuidance:
         self.null = PromptEmbeddings.of(null_embedding) if null_embedding is not None else backbone.null_embeddings()
         self._capture: SelfAttentionCapture | None = None
         self.penalty_coefficient = 5.0
+        self.penalty_relative = False  # gamma against the source text's own gap, not against a constant
 
     @property
     def capture(self) -> SelfAttentionCapture:
@@ -231,16 +232,27 @@ class GroundedScoreGuidance:
     def _weight(self, term: Term, t: int) -> float:
         return term.weight * (self.config.beta(t) if term.is_full else 1.0)
 
-    def _gamma(self, term: Term, e0_tgt: torch.Tensor, ec_tgt: torch.Tensor) -> torch.Tensor:
-        """Null-text penalty: small when the target text barely changes the prediction in the box."""
+    def _gamma(self, term: Term, e0_src: torch.Tensor, e0_tgt: torch.Tensor, ec_src: torch.Tensor,
+               ec_tgt: torch.Tensor) -> torch.Tensor:
+        """Null-text penalty: small when the target text barely changes the prediction in the box.
+
+        Absolute (the reference): c times the target gap's mean over the whole tensor, a constant set
+        for Stable Diffusion's latents. Relative: c times the target gap over the source text's gap on
+        the source in the same region, so no model-specific constant: a term whose target text moves
+        the prediction far less than its source text moves the source's is mostly minus the source
+        text's pull, which pushes the object away from its old description, not towards the new one.
+        """
         if not term.penalty:
             return torch.ones((), device=e0_tgt.device)
-        diff = ((e0_tgt - ec_tgt).abs() * term.mask).mean()
-        return (self.penalty_coefficient * diff).clamp(0.0, 1.0)
+        gap = ((e0_tgt - ec_tgt).abs() * term.mask)
+        if not self.penalty_relative:
+            return (self.penalty_coefficient * gap.mean()).clamp(0.0, 1.0)
+        source_gap = ((e0_src - ec_src).abs() * term.mask).sum()
+        return (self.penalty_coefficient * gap.sum() / source_gap.clamp_min(1e-12)).clamp(0.0, 1.0)
 
     def _dds(self, term: Term, t: int, e0_src, e0_tgt, ec_src, ec_tgt) -> tuple[torch.Tensor, TermLog]:
         h, w = e0_src.shape[-2:]
-        gamma = self._gamma(term, e0_tgt, ec_tgt)
+        gamma = self._gamma(term, e0_src, e0_tgt, ec_src, ec_tgt)
         direction = self._cfg(e0_tgt, ec_tgt, term.guidance_scale) - self._cfg(e0_src, ec_src, term.guidance_scale)
         grad = self._weight(term, t) * gamma * term.mask * direction / (h * w)
         grad = torch.nan_to_num(grad)
