@@ -78,10 +78,13 @@ class GroundAScoreEdit(L.LightningModule):
     def on_fit_start(self) -> None:
         # The strategy has moved the registered tensors by now; the frozen networks and terms follow.
         self._move_frozen(self.device)
-        if self.guidance.config.t_max_end is not None and self.trainer.max_steps < 1:
-            from gas_lightning.errors import GasError
+        cfg = self.guidance.config
+        for needs, why in ((cfg.t_max_end is not None, "guidance.t_max_end anneals the timesteps"),
+                           (cfg.t_sampling == "stratified", "guidance.t_sampling stratified spreads the timesteps")):
+            if needs and self.trainer.max_steps < 1:
+                from gas_lightning.errors import GasError
 
-            raise GasError("guidance.t_max_end anneals the timesteps over trainer.max_steps: set --trainer.max_steps")
+                raise GasError(f"{why} over trainer.max_steps: set --trainer.max_steps")
 
     def _move_frozen(self, device: torch.device) -> None:
         self.guidance.to(device)
@@ -123,13 +126,30 @@ class GroundAScoreEdit(L.LightningModule):
         return self.global_step / (max_steps - 1) if max_steps > 1 else 0.0
 
     def _draw(self, gen: torch.Generator, term: Term | None = None) -> tuple[int, torch.Tensor]:
+        """A timestep and noise for `term` (None: one draw shared by every term)."""
         cfg = self.guidance.config
         t_max = cfg.t_max_at(self._progress())
         if term is not None and term.t_max is not None:
             t_max = min(t_max, term.t_max)
-        t = int(torch.randint(cfg.t_min, t_max + 1, (1,), generator=gen))
+        if cfg.t_sampling == "stratified":
+            n = max(int(self._trainer.max_steps), 1) if self._trainer is not None else 1
+            width = (t_max - cfg.t_min + 1) / n
+            stream = 0 if term is None else next(i for i, tm in enumerate(self.terms) if tm is term)
+            k = int(self._strata(stream, n)[self.global_step % n])
+            t = cfg.t_min + min(int((k + float(torch.rand((), generator=gen))) * width), t_max - cfg.t_min)
+        else:
+            t = int(torch.randint(cfg.t_min, t_max + 1, (1,), generator=gen))
         eps = to_device(torch.randn(self.latent.shape, generator=gen), self.device)
         return t, eps
+
+    def _strata(self, stream: int, n: int) -> torch.Tensor:
+        """The order in which one stream of draws visits the run's n timestep slices: from the seed, the
+        rank and the stream only, so a resumed run replays it."""
+        cache = self.__dict__.setdefault("_strata_cache", {})
+        if (stream, n) not in cache:
+            state = np.random.SeedSequence([self.seed, self.global_rank, int(stream), 1]).generate_state(1, dtype=np.uint64)
+            cache[(stream, n)] = torch.randperm(n, generator=torch.Generator().manual_seed(int(state[0] % (2**63))))
+        return cache[(stream, n)]
 
     def _optimise(self, grad: torch.Tensor, last: bool) -> None:
         """Turn a gradient into an optimiser step through the surrogate loss scale * <z, grad>."""

@@ -7,6 +7,8 @@ alphas_cumprod), or computed from DESIGN.md's formula with the raw UNet called d
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import lightning as L
 import pytest
 import torch
@@ -55,9 +57,10 @@ def _eps(bb, z_t: torch.Tensor, t: int, emb: torch.Tensor) -> torch.Tensor:
 
 
 def _hand_term_grad(bb, sched, z, z_src, t, eps, src_emb, tgt_emb, null, mask, *, penalty=False, beta=1.0,
-                    relative_c=None):
+                    relative_c=None, balance=False):
     """DESIGN.md: gamma * M * [cfg(e(z_t^tgt, y)) - cfg(e(z_t^src, x))] / (h w), times beta for the whole scene.
-    relative_c: the relative penalty instead, c * sum|e0_tgt - e_y| M / sum|e0_src - e_x| M."""
+    relative_c: the relative penalty instead, c * sum|e0_tgt - e_y| M / sum|e0_src - e_x| M.
+    balance: the source branch's scale is W * min(1, that ratio) (guidance.source_balance)."""
     ab = sched.alphas_cumprod[t].double()
     a, s = float(ab.sqrt()), float((1 - ab).sqrt())
     zt_src, zt_tgt = a * z_src + s * eps, a * z + s * eps
@@ -71,7 +74,10 @@ def _hand_term_grad(bb, sched, z, z_src, t, eps, src_emb, tgt_emb, null, mask, *
     elif penalty:
         # mean over the WHOLE latent tensor (all channels, all positions), then clamp to [0, 1]
         gamma = min(max(C * float(((e0_tgt - ey).abs() * mask).mean()), 0.0), 1.0)
-    direction = (e0_tgt + W * (ey - e0_tgt)) - (e0_src + W * (ex - e0_src))
+    w_src = W
+    if balance:
+        w_src = W * min(1.0, float(((e0_tgt - ey).abs() * mask).sum()) / float(((e0_src - ex).abs() * mask).sum()))
+    direction = (e0_tgt + W * (ey - e0_tgt)) - (e0_src + w_src * (ex - e0_src))
     h, w = z.shape[-2:]
     return beta * gamma * mask * direction / (h * w), gamma
 
@@ -321,20 +327,25 @@ def test_beta_buckets_by_hand(t, beta):
     assert GuidanceConfig().beta(t) == pytest.approx(beta)
 
 
+def _dog_to_cat(bb, seed):
+    """One small-box subtask and the whole-scene term, a source latent, a drifted latent and noise."""
+    from gas_lightning.pipeline import build_terms
+
+    plan = EditPlan.from_lists(["a dog"], ["a cat"], boxes=[SMALL])
+    sub, full = build_terms(bb, plan, EditMasks.from_plan(plan, 16, 16))
+    g = torch.Generator().manual_seed(seed)
+    z_src = torch.randn(1, 4, 16, 16, generator=g)
+    z = z_src + 0.3 * torch.randn(1, 4, 16, 16, generator=g)
+    return plan, sub, full, z_src, z, torch.randn(1, 4, 16, 16, generator=g)
+
+
 @pytest.mark.parametrize("t, beta", [(199, 0.5), (200, 0.4), (949, 0.1)])
 def test_term_gradients_match_the_formula_with_the_raw_unet(backbone, tiny_sd, t, beta):
     """term_gradient of a subtask and of the whole scene at a known (t, eps), against DESIGN.md written out."""
     from gas_lightning.guidance import GroundedScoreGuidance
-    from gas_lightning.pipeline import build_terms
 
     bb, sched = backbone, _scheduler(tiny_sd)
-    plan = EditPlan.from_lists(["a dog"], ["a cat"], boxes=[SMALL])
-    masks = EditMasks.from_plan(plan, 16, 16)
-    sub, full = build_terms(bb, plan, masks)
-    g = torch.Generator().manual_seed(1)
-    z_src = torch.randn(1, 4, 16, 16, generator=g)
-    z = z_src + 0.3 * torch.randn(1, 4, 16, 16, generator=g)
-    eps = torch.randn(1, 4, 16, 16, generator=g)
+    plan, sub, full, z_src, z, eps = _dog_to_cat(bb, seed=1)
     guidance = GroundedScoreGuidance(bb)
     m_small, _, _ = _grid_masks()
     null = _embed(bb, "")
@@ -345,6 +356,30 @@ def test_term_gradients_match_the_formula_with_the_raw_unet(backbone, tiny_sd, t
     want_full, _ = _hand_term_grad(bb, sched, z, z_src, t, eps, _embed(bb, plan.source_prompt),
                                    _embed(bb, plan.target_prompt), null, m_small, beta=beta)
     assert want_full.abs().max() > 0
+    torch.testing.assert_close(got_full, want_full, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("t", [150, 450, 800])
+def test_source_balance_matches_the_formula_with_the_raw_unet(backbone, tiny_sd, t):
+    """guidance.source_balance: an edit subtask's source branch at W * min(1, target gap / source gap), the
+    target branch and the whole-scene term as DESIGN.md has them; written out with the raw UNet."""
+    from gas_lightning.guidance import GroundedScoreGuidance, GuidanceConfig
+
+    bb, sched = backbone, _scheduler(tiny_sd)
+    plan, sub, full, z_src, z, eps = _dog_to_cat(bb, seed=2)
+    guidance = GroundedScoreGuidance(bb, GuidanceConfig(source_balance=True))
+    m_small, _, _ = _grid_masks()
+    null, dog, cat = _embed(bb, ""), _embed(bb, "a dog"), _embed(bb, "a cat")
+    for src_emb, tgt_emb, term in ((dog, cat, sub), (cat, dog, replace(sub, src_emb=sub.tgt_emb, tgt_emb=sub.src_emb))):
+        got, _ = guidance.term_gradient(z, z_src, term, t, eps)
+        want, _ = _hand_term_grad(bb, sched, z, z_src, t, eps, src_emb, tgt_emb, null, m_small, balance=True)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    plain = [_hand_term_grad(bb, sched, z, z_src, t, eps, a, b, null, m_small)[0] for a, b in ((dog, cat), (cat, dog))]
+    balanced = [_hand_term_grad(bb, sched, z, z_src, t, eps, a, b, null, m_small, balance=True)[0] for a, b in ((dog, cat), (cat, dog))]
+    assert any(not torch.allclose(p, q) for p, q in zip(plain, balanced))  # the ratio is below 1 for one direction
+    got_full, _ = guidance.term_gradient(z, z_src, full, t, eps)  # the whole-scene term is never balanced
+    want_full, _ = _hand_term_grad(bb, sched, z, z_src, t, eps, _embed(bb, plan.source_prompt),
+                                   _embed(bb, plan.target_prompt), null, m_small, beta=GuidanceConfig().beta(t))
     torch.testing.assert_close(got_full, want_full, rtol=1e-4, atol=1e-7)
 
 

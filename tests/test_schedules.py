@@ -198,6 +198,45 @@ def test_t_max_end_anneals_the_timestep_bound_over_the_run(backbone):
                   enable_progress_bar=False, enable_model_summary=False).fit(module)
 
 
+def test_stratified_t_puts_one_draw_of_each_term_in_each_slice_of_the_range(backbone):
+    """t_sampling stratified: over S steps each term's draws fall one in each of the S equal slices of
+    [t_min, bound], written out by hand (S = 6 over [50, 649]: slices of 100), in every schedule and
+    sampling; a term's own cap narrows its slices; the order differs between terms and seeds; refused
+    without max_steps. Uniform draws are checked to miss a slice on these seeds (so the test can fail)."""
+    import lightning as L
+    from PIL import Image
+
+    from gas_lightning.errors import GasError
+    from gas_lightning.pipeline import build_edit
+
+    plan = EditPlan.from_lists(["a red ball", "grass"], ["a blue ball", "snow"],
+                               boxes=[[0.55, 0.55, 0.95, 0.95], [0.0, 0.0, 1.0, 1.0]])
+    image = Image.new("RGB", (32, 32), (90, 160, 60))
+    orders = []
+    for schedule, sampling, local, seed in (("batched", "shared", None, 5), ("batched", "per_term", 349, 5),
+                                            ("sequential", "shared", None, 5), ("batched", "per_term", None, 6)):
+        cfg = GuidanceConfig(full_prompt=False, batched_noise=sampling, t_min=50, t_max=649, local_t_max=local,
+                             t_sampling="stratified")
+        seen = drawn_timesteps(build_edit(backbone, image, plan, cfg, schedule=schedule, seed=seed), schedule, 6)
+        steps = seen if schedule == "batched" else [seen[i] + seen[i + 1] for i in range(0, len(seen), 2)]
+        assert len(steps) == 6
+        for term, width in ((0, 100 if local is None else 50), (1, 100)):  # ball: capped at 349 -> slices of 50
+            ts = [s[term] for s in steps]
+            assert sorted((t - 50) // width for t in ts) == list(range(6)), (schedule, sampling, term, ts)
+        orders.append([[(s[k] - 50) // 100 for s in steps] for k in (0, 1)])
+    assert orders[1][0] != orders[1][1]  # per-term draws: each term its own order
+    assert orders[1][1] != orders[3][1]  # another seed, another order
+    uniform = drawn_timesteps(build_edit(backbone, image, plan, GuidanceConfig(full_prompt=False, t_min=50, t_max=649),
+                                         schedule="batched", seed=5), "batched", 6)
+    assert sorted((s[0] - 50) // 100 for s in uniform) != list(range(6))
+    with pytest.raises(GasError, match="t_sampling must be one of"):
+        GuidanceConfig(t_sampling="sobol")
+    module = build_edit(backbone, image, plan, GuidanceConfig(full_prompt=False, t_sampling="stratified"))
+    with pytest.raises(GasError, match="t_sampling stratified spreads the timesteps over trainer.max_steps"):
+        L.Trainer(max_steps=-1, max_time="00:00:00:20", accelerator="cpu", logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False).fit(module)
+
+
 def test_terms_given_one_draw_share_their_null_text_samples(backbone):
     """keep_aware hands a keep term the very (t, eps) of an edit term: its null-text pair is the edit's,
     so the call holds 4n - 2 samples, and the gradient is still the sum of the terms taken one by one.

@@ -321,3 +321,24 @@ def test_eval_world_kinds_edits_only_the_cases_that_ask_for_that_kind(tmp_path, 
     with pytest.raises(SystemExit) as exit_info:
         _tool("eval_world").main(["--cases", "2", "--methods", "gas", "--kinds", "shapes"])
     assert exit_info.value.code == 2 and "unknown --kinds ['shapes']" in capsys.readouterr().err
+
+
+def test_eval_world_noise_seed_redraws_only_the_edits_noise(tmp_path):
+    """--noise_seed N: the same cases and plans, another seed for each edit's timesteps and noise, and the
+    records named apart, so that verdicts flipped by the draw alone can be counted."""
+    ev = _tool("eval_world")
+    lines = {}
+    for n in (0, 1):
+        (tmp_path / f"n{n}").mkdir()
+        jobs = tmp_path / f"n{n}" / "jobs.jsonl"
+        assert ev.main(["--cases", "3", "--seed", "4", "--methods", "gas", "--noise_seed", str(n), "--write_jobs", str(jobs)]) == 0
+        lines[n] = [json.loads(line) for line in jobs.read_text().splitlines()]
+    assert [j["name"] for j in lines[0]] == [j["name"] for j in lines[1]]
+    assert len({j["seed"] for j in lines[0]} | {j["seed"] for j in lines[1]}) == 6  # every edit draws anew
+    for a, b in zip(lines[0], lines[1]):
+        assert (tmp_path / "n0" / a["plan"]).read_text() == (tmp_path / "n1" / b["plan"]).read_text()
+        assert (tmp_path / "n0" / a["image"]).read_bytes() == (tmp_path / "n1" / b["image"]).read_bytes()
+    progress = tmp_path / "p.jsonl"
+    assert ev.main(["--cases", "1", "--steps", "1", "--seed", "4", "--methods", "gas", "--noise_seed", "2",
+                    "--progress", str(progress), "--figure", str(tmp_path / "f.png"), "--figure_cases", "0"]) == 0
+    assert json.loads(progress.read_text())["method"] == "gas+noise2"

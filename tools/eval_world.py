@@ -68,6 +68,8 @@ class Method:
     t_max_end: int | None = None  # None: no annealing of the timestep bound (see GuidanceConfig)
     reference_context: str = "source"  # see GuidanceConfig.reference_context
     reference_context_scope: str = "objects"
+    source_balance: bool = False  # see GuidanceConfig.source_balance
+    t_sampling: str = "uniform"  # see GuidanceConfig.t_sampling
     guidance_scale: float | None = None  # None: --guidance_scale
     wide_guidance_scale: float | None = 7.5
     preserve_form: bool = False
@@ -106,7 +108,8 @@ class Method:
                               overlap_weight=self.overlap_weight, wide_guidance_scale=wide,
                               mask_overlap_weight=self.mask_overlap_weight, local_t_max=self.local_t_max,
                               local_t_scope=self.local_t_scope, t_max_end=self.t_max_end, reference_context=self.reference_context,
-                              reference_context_scope=self.reference_context_scope)
+                              reference_context_scope=self.reference_context_scope, source_balance=self.source_balance,
+                              t_sampling=self.t_sampling)
 
 
 def subtask_kinds(case: EditCase, plan: EditPlan) -> list[str | None]:
@@ -144,6 +147,8 @@ METHODS = {
         Method("gas_full_prompt", full_prompt=True),
         Method("gas_penalty", penalty=True),
         Method("gas_relative_penalty", penalty=True, penalty_relative=True),
+        Method("gas_source_balance", source_balance=True),
+        Method("gas_stratified_t", t_sampling="stratified"),
         Method("gas_preserve", preserve_form=True),
         Method("gas_grounded", grounded=True),
         Method("gas_shape_context", shape_context=True),
@@ -171,10 +176,15 @@ def case_plan(case: EditCase, method: Method, args) -> EditPlan:
     return plan
 
 
+def edit_seed(args, case: EditCase) -> int:
+    """The seed of one case's edit (its timesteps and noise); --noise_seed N draws another set for the same case."""
+    return args.seed * 1000 + (case.seed or 0) + 1_000_000 * args.noise_seed
+
+
 def case_module(backbone, case: EditCase, method: Method, args):
     """The ready edit of one case (not yet run) and the callbacks its method needs."""
     module = build_edit(backbone, render_pil(case.source), case_plan(case, method, args), guidance_config=method.guidance(args),
-                        schedule=method.schedule, seed=args.seed * 1000 + (case.seed or 0), loss_scale=args.loss_scale,
+                        schedule=method.schedule, seed=edit_seed(args, case), loss_scale=args.loss_scale,
                         optimizer=lambda params: torch.optim.SGD(params, lr=args.lr),
                         lr_scheduler=scheduler_factory(args))
     return module, [NullTextPenalty(relative=method.penalty_relative)] if method.penalty else []
@@ -209,7 +219,7 @@ def write_jobs(path: Path, numbered: list[tuple[int, EditCase]], names: list[str
             sched = None if args.lr_schedule == "constant" else {"class_path": "torch.optim.lr_scheduler.CosineAnnealingLR",
                                                                 "init_args": {"T_max": args.steps, "eta_min": args.lr * args.lr_final}}
             lines.append({"name": job, "image": f"images/{image.name}", "plan": f"plans/{plan.name}",
-                          "seed": args.seed * 1000 + (case.seed or 0), "schedule": method.schedule,
+                          "seed": edit_seed(args, case), "schedule": method.schedule,
                           "loss_scale": args.loss_scale, "resolution": None, "guidance": asdict(method.guidance(args)),
                           "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": args.lr}}, "lr_scheduler": sched,
                           "trainer": {"max_steps": args.steps, "precision": "32-true", "callbacks": [
@@ -258,6 +268,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--first_case", type=int, default=0,
                    help="edit cases first_case..cases-1 only (to split one seed's cases over processes)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--noise_seed", type=int, default=0,
+                   help="edit the same cases with another draw of timesteps and noise (0: the usual one); results are "
+                        "recorded as METHOD+noiseN, to measure how many verdicts flip by the draw alone")
     p.add_argument("--kinds", default=None,
                    help="comma list of change kinds (colour, shape, background): edit only the cases that ask for one "
                         "of them, for a study of those changes (the other cases' numbers stay unmeasured)")
@@ -319,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     per_case: dict[str, list[dict]] = {}
     fig_rows = [[c.source_image, c.target_image] for c in cases[: args.figure_cases]]
     for method_name in names:
-        name = method_name + ("+" + MASK_TAGS[args.masks] if args.masks else "")
+        name = method_name + ("+" + MASK_TAGS[args.masks] if args.masks else "") + (f"+noise{args.noise_seed}" if args.noise_seed else "")
         scores, times = [], []
         for k, (index, case) in enumerate(numbered):
             image, seconds = edit_case(backbone, case, METHODS[method_name], args)

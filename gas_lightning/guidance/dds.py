@@ -39,6 +39,7 @@ FULL_PROMPT_WEIGHTS = (0.5, 0.4, 0.3, 0.2, 0.1)
 BATCHED_NOISE = ("shared", "per_term", "keep_aware")
 LOCAL_T_SCOPES = ("objects", "same_outline")
 REFERENCE_CONTEXTS = ("source", "current")
+T_SAMPLINGS = ("uniform", "stratified")
 
 
 @dataclass
@@ -57,6 +58,11 @@ class GuidanceConfig:
     # high noise that lays out new forms and colours; late steps, once the ground around an object has
     # changed, no longer see the object only as noise. A term's own cap (local_t_max) still applies.
     t_max_end: int | None = None
+    # how each term's timesteps are spread over the run: "uniform" (drawn afresh every step: the reference) or
+    # "stratified" (the run's max_steps draws of a term fall one in each of max_steps equal slices of
+    # [t_min, bound], in a random order). The same distribution of t, without runs that draw one noise range
+    # twice as often as another by chance; on the bundled world a new draw alone flips a third of the verdicts.
+    t_sampling: str = "uniform"
     # highest timestep drawn for subtasks whose box covers less than `wide_area` (objects); None: t_max.
     # At high noise a small object is invisible in z_t, the object's own prompt no longer places it, and
     # its DDS term carries the background's change onto it. Needs per-term draws (not "shared" sampling).
@@ -75,6 +81,12 @@ class GuidanceConfig:
     # preserve-form swaps: a shape change's old form must still turn into the new ground, which the source
     # reference carries onto it)
     reference_context_scope: str = "objects"
+    # an edit subtask's source-text guidance scaled down, per step, to the target text's strength in its region:
+    # w * min(1, sum|e0 - e_y| M / sum|e0_src - e_x| M) on the source branch, the target branch at w. Where the
+    # target text barely moves the current latent's prediction, plain DDS is mostly minus the source text's pull,
+    # which removes the object along with its old colour or form (the erasures traced in docs/world_eval.md);
+    # balanced, the two text effects cancel where the phrases agree. False: the reference (one w for both).
+    source_balance: bool = False
     full_prompt: bool = True
     full_prompt_weights: tuple[float, ...] = FULL_PROMPT_WEIGHTS
     overlap_weight: float = OVERLAP_WEIGHT  # a larger box's mask where a smaller box sits inside it
@@ -96,6 +108,8 @@ class GuidanceConfig:
         if self.reference_context not in REFERENCE_CONTEXTS:
             raise GasError(f"guidance.reference_context must be one of {', '.join(REFERENCE_CONTEXTS)}, "
                            f"got {self.reference_context!r}")
+        if self.t_sampling not in T_SAMPLINGS:
+            raise GasError(f"guidance.t_sampling must be one of {', '.join(T_SAMPLINGS)}, got {self.t_sampling!r}")
         if self.batched_noise not in BATCHED_NOISE:
             raise GasError(f"guidance.batched_noise must be one of {', '.join(BATCHED_NOISE)}, got {self.batched_noise!r}")
 
@@ -244,16 +258,24 @@ class GroundedScoreGuidance:
         """
         if not term.penalty:
             return torch.ones((), device=e0_tgt.device)
-        gap = ((e0_tgt - ec_tgt).abs() * term.mask)
         if not self.penalty_relative:
-            return (self.penalty_coefficient * gap.mean()).clamp(0.0, 1.0)
-        source_gap = ((e0_src - ec_src).abs() * term.mask).sum()
-        return (self.penalty_coefficient * gap.sum() / source_gap.clamp_min(1e-12)).clamp(0.0, 1.0)
+            return (self.penalty_coefficient * ((e0_tgt - ec_tgt).abs() * term.mask).mean()).clamp(0.0, 1.0)
+        ratio = self._gap(e0_tgt, ec_tgt, term.mask) / self._gap(e0_src, ec_src, term.mask).clamp_min(1e-12)
+        return (self.penalty_coefficient * ratio).clamp(0.0, 1.0)
+
+    @staticmethod
+    def _gap(e0: torch.Tensor, ec: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """How far the text moves the prediction inside a region (summed; compared only as ratios)."""
+        return ((e0 - ec).abs() * mask).sum()
 
     def _dds(self, term: Term, t: int, e0_src, e0_tgt, ec_src, ec_tgt) -> tuple[torch.Tensor, TermLog]:
         h, w = e0_src.shape[-2:]
         gamma = self._gamma(term, e0_src, e0_tgt, ec_src, ec_tgt)
-        direction = self._cfg(e0_tgt, ec_tgt, term.guidance_scale) - self._cfg(e0_src, ec_src, term.guidance_scale)
+        source_scale = self.config.guidance_scale if term.guidance_scale is None else term.guidance_scale
+        if self.config.source_balance and not (term.keep or term.is_full):
+            source_scale = source_scale * (self._gap(e0_tgt, ec_tgt, term.mask)
+                                           / self._gap(e0_src, ec_src, term.mask).clamp_min(1e-12)).clamp(max=1.0)
+        direction = self._cfg(e0_tgt, ec_tgt, term.guidance_scale) - self._cfg(e0_src, ec_src, source_scale)
         grad = self._weight(term, t) * gamma * term.mask * direction / (h * w)
         grad = torch.nan_to_num(grad)
         return grad, TermLog(t=t, gamma_tensor=gamma, grad_norm_tensor=grad.norm())
