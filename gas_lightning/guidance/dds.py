@@ -60,8 +60,8 @@ class GuidanceConfig:
     t_max_end: int | None = None
     # how each term's timesteps are spread over the run: "uniform" (drawn afresh every step: the reference) or
     # "stratified" (the run's max_steps draws of a term fall one in each of max_steps equal slices of
-    # [t_min, bound], in a random order). The same distribution of t, without runs that draw one noise range
-    # twice as often as another by chance; on the bundled world a new draw alone flips a third of the verdicts.
+    # [t_min, bound], in a random order). The same distribution of t without the chance spread in how often
+    # each noise range is drawn; on the bundled world it did not make verdicts depend less on the draw.
     t_sampling: str = "uniform"
     # highest timestep drawn for subtasks whose box covers less than `wide_area` (objects); None: t_max.
     # At high noise a small object is invisible in z_t, the object's own prompt no longer places it, and
