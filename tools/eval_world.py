@@ -178,7 +178,7 @@ def case_plan(case: EditCase, method: Method, args) -> EditPlan:
 
 def edit_seed(args, case: EditCase) -> int:
     """The seed of one case's edit (its timesteps and noise); --noise_seed N draws another set for the same case."""
-    return args.seed * 1000 + (case.seed or 0) + 1_000_000 * args.noise_seed
+    return args.seed * 1000 + (case.seed or 0) + 1_000_000 * getattr(args, "noise_seed", 0)  # tools with their own args: 0
 
 
 def case_module(backbone, case: EditCase, method: Method, args):
