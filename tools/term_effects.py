@@ -43,8 +43,8 @@ def attach(module, by_t: dict | None = None, bin_width: int = 200) -> dict[str, 
     step: dict[str, list[tuple[int, torch.Tensor]]] = {}
     dds, training_step = module.guidance._dds, module.training_step
 
-    def gap(e0, ec, mask):
-        return float(((e0 - ec).abs() * mask).sum() / (mask.sum() * e0.shape[1]).clamp_min(1e-12))
+    def gap(e0, ec, mask):  # the guidance's own gap, per masked element
+        return float(module.guidance._gap(e0, ec, mask) / (mask.sum() * e0.shape[1]).clamp_min(1e-12))
 
     def recording_dds(term, t, e0_src, e0_tgt, ec_src, ec_tgt):
         grad, log = dds(term, t, e0_src, e0_tgt, ec_src, ec_tgt)

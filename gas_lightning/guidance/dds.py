@@ -260,21 +260,23 @@ class GroundedScoreGuidance:
             return torch.ones((), device=e0_tgt.device)
         if not self.penalty_relative:
             return (self.penalty_coefficient * ((e0_tgt - ec_tgt).abs() * term.mask).mean()).clamp(0.0, 1.0)
-        ratio = self._gap(e0_tgt, ec_tgt, term.mask) / self._gap(e0_src, ec_src, term.mask).clamp_min(1e-12)
-        return (self.penalty_coefficient * ratio).clamp(0.0, 1.0)
+        return (self.penalty_coefficient * self._gap_ratio(term, e0_src, e0_tgt, ec_src, ec_tgt)).clamp(0.0, 1.0)
 
     @staticmethod
     def _gap(e0: torch.Tensor, ec: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """How far the text moves the prediction inside a region (summed; compared only as ratios)."""
         return ((e0 - ec).abs() * mask).sum()
 
+    def _gap_ratio(self, term: Term, e0_src, e0_tgt, ec_src, ec_tgt) -> torch.Tensor:
+        """The target text's gap on the current latent over the source text's gap on the source, in the term's region."""
+        return self._gap(e0_tgt, ec_tgt, term.mask) / self._gap(e0_src, ec_src, term.mask).clamp_min(1e-12)
+
     def _dds(self, term: Term, t: int, e0_src, e0_tgt, ec_src, ec_tgt) -> tuple[torch.Tensor, TermLog]:
         h, w = e0_src.shape[-2:]
         gamma = self._gamma(term, e0_src, e0_tgt, ec_src, ec_tgt)
         source_scale = self.config.guidance_scale if term.guidance_scale is None else term.guidance_scale
         if self.config.source_balance and not (term.keep or term.is_full):
-            source_scale = source_scale * (self._gap(e0_tgt, ec_tgt, term.mask)
-                                           / self._gap(e0_src, ec_src, term.mask).clamp_min(1e-12)).clamp(max=1.0)
+            source_scale = source_scale * self._gap_ratio(term, e0_src, e0_tgt, ec_src, ec_tgt).clamp(max=1.0)
         direction = self._cfg(e0_tgt, ec_tgt, term.guidance_scale) - self._cfg(e0_src, ec_src, source_scale)
         grad = self._weight(term, t) * gamma * term.mask * direction / (h * w)
         grad = torch.nan_to_num(grad)
