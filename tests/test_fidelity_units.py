@@ -57,10 +57,11 @@ def _eps(bb, z_t: torch.Tensor, t: int, emb: torch.Tensor) -> torch.Tensor:
 
 
 def _hand_term_grad(bb, sched, z, z_src, t, eps, src_emb, tgt_emb, null, mask, *, penalty=False, beta=1.0,
-                    relative_c=None, balance=False):
+                    relative_c=None, balance=False, target_balance=False):
     """DESIGN.md: gamma * M * [cfg(e(z_t^tgt, y)) - cfg(e(z_t^src, x))] / (h w), times beta for the whole scene.
     relative_c: the relative penalty instead, c * sum|e0_tgt - e_y| M / sum|e0_src - e_x| M.
-    balance: the source branch's scale is W * min(1, that ratio) (guidance.source_balance)."""
+    balance: the source branch's scale is W * min(1, that ratio) (guidance.source_balance).
+    target_balance: the target branch's scale is W * max(1, 1 / that ratio) (guidance.target_balance)."""
     ab = sched.alphas_cumprod[t].double()
     a, s = float(ab.sqrt()), float((1 - ab).sqrt())
     zt_src, zt_tgt = a * z_src + s * eps, a * z + s * eps
@@ -77,7 +78,10 @@ def _hand_term_grad(bb, sched, z, z_src, t, eps, src_emb, tgt_emb, null, mask, *
     w_src = W
     if balance:
         w_src = W * min(1.0, float(((e0_tgt - ey).abs() * mask).sum()) / float(((e0_src - ex).abs() * mask).sum()))
-    direction = (e0_tgt + W * (ey - e0_tgt)) - (e0_src + w_src * (ex - e0_src))
+    w_tgt = W
+    if target_balance:
+        w_tgt = W * max(1.0, float(((e0_src - ex).abs() * mask).sum()) / float(((e0_tgt - ey).abs() * mask).sum()))
+    direction = (e0_tgt + w_tgt * (ey - e0_tgt)) - (e0_src + w_src * (ex - e0_src))
     h, w = z.shape[-2:]
     return beta * gamma * mask * direction / (h * w), gamma
 
@@ -381,6 +385,47 @@ def test_source_balance_matches_the_formula_with_the_raw_unet(backbone, tiny_sd,
     want_full, _ = _hand_term_grad(bb, sched, z, z_src, t, eps, _embed(bb, plan.source_prompt),
                                    _embed(bb, plan.target_prompt), null, m_small, beta=GuidanceConfig().beta(t))
     torch.testing.assert_close(got_full, want_full, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("t", [150, 450, 800])
+def test_target_balance_matches_the_formula_with_the_raw_unet(backbone, tiny_sd, t):
+    """guidance.target_balance: an edit subtask's target branch at W * max(1, source gap / target gap), the
+    source branch at W; keep and whole-scene terms as DESIGN.md has them; written out with the raw UNet."""
+    from gas_lightning.guidance import GroundedScoreGuidance, GuidanceConfig
+
+    bb, sched = backbone, _scheduler(tiny_sd)
+    plan, sub, full, z_src, z, eps = _dog_to_cat(bb, seed=2)
+    guidance = GroundedScoreGuidance(bb, GuidanceConfig(target_balance=True))
+    m_small, _, _ = _grid_masks()
+    null, dog, cat = _embed(bb, ""), _embed(bb, "a dog"), _embed(bb, "a cat")
+    directions = ((dog, cat, sub), (cat, dog, replace(sub, src_emb=sub.tgt_emb, tgt_emb=sub.src_emb)))
+    for src_emb, tgt_emb, term in directions:
+        got, _ = guidance.term_gradient(z, z_src, term, t, eps)
+        want, _ = _hand_term_grad(bb, sched, z, z_src, t, eps, src_emb, tgt_emb, null, m_small, target_balance=True)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+        # the batched call (one term, per-term draw) computes the same gradient
+        got_b, _ = guidance.batched_gradient(z, z_src, [term], [t], [eps])
+        torch.testing.assert_close(got_b, want, rtol=1e-4, atol=1e-7)
+    plain = [_hand_term_grad(bb, sched, z, z_src, t, eps, a, b, null, m_small)[0] for a, b, _ in directions]
+    scaled = [_hand_term_grad(bb, sched, z, z_src, t, eps, a, b, null, m_small, target_balance=True)[0]
+              for a, b, _ in directions]
+    assert any(not torch.allclose(p, q) for p, q in zip(plain, scaled))  # the ratio is below 1 for one direction
+    keep = replace(sub, tgt_emb=sub.src_emb, keep=True)  # a keep term is never balanced
+    got_keep, _ = guidance.term_gradient(z, z_src, keep, t, eps)
+    want_keep, _ = _hand_term_grad(bb, sched, z, z_src, t, eps, dog, dog, null, m_small)
+    torch.testing.assert_close(got_keep, want_keep, rtol=1e-4, atol=1e-7)
+    got_full, _ = guidance.term_gradient(z, z_src, full, t, eps)  # nor is the whole-scene term
+    want_full, _ = _hand_term_grad(bb, sched, z, z_src, t, eps, _embed(bb, plan.source_prompt),
+                                   _embed(bb, plan.target_prompt), null, m_small, beta=GuidanceConfig().beta(t))
+    torch.testing.assert_close(got_full, want_full, rtol=1e-4, atol=1e-7)
+
+
+def test_source_and_target_balance_are_exclusive():
+    from gas_lightning.errors import GasError
+    from gas_lightning.guidance import GuidanceConfig
+
+    with pytest.raises(GasError, match="set at most one of them"):
+        GuidanceConfig(source_balance=True, target_balance=True)
 
 
 # ---------------------------------------------------------------------------------------------

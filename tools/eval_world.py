@@ -69,6 +69,7 @@ class Method:
     reference_context: str = "source"  # see GuidanceConfig.reference_context
     reference_context_scope: str = "objects"
     source_balance: bool = False  # see GuidanceConfig.source_balance
+    target_balance: bool = False  # see GuidanceConfig.target_balance
     t_sampling: str = "uniform"  # see GuidanceConfig.t_sampling
     guidance_scale: float | None = None  # None: --guidance_scale
     wide_guidance_scale: float | None = 7.5
@@ -109,7 +110,7 @@ class Method:
                               mask_overlap_weight=self.mask_overlap_weight, local_t_max=self.local_t_max,
                               local_t_scope=self.local_t_scope, t_max_end=self.t_max_end, reference_context=self.reference_context,
                               reference_context_scope=self.reference_context_scope, source_balance=self.source_balance,
-                              t_sampling=self.t_sampling)
+                              target_balance=self.target_balance, t_sampling=self.t_sampling)
 
 
 def subtask_kinds(case: EditCase, plan: EditPlan) -> list[str | None]:
@@ -148,6 +149,7 @@ METHODS = {
         Method("gas_penalty", penalty=True),
         Method("gas_relative_penalty", penalty=True, penalty_relative=True),
         Method("gas_source_balance", source_balance=True),
+        Method("gas_target_balance", target_balance=True),
         Method("gas_stratified_t", t_sampling="stratified"),
         Method("gas_preserve", preserve_form=True),
         Method("gas_grounded", grounded=True),

@@ -87,6 +87,12 @@ class GuidanceConfig:
     # which removes the object along with its old colour or form (the erasures traced in docs/world_eval.md);
     # balanced, the two text effects cancel where the phrases agree. False: the reference (one w for both).
     source_balance: bool = False
+    # the other way round: an edit subtask's target-text guidance raised, per step, to the source text's strength
+    # in its region: w * max(1, sum|e0_src - e_x| M / sum|e0 - e_y| M) on the target branch, the source branch at
+    # w. Keeps the pull away from the old colour or form that source_balance weakens, and makes the push towards
+    # the new one as strong where the target text barely moves the prediction. The text part's size in the region
+    # is then the source text's, so a weak target text is scaled up to it, not without bound. False: the reference.
+    target_balance: bool = False
     full_prompt: bool = True
     full_prompt_weights: tuple[float, ...] = FULL_PROMPT_WEIGHTS
     overlap_weight: float = OVERLAP_WEIGHT  # a larger box's mask where a smaller box sits inside it
@@ -110,6 +116,9 @@ class GuidanceConfig:
                            f"got {self.reference_context!r}")
         if self.t_sampling not in T_SAMPLINGS:
             raise GasError(f"guidance.t_sampling must be one of {', '.join(T_SAMPLINGS)}, got {self.t_sampling!r}")
+        if self.source_balance and self.target_balance:
+            raise GasError("guidance.source_balance and guidance.target_balance balance the same two branches in "
+                           "opposite ways: set at most one of them")
         if self.batched_noise not in BATCHED_NOISE:
             raise GasError(f"guidance.batched_noise must be one of {', '.join(BATCHED_NOISE)}, got {self.batched_noise!r}")
 
@@ -274,10 +283,14 @@ class GroundedScoreGuidance:
     def _dds(self, term: Term, t: int, e0_src, e0_tgt, ec_src, ec_tgt) -> tuple[torch.Tensor, TermLog]:
         h, w = e0_src.shape[-2:]
         gamma = self._gamma(term, e0_src, e0_tgt, ec_src, ec_tgt)
-        source_scale = self.config.guidance_scale if term.guidance_scale is None else term.guidance_scale
-        if self.config.source_balance and not (term.keep or term.is_full):
-            source_scale = source_scale * self._gap_ratio(term, e0_src, e0_tgt, ec_src, ec_tgt).clamp(max=1.0)
-        direction = self._cfg(e0_tgt, ec_tgt, term.guidance_scale) - self._cfg(e0_src, ec_src, source_scale)
+        source_scale = target_scale = self.config.guidance_scale if term.guidance_scale is None else term.guidance_scale
+        if (self.config.source_balance or self.config.target_balance) and not (term.keep or term.is_full):
+            ratio = self._gap_ratio(term, e0_src, e0_tgt, ec_src, ec_tgt)
+            if self.config.source_balance:
+                source_scale = source_scale * ratio.clamp(max=1.0)
+            else:  # a zero target gap leaves nothing to scale up: the 1e-6 floor only keeps 0 * inf out
+                target_scale = target_scale / ratio.clamp(min=1e-6, max=1.0)
+        direction = self._cfg(e0_tgt, ec_tgt, target_scale) - self._cfg(e0_src, ec_src, source_scale)
         grad = self._weight(term, t) * gamma * term.mask * direction / (h * w)
         grad = torch.nan_to_num(grad)
         return grad, TermLog(t=t, gamma_tensor=gamma, grad_norm_tensor=grad.norm())
