@@ -69,7 +69,10 @@ class Method:
     reference_context: str = "source"  # see GuidanceConfig.reference_context
     reference_context_scope: str = "objects"
     source_balance: bool = False  # see GuidanceConfig.source_balance
-    target_balance: bool = False  # see GuidanceConfig.target_balance
+    # the edit subtasks' target-text guidance raised to the source text's strength (GuidanceConfig.target_balance):
+    # the preset's since 2026-12-06 (validation seed 5, test seeds 112-114); records of `gas` and its ablations
+    # from before that date are without it, as `gas_unbalanced` is now
+    target_balance: bool = True
     t_sampling: str = "uniform"  # see GuidanceConfig.t_sampling
     guidance_scale: float | None = None  # None: --guidance_scale
     wide_guidance_scale: float | None = 7.5
@@ -124,14 +127,17 @@ def subtask_kinds(case: EditCase, plan: EditPlan) -> list[str | None]:
 METHODS = {
     m.name: m
     for m in (
-        Method("dds", full_prompt_only=True, keep=False, wide_guidance_scale=None),
-        Method("dds_7.5", full_prompt_only=True, keep=False, guidance_scale=7.5, wide_guidance_scale=None),
+        Method("dds", full_prompt_only=True, keep=False, wide_guidance_scale=None, target_balance=False),
+        Method("dds_7.5", full_prompt_only=True, keep=False, guidance_scale=7.5, wide_guidance_scale=None,
+               target_balance=False),
         Method("gas"),
+        Method("gas_unbalanced", target_balance=False),  # the preset before 2026-12-06
         Method("gas_sequential", schedule="sequential"),
         Method("gas_per_term", batched_noise="per_term"),
         Method("gas_keep_aware", batched_noise="keep_aware"),
         Method("gas_shared", batched_noise="shared"),
-        Method("gas_reference", full_prompt=True, penalty=True, keep=False, guidance_scale=7.5, wide_guidance_scale=None),
+        Method("gas_reference", full_prompt=True, penalty=True, keep=False, guidance_scale=7.5, wide_guidance_scale=None,
+               target_balance=False),
         Method("gas_no_keep", keep=False),
         Method("gas_no_wide", wide_guidance_scale=None),
         Method("gas_overlap_0.1", overlap_weight=0.1),
@@ -148,7 +154,7 @@ METHODS = {
         Method("gas_full_prompt", full_prompt=True),
         Method("gas_penalty", penalty=True),
         Method("gas_relative_penalty", penalty=True, penalty_relative=True),
-        Method("gas_source_balance", source_balance=True),
+        Method("gas_source_balance", source_balance=True, target_balance=False),
         Method("gas_target_balance", target_balance=True),
         Method("gas_stratified_t", t_sampling="stratified"),
         Method("gas_preserve", preserve_form=True),
