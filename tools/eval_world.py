@@ -50,7 +50,7 @@ class Method:
     The defaults are this world's tuned Ground-A-Score (configs/shapes.yaml): keep subtasks for
     the objects that must not change, guidance --guidance_scale (12.5) for object boxes and 7.5
     for background-sized boxes, overlap weight 0.3, no whole-scene term, no null-text penalty
-    (chosen on validation cases, --seed 1). "gas_reference" is the method with DESIGN.md's
+    (chosen on validation cases, --seed 1), keep-aware sampling (seed 2) and target balance (seed 5). "gas_reference" is the method with DESIGN.md's
     constants (guidance 7.5), for comparison; "dds_7.5" is DDS at that guidance.
     """
 
