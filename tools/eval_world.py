@@ -50,8 +50,9 @@ class Method:
     The defaults are this world's tuned Ground-A-Score (configs/shapes.yaml): keep subtasks for
     the objects that must not change, guidance --guidance_scale (12.5) for object boxes and 7.5
     for background-sized boxes, overlap weight 0.3, no whole-scene term, no null-text penalty
-    (chosen on validation cases, --seed 1), keep-aware sampling (seed 2) and target balance (seed 5). "gas_reference" is the method with DESIGN.md's
-    constants (guidance 7.5), for comparison; "dds_7.5" is DDS at that guidance.
+    (chosen on validation cases, --seed 1), keep-aware sampling (seed 2) and target balance
+    (seed 5). "gas_reference" is the method with DESIGN.md's constants (guidance 7.5), for
+    comparison; "dds_7.5" is DDS at that guidance.
     """
 
     name: str
@@ -155,7 +156,7 @@ METHODS = {
         Method("gas_penalty", penalty=True),
         Method("gas_relative_penalty", penalty=True, penalty_relative=True),
         Method("gas_source_balance", source_balance=True, target_balance=False),
-        Method("gas_target_balance", target_balance=True),
+        Method("gas_target_balance", target_balance=True),  # = gas; the name its validation and test records carry
         Method("gas_stratified_t", t_sampling="stratified"),
         Method("gas_preserve", preserve_form=True),
         Method("gas_grounded", grounded=True),
