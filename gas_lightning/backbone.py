@@ -213,7 +213,7 @@ class Backbone:
         sliced: SDPA and xformers already run attention without the (tokens x tokens) matrix.
         `compile`: torch.compile of the UNet in place (hooks and attribute access keep working).
         `channels_last`: the UNet's weights in NHWC order (no gain measured on the CPU; for GPUs see
-        tools/gpu_bench.sh).
+        tools/bench/gpu_bench.sh).
         """
         if micro_batch is not None and micro_batch < 1:
             raise ModelLoadError(f"micro_batch must be at least 1, got {micro_batch}")
@@ -337,7 +337,7 @@ def resolve_dtype(dtype: str, device: str | torch.device) -> torch.dtype:
 
     Not bfloat16: DDS follows small differences between two noise predictions, and one step's
     gradient in bf16 is 8x further from float32 than in fp16 (relative error 0.19 against 0.023
-    on the SD 1.5 architecture, 0.061 against 0.0085 on the bundled model; tools/precision_check.py).
+    on the SD 1.5 architecture, 0.061 against 0.0085 on the bundled model; tools/bench/precision_check.py).
     The reference runs fp16 autocast on CUDA too.
     """
     if dtype == "auto":

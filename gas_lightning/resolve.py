@@ -1,6 +1,6 @@
 """Request -> plan -> grounded plan: pick the planner and the box source the user asked for.
 
-Kept apart from the CLI so that scripts (tools/eval_world.py, notebooks) resolve plans the
+Kept apart from the CLI so that scripts (tools/world/eval_world.py, notebooks) resolve plans the
 same way `gas-edit` does.
 """
 

@@ -154,7 +154,7 @@ def build_tiny_sdxl(folder: str | Path, prediction_type: str = "epsilon", seed: 
 
 
 # Published Stable Diffusion architectures, built with random weights (no download): enough for
-# timing, memory and arithmetic checks (tools/benchmark.py, tools/precision_check.py), not for edits.
+# timing, memory and arithmetic checks (tools/bench/benchmark.py, tools/bench/precision_check.py), not for edits.
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),

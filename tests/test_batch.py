@@ -295,14 +295,14 @@ def test_several_devices_are_refused_from_python(tiny_sd, image_file, tmp_path, 
 # the world's held-out cases as jobs ------------------------------------------------------------------
 @pytest.mark.parametrize("masks", [False, True])
 def test_a_world_case_through_batch_is_eval_worlds_edit(tmp_path, monkeypatch, masks):
-    """tools/eval_world.py --write_jobs: the batch edits a case to the latent eval_world's edit_case gets."""
+    """tools/world/eval_world.py --write_jobs: the batch edits a case to the latent eval_world's edit_case gets."""
     import importlib.util
     from types import SimpleNamespace
 
     from gas_lightning.backbone import load_backbone
     from gas_lightning.worlds import MODEL_DIR, held_out_cases
 
-    spec = importlib.util.spec_from_file_location("eval_world", REPO / "tools" / "eval_world.py")
+    spec = importlib.util.spec_from_file_location("eval_world", REPO / "tools" / "world" / "eval_world.py")
     eval_world = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "eval_world", eval_world)  # dataclasses look their module up there
     spec.loader.exec_module(eval_world)

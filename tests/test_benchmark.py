@@ -1,4 +1,4 @@
-"""tools/benchmark.py and the host-synchronisation-free step it measures.
+"""tools/bench/benchmark.py and the host-synchronisation-free step it measures.
 
 No timing is asserted: the benchmark's numbers are reported, not tested. What is tested is what
 they stand on: the counted UNet calls, the JSON it writes, the architectures it builds, the GPU
@@ -28,7 +28,7 @@ from gas_lightning.pipeline import build_edit
 from gas_lightning.plan import EditPlan
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT / "tools" / "bench"))
 import benchmark  # noqa: E402
 
 PLAN = EditPlan.from_lists(["a dog", "grass"], ["a cat", "snow"], boxes=[[0.1, 0.1, 0.4, 0.4], [0, 0.5, 1, 1]])
@@ -107,20 +107,20 @@ def test_reduced_sdxl_architecture(monkeypatch):
 def test_bad_benchmark_input_is_one_clear_error():
     with pytest.raises(GasError, match="width_mult"):
         benchmark.main(["--arch", "sd15", "--width_mult", "2"])
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "--subtasks", "9"], capture_output=True,
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench" / "benchmark.py"), "--subtasks", "9"], capture_output=True,
                           text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, cwd=ROOT)
     assert proc.returncode == 2 and "--subtasks" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_gpu_script_commands_parse():
-    script = ROOT / "tools" / "gpu_bench.sh"
+    script = ROOT / "tools" / "bench" / "gpu_bench.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    lines = [line for line in script.read_text().splitlines() if "tools/benchmark.py" in line and not line.lstrip().startswith("#")]
+    lines = [line for line in script.read_text().splitlines() if "tools/bench/benchmark.py" in line and not line.lstrip().startswith("#")]
     assert len(lines) >= 8  # both dtypes x with/without compile x with/without low_memory
     seen, noise = set(), set()
     for line in lines:
         words = shlex.split(line.replace('"$OUT', '"out'))
-        args = benchmark.build_parser().parse_args(words[words.index("tools/benchmark.py") + 1 :])
+        args = benchmark.build_parser().parse_args(words[words.index("tools/bench/benchmark.py") + 1 :])
         assert (args.arch, args.resolution) in {("sd15", 512), ("sdxl", 1024)}
         assert args.subtasks == 3 and args.device == "cuda" and args.json.parent == Path("out")
         seen.add((args.arch, args.dtype, args.compile, args.low_memory))
@@ -223,7 +223,7 @@ def test_logged_values_are_those_of_logging_every_step(backbone, tmp_path):
 
 def test_readme_benchmark_commands_parse():
     lines = [line.strip() for line in (ROOT / "README.md").read_text().splitlines()
-             if line.strip().startswith("python tools/benchmark.py")]
+             if line.strip().startswith("python tools/bench/benchmark.py")]
     assert len(lines) >= 3
     for line in lines:
         benchmark.build_parser().parse_args(shlex.split(line, comments=True)[2:])

@@ -80,7 +80,7 @@ def test_working_size_keeps_aspect_and_multiple(size, expected):
 
 def test_keep_subtask_is_zero_at_the_source_and_acts_only_in_its_box(backbone):
     """A keep term's direction is exactly zero at the source; a drift makes it act, inside its box only.
-    (That it pulls back is measured on the trained world model: tools/eval_world.py gas vs gas_no_keep.)"""
+    (That it pulls back is measured on the trained world model: tools/world/eval_world.py gas vs gas_no_keep.)"""
     from gas_lightning.callbacks import NullTextPenalty
     from gas_lightning.guidance import GuidanceConfig
 

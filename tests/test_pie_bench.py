@@ -1,4 +1,4 @@
-"""tools/pie_bench_jobs.py on a small hand-written file in PIE-Bench's mapping_file.json layout."""
+"""tools/bench/pie_bench_jobs.py on a small hand-written file in PIE-Bench's mapping_file.json layout."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ H, W = 6, 8  # masks of 6 rows x 8 columns (PIE-Bench's are 512 x 512)
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("pie_bench_jobs", REPO / "tools" / "pie_bench_jobs.py")
+    spec = importlib.util.spec_from_file_location("pie_bench_jobs", REPO / "tools" / "bench" / "pie_bench_jobs.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules["pie_bench_jobs"] = mod
     spec.loader.exec_module(mod)

@@ -28,7 +28,7 @@ from test_llm_planner import ChatServer
 from test_segmenter import tiny_sam  # noqa: F401  (fixture: a random SAM)
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))  # eval_world, summarize_eval, benchmark and the prose's tools
+sys.path[:0] = [str(REPO / "tools" / "world"), str(REPO / "tools" / "bench")]  # eval_world, summarize_eval, benchmark and the prose's tools
 README = (REPO / "README.md").read_text()
 STEPS = ["--trainer.max_steps", "2"]
 SEPARATOR = "\0"  # joins a command with a fragment run in its place, in the claims below
@@ -135,8 +135,8 @@ CLAIMS = [
      "not run: tests/test_grounding.py::test_groundingdino_py_backend_builds_and_detects_through_the_bert_fix"),
     (r"gas-edit \.\.\. --detector_backend groundingdino-py ",
      "tests/test_grounding.py::test_groundingdino_py_backend_builds_and_detects_through_the_bert_fix"),
-    (r"nice -n 10 python tools/eval_world\.py ", "here: test_the_evaluation_commands"),
-    (r"python tools/summarize_eval\.py ", "here: test_the_evaluation_commands"),
+    (r"nice -n 10 python tools/world/eval_world\.py ", "here: test_the_evaluation_commands"),
+    (r"python tools/world/summarize_eval\.py ", "here: test_the_evaluation_commands"),
     (r"tensorboard --logdir outputs/dog$", "here: test_the_stable_diffusion_commands"),
     (r"cat > jobs\.jsonl <<'JOBS'$", "tests/test_batch.py::test_the_readme_batch_example_runs"),
     (r"gas-edit batch --config configs/shapes\.yaml --jobs jobs\.jsonl --output_dir outputs/batch$",
@@ -145,9 +145,9 @@ CLAIMS = [
     (r"gas-edit batch --config configs/sd15\.yaml .*--trainer\.devices 4$", "parsed: test_the_cluster_commands_parse"),
     (r"torchrun --nnodes 2 ", "parsed: test_the_cluster_commands_parse"),
     (r"srun gas-edit batch ", "parsed: test_the_cluster_commands_parse"),
-    (r"python tools/benchmark\.py( --low_memory true| --arch sd15 --width_mult 0\.25 .*)?$",
+    (r"python tools/bench/benchmark\.py( --low_memory true| --arch sd15 --width_mult 0\.25 .*)?$",
      "here: test_the_cpu_benchmark_commands"),
-    (r"python tools/benchmark\.py --arch sd15 --resolution 512 --device cuda ",
+    (r"python tools/bench/benchmark\.py --arch sd15 --resolution 512 --device cuda ",
      "parsed: tests/test_benchmark.py::test_readme_benchmark_commands_parse (needs CUDA)"),
 ]
 
@@ -319,8 +319,8 @@ def test_the_evaluation_commands(workdir, monkeypatch):
     import summarize_eval
 
     commands = fenced_commands(section("Masks instead of boxes"))
-    evals = [c for c in commands if "tools/eval_world.py" in c]
-    summary = next(c for c in commands if "tools/summarize_eval.py" in c)
+    evals = [c for c in commands if "tools/world/eval_world.py" in c]
+    summary = next(c for c in commands if "tools/world/summarize_eval.py" in c)
     assert len(evals) == 2
     for command in evals:
         words = shlex.split(command)
@@ -352,7 +352,7 @@ def test_the_cpu_benchmark_commands(tmp_path):
     """The three CPU benchmark lines as written, each shortened to one repeat of 2 steps."""
     import benchmark
 
-    commands = [c for c in fenced_commands(section("Speed and memory")) if c.startswith("python tools/benchmark.py")
+    commands = [c for c in fenced_commands(section("Speed and memory")) if c.startswith("python tools/bench/benchmark.py")
                 and "--device cuda" not in c]
     assert len(commands) == 3
     for k, command in enumerate(commands):
@@ -381,7 +381,7 @@ def test_inline_tool_commands_parse(monkeypatch):
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
     prose = re.sub(r"```.*?```", "", README, flags=re.S)
     spans = [" ".join(s.split()) for s in re.findall(r"`([^`]+)`", prose)]
-    tools = [s for s in spans if re.match(r"(nice -n \d+ )?python3? tools/\w+\.py ", s)]
+    tools = [s for s in spans if re.match(r"(nice -n \d+ )?python3? tools/\w+/\w+\.py ", s)]
     assert len(tools) >= 5, tools
     for span in tools:
         words = shlex.split(span)

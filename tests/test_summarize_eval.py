@@ -1,11 +1,11 @@
-"""tools/summarize_eval.py on a hand-made pair of runs: per-seed means and paired differences by hand."""
+"""tools/world/summarize_eval.py on a hand-made pair of runs: per-seed means and paired differences by hand."""
 
 import json
 import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "world"))
 import summarize_eval  # noqa: E402
 
 

@@ -1,11 +1,11 @@
-"""tools/term_effects.py: the per-term split of an edit adds up to the latent's actual change."""
+"""tools/world/term_effects.py: the per-term split of an edit adds up to the latent's actual change."""
 
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "world"))
 import eval_world  # noqa: E402
 import term_effects  # noqa: E402
 

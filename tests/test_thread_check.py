@@ -1,4 +1,4 @@
-"""tools/thread_check.py: the instruction-set comparison really runs its second side capped at AVX2."""
+"""tools/world/thread_check.py: the instruction-set comparison really runs its second side capped at AVX2."""
 
 import json
 import sys
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "world"))
 import thread_check  # noqa: E402
 
 

@@ -209,7 +209,7 @@ def test_bundled_example_is_groundable():
 # the shipped model ------------------------------------------------------------------------
 def test_shipped_model_loads_and_denoises():
     if not (MODEL_DIR / "model_index.json").exists():
-        pytest.skip(f"the model folder {MODEL_DIR} is not there yet (train it with tools/train_world.py)")
+        pytest.skip(f"the model folder {MODEL_DIR} is not there yet (train it with tools/world/train_world.py)")
     import torch
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -238,7 +238,7 @@ def _tool(name: str):
     import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    path = Path(__file__).resolve().parents[1] / "tools" / "world" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod  # dataclasses look their module up there

@@ -1,8 +1,8 @@
 """Seconds per step, UNet calls and peak memory of the sequential and batched schedules, same edit.
 
-    python tools/benchmark.py                                          # bundled model, CPU
-    python tools/benchmark.py --arch sd15 --width_mult 0.25 --resolution 256   # SD 1.5-shaped, CPU
-    python tools/benchmark.py --arch sd15 --device cuda --dtype float16 --compile true --json out.json
+    python tools/bench/benchmark.py                                          # bundled model, CPU
+    python tools/bench/benchmark.py --arch sd15 --width_mult 0.25 --resolution 256   # SD 1.5-shaped, CPU
+    python tools/bench/benchmark.py --arch sd15 --device cuda --dtype float16 --compile true --json out.json
 
 Both schedules run the same model, image, plan, seed and step count in this one process. Each
 repeat is a Trainer.fit of `--warmup` + `--steps` steps on a freshly built edit; the clock runs

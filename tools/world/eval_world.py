@@ -1,6 +1,6 @@
 """Score editing methods on held-out shapes-world cases, side by side, same seeds and step budget.
 
-    python tools/eval_world.py --cases 50 --seed 0 --json results.json --figure world_eval.png
+    python tools/world/eval_world.py --cases 50 --seed 0 --json results.json --figure world_eval.png
 
 Every method edits every case with the same model, seed, step budget, optimiser and lr schedule
 (defaults: configs/shapes.yaml's 150 steps of SGD from lr 0.2, cosine decay); only the guidance

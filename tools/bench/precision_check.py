@@ -1,7 +1,7 @@
 """How far one step's Ground-A-Score gradient moves when the UNet runs in half precision.
 
-    python tools/precision_check.py                       # bundled model + SD 1.5 architecture, CPU
-    python tools/precision_check.py --arch sd15 --device cuda --resolution 512
+    python tools/bench/precision_check.py                       # bundled model + SD 1.5 architecture, CPU
+    python tools/bench/precision_check.py --arch sd15 --device cuda --resolution 512
 
 DDS is driven by small differences between two noise predictions (target text on the edited
 latent minus source text on the source latent), so rounding that is harmless for sampling can

@@ -1,6 +1,6 @@
 """Sample accuracy of a shapes-world model: does it draw what the caption says?
 
-    python tools/sample_world.py --model gas_lightning/worlds/assets/shapes-model --n 96
+    python tools/world/sample_world.py --model gas_lightning/worlds/assets/shapes-model --n 96
 
 Draws N single-object captions ("a red circle on snow"), balanced over colours, shapes and
 backgrounds, samples them with DDIM and classifier-free guidance, and reads every sample with

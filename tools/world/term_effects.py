@@ -1,6 +1,6 @@
 """Which guidance term moved each object of a shapes-world edit, and how far.
 
-    python tools/term_effects.py --seed 3 --case 1 --methods gas --masks same_outline
+    python tools/world/term_effects.py --seed 3 --case 1 --methods gas --masks same_outline
 
 With plain SGD the finished latent is the source latent plus the sum of every step's
 -lr * loss_scale * gradient, and each step's gradient is the sum of its terms' gradients. So the

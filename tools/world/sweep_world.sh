@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A validation sweep of the shapes-world edit settings, run on a lent GPU (README "Edit quality").
-# Each grid line is one tools/eval_world.py run of method gas on the validation cases (--seed 1, never
+# Each grid line is one tools/world/eval_world.py run of method gas on the validation cases (--seed 1, never
 # the test seed 0); JOBS runs share the GPU. Selection only: the README's numbers are CPU runs.
-# Usage: OUT=folder CASES=40 JOBS=12 bash tools/sweep_world.sh [grid-file]   (default grid below;
+# Usage: OUT=folder CASES=40 JOBS=12 bash tools/world/sweep_world.sh [grid-file]   (default grid below;
 # ACCEL=cpu JOBS=2 on a machine without a GPU, about 25 s per edit per job at 150 steps)
 set -u
 OUT=${OUT:-outputs/sweep}
@@ -37,7 +37,7 @@ run_one() {
   name=${1%%|*}; extra=${1#*|}
   s=$(date +%s)
   # shellcheck disable=SC2086
-  OMP_NUM_THREADS=2 python3 tools/eval_world.py --accelerator "$ACCEL" --cases "$CASES" --seed 1 --methods gas \
+  OMP_NUM_THREADS=2 python3 tools/world/eval_world.py --accelerator "$ACCEL" --cases "$CASES" --seed 1 --methods gas \
     $extra --json "$OUT/$name.json" --figure "$OUT/$name.png" --figure_cases 4 > "$OUT/$name.log" 2>&1
   echo "$name rc=$? $(( $(date +%s) - s )) s: $(grep -o 'all_attributes=[0-9.]*.*bg_psnr_in_boxes=[0-9.]*' "$OUT/$name.log")"
 }

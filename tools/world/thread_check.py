@@ -1,7 +1,7 @@
 """Does a world edit depend on the machine? Same case, seed and settings, run two ways, compared.
 
-    python tools/thread_check.py --cases 2 --seed 2                      # 1 against 2 torch threads
-    python tools/thread_check.py --cases 2 --seed 2 --compare isa        # this CPU's best kernels against AVX2
+    python tools/world/thread_check.py --cases 2 --seed 2                      # 1 against 2 torch threads
+    python tools/world/thread_check.py --cases 2 --seed 2 --compare isa        # this CPU's best kernels against AVX2
 
 `--compare isa` runs each side in a child process with torch's, oneDNN's and MKL's instruction-set
 ceilings set (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS): a machine with

@@ -1,7 +1,7 @@
 """Train the bundled shapes-world text-to-image model (pixel space, 32x32), on CPU or a GPU.
 
-    python tools/train_world.py --steps 3600 --out runs/world                      # 2 CPU cores
-    python tools/train_world.py --steps 200000 --max-minutes 6.5 --batch-size 256 --workers 6 \
+    python tools/world/train_world.py --steps 3600 --out runs/world                      # 2 CPU cores
+    python tools/world/train_world.py --steps 200000 --max-minutes 6.5 --batch-size 256 --workers 6 \
         --warmup 500 --lr 2e-3 --text-lr 3e-3 --channels 40,80,80 --out runs/gB    # one GPU (shipped)
 
 Data are generated on the fly (gas_lightning.worlds.scenes), so there is no dataset to

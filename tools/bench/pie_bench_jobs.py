@@ -1,6 +1,6 @@
 """PIE-Bench (mapping_file.json) -> a `gas-edit batch` jobs file, one box per case from its mask.
 
-    python tools/pie_bench_jobs.py --pie_root data --out runs/pie/jobs.jsonl
+    python tools/bench/pie_bench_jobs.py --pie_root data --out runs/pie/jobs.jsonl
     gas-edit batch --config configs/sd15.yaml --model /models/sd15 --jobs runs/pie/jobs.jsonl --output_dir runs/pie
 
 The layout read (the benchmark's data/ folder): `mapping_file.json` maps a case id ("000000000000")

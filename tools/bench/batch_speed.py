@@ -1,6 +1,6 @@
 """Wall time of one `gas-edit batch` over the same jobs with 1 and with N processes, and their ratio.
 
-    nice -n 10 python tools/batch_speed.py --jobs 8 --steps 30 --devices 1,2 --out runs/batch_speed
+    nice -n 10 python tools/bench/batch_speed.py --jobs 8 --steps 30 --devices 1,2 --out runs/batch_speed
 
 The jobs are held-out cases of the bundled world (exact plans, configs/shapes.yaml's settings with
 --steps steps). Each run is a fresh command in a fresh output folder, timed from start to exit
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write_jobs(folder: Path, n: int, seed: int) -> Path:
