@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Protocol, Sequence, runtime_checkable
 
 from PIL import Image
 
 from gas_lightning.errors import GasError, PlannerError
-from gas_lightning.plan import EditPlan
+from gas_lightning.plan import WHOLE_IMAGE, Box, EditPlan
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,9 @@ class GroundingSpec:
     # all: every object subtask gets its mask; same_outline: only kept objects, preserve-form swaps and
     # recolours, while a shape change keeps its box (its mask would be the old shape)
     segment: Literal["all", "same_outline"] = "all"
+    # objects the detector lists that no subtask names get keep subtasks (a user asking for one change expects
+    # the rest to stay); the world detector lists a scene's objects, GroundingDINO lists none
+    keep_unmentioned: bool = True
 
 
 def resolve_bundled(path: str | None) -> str | None:
@@ -221,11 +224,46 @@ def ground(plan: EditPlan, image: Image.Image, spec: GroundingSpec) -> EditPlan:
 
     fallback = fallback_whole_image(spec.grounding_fallback)
     plan = check_plan_masks(plan, image.size)  # a bad mask fails here, before any model loads
+    lists = spec.keep_unmentioned and spec.detector == "world"  # the detectors that can list objects
+    grounder = make_grounder(spec) if lists or not plan.grounded else None
     if not plan.grounded:
-        plan = ground_plan(plan, image, make_grounder(spec), fallback_whole_image=fallback)
+        plan = ground_plan(plan, image, grounder, fallback_whole_image=fallback)
+    if lists and isinstance(grounder, ObjectLister):
+        plan = keep_unmentioned(plan, grounder.objects(image))
     segmenter = make_segmenter(spec)
     if segmenter is not None:
         from gas_lightning.grounding.segmenter import segment_plan
 
         plan = segment_plan(plan, image, segmenter, scope=spec.segment)
     return plan
+
+
+@runtime_checkable
+class ObjectLister(Protocol):
+    """A detector that can say which objects an image holds, as (phrase, box) pairs."""
+
+    def objects(self, image: Image.Image) -> list[tuple[str, Box]]: ...
+
+
+def _iou(a: Box, b: Box) -> float:
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(0.0, w) * max(0.0, h)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def keep_unmentioned(plan: EditPlan, objects: Sequence[tuple[str, Box]]) -> EditPlan:
+    """A keep subtask for every listed object that no subtask's box covers (IoU under 0.5).
+
+    Without them a background edit drags every object the request does not name along with it;
+    a user should not have to name each object to keep it. Whole-image boxes (a background, a
+    scene) name no object.
+    """
+    named = [s.box for s in plan.subtasks if s.box is not None and s.box != WHOLE_IMAGE]
+    extra = [(p, b) for p, b in objects if all(_iou(b, n) < 0.5 for n in named)]
+    if not extra:
+        return plan
+    log.info("keeping what the request does not name: %s (--keep_unmentioned false edits without them)",
+             ", ".join(p for p, _ in extra))
+    return plan.with_keep([p for p, _ in extra], [b for _, b in extra])

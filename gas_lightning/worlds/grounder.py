@@ -144,6 +144,10 @@ class WorldGrounder:
         """All objects in the image as (colour, shape, normalised box)."""
         return [f[:3] for f in self._objects(nearest_colour_names(np.asarray(image.convert("RGB")), PALETTE))]
 
+    def objects(self, image: Image.Image) -> list[tuple[str, Box]]:
+        """Every object as (phrase, box), e.g. ("an orange triangle", box): what keep_unmentioned keeps."""
+        return [(f"{'an' if c[0] in 'aeiou' else 'a'} {c} {s}", b) for c, s, b in self.find_objects(image)]
+
     def segment(self, image: Image.Image, boxes: Sequence[Box], phrases: Sequence[str]) -> list[np.ndarray]:
         """Segmenter protocol: the soft mask of the object each phrase names, the one most inside its box.
 

@@ -79,6 +79,7 @@ class Method:
     wide_guidance_scale: float | None = 7.5
     preserve_form: bool = False
     grounded: bool = False  # boxes from the request text and the WorldGrounder instead of the case
+    keep_unmentioned: bool = False  # grounded: keep subtasks for the objects the request does not name (gas-edit's default)
     shape_context: bool = False  # shape changes name the ground around them: "a red square on snow" -> "a red triangle on sand"
     # batched schedule's sampling, as configs/shapes.yaml: keep_aware (per-term draws, a keep term sharing the
     # draw of the edit around it), chosen on validation seed 2 over shared (DESIGN.md) and per_term.
@@ -96,6 +97,10 @@ class Method:
             plan = parse_request(case.request_text(keep=self.keep))
             plan = replace(plan, source_prompt=case.source.caption, target_prompt=case.target.caption)
             plan = ground_plan(plan, render_pil(case.source), WorldGrounder())
+            if self.keep_unmentioned:
+                from gas_lightning.resolve import keep_unmentioned
+
+                plan = keep_unmentioned(plan, WorldGrounder().objects(render_pil(case.source)))
         else:
             plan = case.edit_plan(keep=self.keep)
         if self.preserve_form:
@@ -160,6 +165,7 @@ METHODS = {
         Method("gas_stratified_t", t_sampling="stratified"),
         Method("gas_preserve", preserve_form=True),
         Method("gas_grounded", grounded=True),
+        Method("gas_grounded_keep_unmentioned", grounded=True, keep_unmentioned=True),
         Method("gas_shape_context", shape_context=True),
         # with --masks same_outline only shape changes keep boxes: the background term at full weight inside them
         Method("gas_shape_box_overlap_1", overlap_weight=1.0, mask_overlap_weight=0.3),
@@ -171,7 +177,7 @@ MASK_TAGS = {"all": "masks", "same_outline": "masks_same_outline"}  # --masks SC
 
 def case_plan(case: EditCase, method: Method, args) -> EditPlan:
     """The plan a method edits (edit_case) and writes as a job (write_jobs); with --masks, soft masks."""
-    plan = method.plan(case)
+    plan = (replace(method, keep=False) if getattr(args, "requests", "case") == "user" else method).plan(case)
     if args.masks:
         from gas_lightning.grounding.segmenter import segment_plan
         from gas_lightning.worlds.grounder import WorldGrounder
@@ -302,6 +308,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", nargs="?", const="all", default=None, choices=["all", "same_outline"],
                    help="object subtasks edit inside the objects' soft masks (WorldGrounder) instead of their boxes; "
                         "same_outline: only kept objects and recolours, shape changes keep their boxes")
+    p.add_argument("--requests", choices=("case", "user"), default="case",
+                   help="user: the cases' requests without their keep sentences, as a user types them (no method gets "
+                        "the case's keep subtasks); results are recorded as METHOD+user")
     p.add_argument("--figure", type=Path, default=Path("outputs/world_eval.png"))
     p.add_argument("--figure_cases", type=int, default=6)
     p.add_argument("--write_jobs", type=Path, default=None,
@@ -341,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     per_case: dict[str, list[dict]] = {}
     fig_rows = [[c.source_image, c.target_image] for c in cases[: args.figure_cases]]
     for method_name in names:
-        name = method_name + ("+" + MASK_TAGS[args.masks] if args.masks else "") + (f"+noise{args.noise_seed}" if args.noise_seed else "")
+        name = method_name + ("+" + MASK_TAGS[args.masks] if args.masks else "") + (f"+noise{args.noise_seed}" if args.noise_seed else "") \
+            + ("+user" if args.requests == "user" else "")
         scores, times = [], []
         for k, (index, case) in enumerate(numbered):
             image, seconds = edit_case(backbone, case, METHODS[method_name], args)
@@ -373,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"steps": args.steps, "lr": args.lr, "lr_schedule": args.lr_schedule, "lr_final": args.lr_final,
                      "loss_scale": args.loss_scale,
                      "guidance_scale": args.guidance_scale, "wide_guidance_scale": args.wide_guidance_scale,
-                     "masks": args.masks,
+                     "masks": args.masks, "requests": args.requests,
                      "model": args.model},
     }
     if args.json is not None:
