@@ -116,7 +116,7 @@ class _Reference:
             rows, cols = _box_cells(box, qs.shape[1], qs.shape[2])
             qf = F.normalize(qs[:, rows, cols].reshape(qs.shape[0], -1).T, dim=1)
             kf = F.normalize(ks[:, rows, cols].reshape(ks.shape[0], -1).T, dim=1)
-            logits = qf @ kf.T / 0.07
+            logits = kf @ qf.T / 0.07  # the reference's PatchNCELoss: source patches anchor, softmax over edited ones
             total = total + F.cross_entropy(logits, torch.arange(len(qf)))
         return total
 

@@ -217,12 +217,14 @@ def test_patch_nce_weights_each_anchor_by_the_mask_inside_its_bounding_box():
     # by hand: the 4 positions of the bounding box are all drawn (256 > 4), so the order does not
     # matter; each anchor's cross-entropy -log softmax(q_i . k_j / 0.07)_i over those 4 positions,
     # averaged with the mask's weights (the zero-weight corner (2, 1) is a negative, not an anchor).
+    # As the reference's PatchNCELoss: the anchors are the source patches (k), the softmax runs over
+    # the edited patches (q): logits[i, j] = k_i . q_j / 0.07.
     pos = [(1, 1), (1, 2), (2, 1), (2, 2)]
     w = torch.tensor([1.0, 0.5, 0.0, 0.25])
     qf = torch.stack([q[:, r, c] for r, c in pos])
     kf = torch.stack([k[:, r, c] for r, c in pos])
     qf, kf = qf / qf.norm(dim=1, keepdim=True), kf / kf.norm(dim=1, keepdim=True)
-    logits = qf @ kf.T / 0.07
+    logits = torch.stack([torch.stack([kf[i] @ qf[j] for j in range(4)]) for i in range(4)]) / 0.07
     ce = -(logits.diag() - logits.exp().sum(dim=1).log())
     torch.testing.assert_close(got, (w * ce).sum() / w.sum())
 

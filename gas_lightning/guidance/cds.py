@@ -99,7 +99,8 @@ def region_at(region: Region, height: int, width: int) -> torch.Tensor:
 def patch_nce(
     query: torch.Tensor, key: torch.Tensor, region: Region, cfg: CDSConfig, generator: torch.Generator
 ) -> torch.Tensor:
-    """PatchNCE between two (C, h, w) feature maps inside `region`; positives share a position.
+    """PatchNCE between the edited branch's (`query`) and the source branch's (`key`) (C, h, w) feature
+    maps inside `region`; positives share a position, anchors are the source patches.
 
     Patches are drawn from the region's bounding box, and each patch's cross-entropy is weighted
     by the region's weight there. For a box the weights are all 1: the reference's crop and mean.
@@ -137,7 +138,9 @@ def patch_nce(
             continue
         qf = F.normalize(qf[idx].float(), dim=1)
         kf = F.normalize(kf[idx].float(), dim=1)
-        logits = qf @ kf.T / cfg.temperature
+        # As the reference's CutLoss.PatchNCELoss: each row anchors a source patch (`key`, no gradient)
+        # and its softmax runs over the edited branch's patches.
+        logits = kf @ qf.T / cfg.temperature
         ce = F.cross_entropy(logits, torch.arange(len(idx), device=q.device), reduction="none")
         total = total + (anchor * ce).sum() / anchor.sum()
         count += 1
