@@ -67,6 +67,15 @@ def model_family(source: str, index: dict) -> str:
     return "sdxl" if "text_encoder_2" in present else "sd"
 
 
+def _without_accelerate() -> dict[str, bool]:
+    """Without accelerate, ask diffusers for its plain load outright: it would fall back to it anyway,
+    after a "pip install accelerate" hint on every load. Measured on the SD 1.5 architecture, accelerate
+    made loading neither faster nor lighter (tools/bench/load_check.py; docs/speed.md)."""
+    from diffusers.utils import is_accelerate_available
+
+    return {} if is_accelerate_available() else {"low_cpu_mem_usage": False}
+
+
 def _from_pretrained(cls: Any, source: str, subfolder: str, **kwargs: Any) -> Any:
     try:
         return cls.from_pretrained(source, subfolder=subfolder, **kwargs)
@@ -167,9 +176,10 @@ def _load_folder(model: str, index: dict, family: str, torch_dtype: torch.dtype,
 
     kw = {"local_files_only": local_files_only}
     weights = {**kw, "use_safetensors": None if allow_pickle_weights else True}
+    unet_vae = {**weights, **_without_accelerate()}
     parts = Components(
         family=family,
-        unet=_from_pretrained(UNet2DConditionModel, model, "unet", torch_dtype=torch_dtype, **weights),
+        unet=_from_pretrained(UNet2DConditionModel, model, "unet", torch_dtype=torch_dtype, **unet_vae),
         text_encoder=_from_pretrained(CLIPTextModel, model, "text_encoder", dtype=torch_dtype, **weights),
         tokenizer=_from_pretrained(AutoTokenizer, model, "tokenizer", **kw),
         scheduler=_from_pretrained(DDPMScheduler, model, "scheduler", **kw),
@@ -180,7 +190,7 @@ def _load_folder(model: str, index: dict, family: str, torch_dtype: torch.dtype,
         parts.text_encoder_2 = _from_pretrained(CLIPTextModelWithProjection, model, "text_encoder_2", dtype=torch_dtype, **weights)
         parts.tokenizer_2 = _from_pretrained(AutoTokenizer, model, "tokenizer_2", **kw)
     if (index.get("vae") or [None])[0] is not None:
-        vae = _from_pretrained(AutoencoderKL, model, "vae", torch_dtype=vae_dtype(family, torch_dtype), **weights)
+        vae = _from_pretrained(AutoencoderKL, model, "vae", torch_dtype=vae_dtype(family, torch_dtype), **unet_vae)
         parts.vae = settle_vae(vae, torch_dtype)
     return parts
 

@@ -1,0 +1,84 @@
+"""Load time and peak memory of a Stable Diffusion 1.5-sized model folder, in a fresh process.
+
+Why: diffusers reads weights with `low_cpu_mem_usage` only when `accelerate` is installed, and
+otherwise prints a hint on every load. This measures what that hint is worth on the published SD 1.5
+architecture (random weights, no download), so the choice to depend on accelerate or not rests on a
+number. `--write` saves the folder once; each `--load` run is its own process, so the peak resident
+set size is the load's alone.
+
+    python tools/bench/load_check.py --write runs/sd15-random
+    python tools/bench/load_check.py --load runs/sd15-random --json runs/load.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+
+def write_folder(folder: Path) -> None:
+    """The SD 1.5 architecture with random float32 weights, in the diffusers folder layout."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from gas_lightning.testing import ARCHITECTURES, write_char_clip_tokenizer
+
+    spec = ARCHITECTURES["sd15"]
+    torch.manual_seed(0)
+    UNet2DConditionModel(**spec["unet"]).save_pretrained(folder / "unet")
+    AutoencoderKL(**spec["vae"]).save_pretrained(folder / "vae")
+    clip = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    CLIPTextModel(CLIPTextConfig(**clip, **spec["text"])).save_pretrained(folder / "text_encoder")
+    write_char_clip_tokenizer(folder / "tokenizer", max_length=77)
+    DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                  prediction_type=spec["prediction_type"]).save_pretrained(folder / "scheduler")
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
+             "unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],
+             "vae": ["diffusers", "AutoencoderKL"]}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def load(folder: Path) -> dict:
+    """Seconds and peak RSS of one `load_backbone` of the folder, imports excluded."""
+    import torch  # noqa: F401  (imported before the clock and the RSS baseline)
+
+    from gas_lightning.loading import load_backbone
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    backbone = load_backbone(str(folder), device="cpu", dtype="float32", attention="sdpa")
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    params = sum(p.numel() for p in backbone.unet.parameters())
+    return {"accelerate": importlib.util.find_spec("accelerate") is not None, "seconds": round(seconds, 2),
+            "peak_rss_mib": round(peak / 1024), "rss_before_mib": round(before / 1024), "unet_params": params}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", type=Path, help="save the random SD 1.5 folder here")
+    parser.add_argument("--load", type=Path, help="load this folder once and report seconds and peak RSS")
+    parser.add_argument("--json", type=Path, help="append the load's result to this file (one JSON per line)")
+    args = parser.parse_args(argv)
+    if not (args.write or args.load):
+        parser.error("give --write FOLDER or --load FOLDER")
+    if args.write:
+        write_folder(args.write)
+    if args.load:
+        result = load(args.load)
+        print(json.dumps(result))
+        if args.json:
+            with args.json.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
