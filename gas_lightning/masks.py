@@ -1,7 +1,7 @@
 """Regions to latent-grid weights: boxes, painted masks and segmenter masks.
 
-Every subtask's region becomes an (h, w) weight in [0, 1] on the latent grid. A box touches
-whole cells (binary, as the reference). A mask is averaged over each cell's area, so an
+Every subtask's region becomes an (h, w) weight in [0, 1] on the latent grid. A box covers
+whole cells, its edges rounded to the nearest cell edge (binary, as the reference). A mask is averaged over each cell's area, so an
 outline becomes fractional weights instead of stair-steps when a 512-pixel mask meets a
 64-cell grid. Where one region sits mostly inside another (a cup on a table), the larger
 region's weight is capped on the overlap at 1 - (1 - overlap_weight) * (the smaller region's
@@ -46,12 +46,33 @@ log = logging.getLogger(__name__)
 _HOW = "paint the object white (255) on black (0) in a grey PNG of the image's size"
 
 
-def box_to_grid(box: Box, height: int, width: int) -> torch.Tensor:
-    """Binary (height, width) mask of the latent cells a normalised xyxy box touches.
+def box_cells(box: Box, height: int, width: int) -> tuple[int, int, int, int]:
+    """(row0, row1, col0, col1) of a normalised xyxy box on a (height, width) grid, as the reference:
+    each edge rounded to the nearest cell edge (Python's round), at least one cell, inside the grid."""
+    x0, y0, x1, y1 = box
+    r0, c0 = min(round(y0 * height), height - 1), min(round(x0 * width), width - 1)
+    r1, c1 = max(min(round(y1 * height), height), r0 + 1), max(min(round(x1 * width), width), c0 + 1)
+    return r0, r1, c0, c1
 
-    Start edges round down and end edges round up so that a box never loses the cells it
-    partly covers, and every box covers at least one cell.
-    """
+
+def scale_cells(cells: tuple[int, int, int, int], factor: float) -> tuple[int, int, int, int]:
+    """Latent-grid cells at a grid `factor` times coarser, as the reference crops CDS feature maps:
+    each latent cell edge divided by the factor and rounded, an empty side widened to one cell."""
+    r0, r1, c0, c1 = (round(v / factor) for v in cells)
+    return r0, max(r1, r0 + 1), c0, max(c1, c0 + 1)
+
+
+def box_to_grid(box: Box, height: int, width: int) -> torch.Tensor:
+    """Binary (height, width) mask of a box's cells (`box_cells`): the subtask masks, as the reference."""
+    r0, r1, c0, c1 = box_cells(box, height, width)
+    mask = torch.zeros(height, width)
+    mask[r0:r1, c0:c1] = 1.0
+    return mask
+
+
+def box_cover(box: Box, height: int, width: int) -> torch.Tensor:
+    """Binary (height, width) mask of every cell a box touches, partly covered ones included (metrics'
+    "inside the boxes": a pixel the box touches is not outside it)."""
     x0, y0, x1, y1 = box
     r0, r1 = math.floor(y0 * height), max(math.ceil(y1 * height), math.floor(y0 * height) + 1)
     c0, c1 = math.floor(x0 * width), max(math.ceil(x1 * width), math.floor(x0 * width) + 1)

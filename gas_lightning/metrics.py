@@ -1,8 +1,8 @@
 """Per-edit metrics: how much of what should not change did change, and how well the edit reads.
 
 "Outside the boxes" is exact and the same for every metric: each box of a subtask that changes
-something (keep subtasks and intensity 0 excluded) is rasterised on the image's pixel grid as the
-masks are on the latent grid (`masks.box_to_grid`: a pixel the box partly covers is inside), and
+something (keep subtasks and intensity 0 excluded) is rasterised on the image's pixel grid
+(`masks.box_cover`: a pixel the box partly covers is inside), and
 the outside is every pixel in no such box.
 
 - `psnr_outside`: torchmetrics PSNR (data range 1) over the outside pixels only, all three channels
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from gas_lightning.errors import GasError
-from gas_lightning.masks import box_to_grid
+from gas_lightning.masks import box_cover
 from gas_lightning.plan import WHOLE_IMAGE
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ def outside_mask(boxes, height: int, width: int) -> torch.Tensor:
     """(height, width) bool: True on the pixels no box touches."""
     inside = torch.zeros(height, width, dtype=torch.bool)
     for box in boxes:
-        inside |= box_to_grid(box, height, width).bool()
+        inside |= box_cover(box, height, width).bool()
     return ~inside
 
 

@@ -206,14 +206,16 @@ def test_label_map_on_the_command_line_marks_subtask_k_with_value_k(tmp_path, im
 # 5. the CDS region: the mask's bounding box, anchors weighted by the mask
 # ---------------------------------------------------------------------------------------------
 def test_patch_nce_weights_each_anchor_by_the_mask_inside_its_bounding_box():
-    from gas_lightning.guidance.cds import CDSConfig, patch_nce
+    from gas_lightning.guidance.cds import CDSConfig, crop_at, patch_nce
 
     torch.manual_seed(0)
     q, k = torch.randn(5, 4, 4), torch.randn(5, 4, 4)
     region = torch.zeros(4, 4)
     region[1, 1], region[1, 2], region[2, 2] = 1.0, 0.5, 0.25  # bounding box rows 1-2, cols 1-2
     cfg = CDSConfig(patch_sizes=(1,), n_patches=256)
-    got = patch_nce(q, k, region, cfg, torch.Generator().manual_seed(0))
+    rows, cols, weights = crop_at(region, (4, 4), (4, 4))
+    assert (rows, cols) == (slice(1, 3), slice(1, 3))
+    got = patch_nce(q, k, rows, cols, weights, cfg, torch.Generator().manual_seed(0))
     # by hand: the 4 positions of the bounding box are all drawn (256 > 4), so the order does not
     # matter; each anchor's cross-entropy -log softmax(q_i . k_j / 0.07)_i over those 4 positions,
     # averaged with the mask's weights (the zero-weight corner (2, 1) is a negative, not an anchor).

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gas_lightning.masks import area_resize, box_to_grid
+from gas_lightning.masks import area_resize, box_cells, scale_cells
 from gas_lightning.plan import Box
 
 Region = Box | torch.Tensor  # a box, or a soft (h, w) weight on the latent grid
@@ -88,56 +88,70 @@ def to_maps(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return tokens.transpose(1, 2).reshape(b, c, h, w)
 
 
-def region_at(region: Region, height: int, width: int) -> torch.Tensor:
-    """The region as a (height, width) weight at one feature resolution: a box by the cells it
-    touches (as the reference crops), a soft mask by the mean of its cells' areas."""
+def crop_at(region: Region, latent_hw: tuple[int, int], feature_hw: tuple[int, int]
+            ) -> tuple[slice, slice, torch.Tensor | None]:
+    """The rows and columns of a (feature_h, feature_w) map that the region covers, and for a soft mask
+    its weight on those cells (None for a box).
+
+    A box as the reference crops: its cells on the latent grid (`box_cells`), each edge divided by the
+    map's downscale and rounded, an empty side widened to one cell. A mask: the bounding box of its
+    area-averaged weight at the map's resolution.
+    """
+    (h, w), (hf, wf) = latent_hw, feature_hw
     if isinstance(region, torch.Tensor):
-        return area_resize(region, height, width)
-    return box_to_grid(region, height, width)
+        weights = area_resize(region, hf, wf)
+        rows, cols = torch.nonzero(weights > 0, as_tuple=True)
+        if len(rows) == 0:
+            return slice(0, 0), slice(0, 0), weights[:0, :0]
+        r, c = slice(int(rows.min()), int(rows.max()) + 1), slice(int(cols.min()), int(cols.max()) + 1)
+        return r, c, weights[r, c]
+    r0, r1, c0, c1 = scale_cells(box_cells(region, h, w), h / hf)
+    return slice(r0, r1), slice(c0, c1), None
+
+
+def _pool(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(..., a, b) average-pooled in size x size windows as the reference: a side of one cell is not pooled."""
+    a, b = x.shape[-2:]
+    kernel = (1 if a == 1 else size, 1 if b == 1 else size)
+    if size == 1 or kernel == (1, 1):
+        return x
+    lead = x.shape[:-2]
+    return F.avg_pool2d(x.reshape(-1, 1, a, b), kernel, kernel).reshape(*lead, a // kernel[0], b // kernel[1])
 
 
 def patch_nce(
-    query: torch.Tensor, key: torch.Tensor, region: Region, cfg: CDSConfig, generator: torch.Generator
+    query: torch.Tensor, key: torch.Tensor, rows: slice, cols: slice, weights: torch.Tensor | None, cfg: CDSConfig,
+    generator: torch.Generator,
 ) -> torch.Tensor:
     """PatchNCE between the edited branch's (`query`) and the source branch's (`key`) (C, h, w) feature
-    maps inside `region`; positives share a position, anchors are the source patches.
+    maps, both cropped to `rows`, `cols` first and then pooled (the reference's order); positives share
+    a position, anchors are the source patches.
 
-    Patches are drawn from the region's bounding box, and each patch's cross-entropy is weighted
-    by the region's weight there. For a box the weights are all 1: the reference's crop and mean.
-    For a mask, the crop is the mask's bounding box rather than its cells because PatchNCE's
-    negatives are the other patches drawn: the ground just outside the object is what the
-    object's patches must stay distinct from, so keeping those patches as negatives holds the
-    outline in place. Weighting the anchors by the mask holds only the object itself: the
-    ground around it stays free to change (a box would hold it too, leaving a box-shaped halo),
-    and a soft edge counts in proportion. One cross-entropy per patch size, combined by
+    `weights` (the crop's soft-mask weights, None for a box) weight each patch's cross-entropy. For a
+    box the weights are all 1: the reference's mean. For a mask the crop is the mask's bounding box
+    rather than its cells because PatchNCE's negatives are the other patches drawn: the ground just
+    outside the object is what the object's patches must stay distinct from, so keeping those patches
+    as negatives holds the outline in place. Weighting the anchors by the mask holds only the object
+    itself: the ground around it stays free to change (a box would hold it too, leaving a box-shaped
+    halo), and a soft edge counts in proportion. One cross-entropy per patch size, combined by
     `cfg.reduction` (summed in the reference).
     """
-    total = query.new_zeros(())
+    total = query.new_zeros((), dtype=torch.float32)
     count = 0
+    q0, k0 = query[:, rows, cols].float(), key[:, rows, cols].float()
+    w0 = weights if weights is not None else torch.ones(q0.shape[-2:], device=q0.device)
     for size in cfg.patch_sizes:
-        q, k = query, key
-        if size > 1:
-            if min(q.shape[-2:]) < size:
-                continue
-            q = F.avg_pool2d(q[None], size, size)[0]
-            k = F.avg_pool2d(k[None], size, size)[0]
-        weights = region_at(region, q.shape[-2], q.shape[-1]).to(q.device)
-        rows, cols = torch.nonzero(weights > 0, as_tuple=True)
-        if len(rows) == 0:
-            continue
-        crop = torch.zeros_like(weights, dtype=torch.bool)
-        crop[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] = True
-        qf = q[:, crop].T  # (P, C)
-        kf = k[:, crop].T
+        q, k, wt = _pool(q0, size), _pool(k0, size), _pool(w0.to(q0.device), size)
+        qf, kf, wf = q.flatten(1).T, k.flatten(1).T, wt.flatten()  # (P, C), (P, C), (P,)
         p = qf.shape[0]
-        if p < 2:
+        if p < 2:  # one patch: its only negative is itself, masked out by the reference: no loss
             continue
         idx = torch.randperm(p, generator=generator)[: cfg.n_patches].to(q.device)
-        anchor = weights[crop][idx].float()
+        anchor = wf[idx]
         if not anchor.sum() > 0:
             continue
-        qf = F.normalize(qf[idx].float(), dim=1)
-        kf = F.normalize(kf[idx].float(), dim=1)
+        qf = F.normalize(qf[idx], dim=1)
+        kf = F.normalize(kf[idx], dim=1)
         # As the reference's CutLoss.PatchNCELoss: each row anchors a source patch (`key`, no gradient)
         # and its softmax runs over the edited branch's patches.
         logits = kf @ qf.T / cfg.temperature

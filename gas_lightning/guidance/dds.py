@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 
 from gas_lightning.backbone import Backbone, PromptEmbeddings, alpha_sigma, to_device
-from gas_lightning.guidance.cds import CDSConfig, SelfAttentionCapture, patch_nce, to_maps
+from gas_lightning.guidance.cds import CDSConfig, SelfAttentionCapture, crop_at, patch_nce, to_maps
 from gas_lightning.masks import OVERLAP_WEIGHT
 from gas_lightning.plan import WHOLE_IMAGE, Box
 
@@ -324,8 +324,11 @@ class GroundedScoreGuidance:
             losses = []
             for i, tm in enumerate(terms):
                 region = tm.region if tm.region is not None else (tm.box or WHOLE_IMAGE)
-                per_layer = [patch_nce(to_maps(q, h, w)[i], to_maps(k, h, w)[i], region, cfg, generator)
-                             for q, k in zip(cur, ref)]
+                per_layer = []
+                for q, k in zip(cur, ref):
+                    qm, km = to_maps(q, h, w)[i], to_maps(k, h, w)[i]
+                    rows, cols, weights = crop_at(region, (h, w), tuple(qm.shape[-2:]))
+                    per_layer.append(patch_nce(qm, km, rows, cols, weights, cfg, generator))
                 loss = sum(per_layer) if cfg.reduction == "sum" else sum(per_layer) / max(len(per_layer), 1)
                 losses.append(loss)
             total = cfg.weight * torch.stack(losses).sum()
