@@ -266,3 +266,17 @@ def test_terms_given_one_draw_share_their_null_text_samples(backbone):
     with unet_batches(backbone) as calls:
         guidance.batched_gradient(z, z_src, terms, ts, [e_ball, e_grass, e_grass.clone()])
     assert calls == [12]
+
+
+def test_default_timesteps_are_the_references_randint_50_949():
+    """The reference draws torch.randint(low=50, high=min(950, 1000) - 1): 50..948, never 949."""
+    from types import SimpleNamespace
+
+    from gas_lightning.module import GroundAScoreEdit
+
+    fake = SimpleNamespace(guidance=SimpleNamespace(config=GuidanceConfig()), _progress=lambda: 0.0, _trainer=None,
+                           latent=torch.zeros(1, 1, 1, 1), device=torch.device("cpu"), terms=[], global_step=0)
+    gen = torch.Generator().manual_seed(0)
+    drawn = {GroundAScoreEdit._draw(fake, gen)[0] for _ in range(20000)}
+    # 20000 draws from 899 values: each value is missed with probability (898/899)^20000 ~ e^-22
+    assert drawn == set(range(50, 949))

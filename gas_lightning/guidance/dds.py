@@ -52,7 +52,7 @@ class GuidanceConfig:
     wide_guidance_scale: float | None = None
     wide_area: float = 0.5
     t_min: int = 50
-    t_max: int = 949
+    t_max: int = 948  # inclusive: the reference's torch.randint(50, 949) never draws 949
     # the highest timestep drawn at the last step: the bound falls linearly from t_max to it over the run
     # (threestudio's annealed max_step_percent); None: t_max throughout (the reference). Early steps keep the
     # high noise that lays out new forms and colours; late steps, once the ground around an object has
