@@ -9,6 +9,7 @@ before any weight is touched, and every other family is refused with one message
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -157,16 +158,28 @@ def check_components(model: str, index: dict, flag: str = "--model") -> None:
 
 
 def vae_dtype(family: str, torch_dtype: torch.dtype) -> torch.dtype:
-    """The dtype to load the VAE in: SDXL's is read in float32 (see `settle_vae`)."""
-    return torch.float32 if family == "sdxl" and torch_dtype == torch.float16 else torch_dtype
+    """The dtype to load the VAE in: float32 under float16 weights (see `settle_vae`), as the reference's VAE."""
+    return torch.float32 if torch_dtype == torch.float16 else torch_dtype
 
 
 def settle_vae(vae: nn.Module, torch_dtype: torch.dtype) -> nn.Module:
-    """SDXL's VAE overflows in float16 and its config says so (force_upcast): it stays in float32.
-    A VAE fixed for float16 (force_upcast false, e.g. madebyollin/sdxl-vae-fp16-fix) goes to float16."""
+    """A VAE whose config asks for float32 (force_upcast: SDXL's overflows in float16, and diffusers' default
+    for SD 1.x/2.x) stays in float32, as the reference runs its VAE. A VAE fixed for float16 (force_upcast
+    false, e.g. madebyollin/sdxl-vae-fp16-fix) goes to float16."""
     if not getattr(vae.config, "force_upcast", True):
         vae.to(torch_dtype)
     return vae
+
+
+def _check_world_vae(model: str, index: dict) -> None:
+    """A gas-lightning world model's VAE must carry the scaling_factor measured on its images: without
+    it diffusers silently falls back to SD's 0.18215, and every latent would be scaled wrongly."""
+    config = Path(model) / "vae" / "config.json"
+    if index.get("gas_world") and config.is_file() and "scaling_factor" not in json.loads(config.read_text()):
+        raise ModelLoadError(
+            f"the world model {model!r} has no scaling_factor in vae/config.json; add the one measured on the world's "
+            "images (\"scaling_factor\": 1 / std of the VAE latents; tools/world/train_latent_world.py vae writes it), "
+            "or copy the shipped folder again")
 
 
 def _load_folder(model: str, index: dict, family: str, torch_dtype: torch.dtype, local_files_only: bool,
@@ -190,6 +203,7 @@ def _load_folder(model: str, index: dict, family: str, torch_dtype: torch.dtype,
         parts.text_encoder_2 = _from_pretrained(CLIPTextModelWithProjection, model, "text_encoder_2", dtype=torch_dtype, **weights)
         parts.tokenizer_2 = _from_pretrained(AutoTokenizer, model, "tokenizer_2", **kw)
     if (index.get("vae") or [None])[0] is not None:
+        _check_world_vae(model, index)
         vae = _from_pretrained(AutoencoderKL, model, "vae", torch_dtype=vae_dtype(family, torch_dtype), **unet_vae)
         parts.vae = settle_vae(vae, torch_dtype)
     return parts
@@ -217,11 +231,12 @@ def load_backbone(
     model = os.fspath(model)
     if local_files_only is None:
         local_files_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-    torch_dtype = resolve_dtype(dtype, device)
+    resolve_dtype(dtype, device)  # an unknown dtype fails here, before any file is read
     if Path(model).is_file():
         from gas_lightning.single_file import load_single_file
 
-        parts = load_single_file(model, model_config, torch_dtype, allow_pickle_weights)
+        parts = load_single_file(model, model_config, lambda family: resolve_dtype(dtype, device, family),
+                                 allow_pickle_weights)
     else:
         if model_config is not None:
             raise ModelLoadError(f"--model_config is for a single-file checkpoint (--model FILE.safetensors); --model "
@@ -229,7 +244,8 @@ def load_backbone(
         index = _model_index(model, local_files_only)
         family = model_family(model, index)
         check_components(model, index)
-        parts = _load_folder(model, index, family, torch_dtype, local_files_only, allow_pickle_weights)
+        parts = _load_folder(model, index, family, resolve_dtype(dtype, device, family), local_files_only,
+                             allow_pickle_weights)
     backbone = _assemble(parts, model, device, attention)
     backbone.config_source = model_config
     return backbone.tune(compile=compile, low_memory=low_memory, micro_batch=micro_batch)

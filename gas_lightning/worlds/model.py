@@ -41,20 +41,24 @@ def text_encoder_config(vocab_size: int, bos_id: int, eos_id: int):
     )
 
 
-def build_unet(channels: tuple[int, int, int] = (32, 64, 64)):
+def build_unet(channels: tuple[int, int, int] = (32, 64, 64), sample_size: int = IMAGE_SIZE, in_channels: int = 3,
+               down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+               up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+               attention_head_dim: int = 4):
+    """The worlds' UNet; the defaults are the pixel model's, the latent model passes its own layout."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=IMAGE_SIZE,
-        in_channels=3,
-        out_channels=3,
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
         block_out_channels=tuple(channels),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=down_block_types,
+        up_block_types=up_block_types,
         layers_per_block=1,
         norm_num_groups=8,
         cross_attention_dim=TEXT_HIDDEN,
-        attention_head_dim=4,
+        attention_head_dim=attention_head_dim,
         addition_embed_type="text",
         addition_embed_type_num_heads=4,
     )

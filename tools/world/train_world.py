@@ -25,14 +25,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, IterableDataset
 
 from gas_lightning.worlds.model import build_all, save_folder
-from gas_lightning.worlds.scenes import render, sample_scene, training_caption
+from gas_lightning.worlds.scenes import DEFAULT_SIZE, render, sample_scene, training_caption
 
 
 class SceneStream(IterableDataset):
     """Endless batches (images in [-1, 1], token ids) drawn from a seeded generator."""
 
-    def __init__(self, tokenizer, batch_size: int, seed: int):
-        self.tok, self.batch_size, self.seed = tokenizer, batch_size, seed
+    def __init__(self, tokenizer, batch_size: int, seed: int, size: int = DEFAULT_SIZE):
+        self.tok, self.batch_size, self.seed, self.size = tokenizer, batch_size, seed, size
         self._ids: dict[str, torch.Tensor] = {}
 
     def ids(self, caption: str) -> torch.Tensor:
@@ -47,11 +47,37 @@ class SceneStream(IterableDataset):
         info = torch.utils.data.get_worker_info()
         rng = np.random.default_rng([self.seed, info.id if info is not None else 0])
         while True:
-            scenes = [sample_scene(rng) for _ in range(self.batch_size)]
+            scenes = [sample_scene(rng, self.size) for _ in range(self.batch_size)]
             imgs = np.stack([render(s) for s in scenes]).astype(np.float32) / 127.5 - 1.0
             pixels = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
             ids = torch.stack([self.ids(training_caption(s, rng)) for s in scenes])
             yield pixels, ids
+
+
+def cosine_factor(step: int, warmup: int, max_steps: int, elapsed: float, max_seconds: float) -> float:
+    """Cosine decay to 5% of the learning rate after warm-up.
+
+    Progress is steps or wall time, whichever is further along: on a shared CPU the run still
+    ends inside its time budget with a fully decayed learning rate.
+    """
+    p = max((step - warmup) / max(1, max_steps - warmup), elapsed / max_seconds)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+
+
+def denoising_loss(unet, cond: torch.Tensor, alphas_cumprod: torch.Tensor, x0: torch.Tensor, min_snr: float):
+    """Epsilon-prediction DDPM loss with Min-SNR weighting; (weighted loss, plain MSE)."""
+    b = x0.shape[0]
+    t = torch.randint(0, alphas_cumprod.numel(), (b,), device=x0.device)
+    noise = torch.randn_like(x0)
+    ab = alphas_cumprod[t].view(b, 1, 1, 1)
+    xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+    pred = unet(xt, t, encoder_hidden_states=cond).sample
+    per = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+    # Min-SNR weighting: stop the many easy low-noise steps from dominating; colours and
+    # layout are decided at high noise.
+    snr = ab.view(b) / (1 - ab.view(b))
+    weight = torch.clamp(snr, max=min_snr) / snr
+    return (weight * per).mean(), per.mean()
 
 
 class WorldDiffusion(L.LightningModule):
@@ -71,21 +97,9 @@ class WorldDiffusion(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x0, ids = batch
-        b = x0.shape[0]
-        t = torch.randint(0, self.alphas_cumprod.numel(), (b,), device=x0.device)
-        noise = torch.randn_like(x0)
-        ab = self.alphas_cumprod[t].view(b, 1, 1, 1)
-        xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-        cond = self.text_encoder(ids)[0]
-        pred = self.unet(xt, t, encoder_hidden_states=cond).sample
-        per = (pred - noise).pow(2).mean(dim=(1, 2, 3))
-        # Min-SNR weighting: stop the many easy low-noise steps from dominating; colours and
-        # layout are decided at high noise.
-        snr = ab.view(b) / (1 - ab.view(b))
-        weight = torch.clamp(snr, max=self.min_snr) / snr
-        loss = (weight * per).mean()
+        loss, mse = denoising_loss(self.unet, self.text_encoder(ids)[0], self.alphas_cumprod, x0, self.min_snr)
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/mse", per.mean())
+        self.log("train/mse", mse)
         return loss
 
     def on_fit_start(self):
@@ -114,12 +128,7 @@ class WorldDiffusion(L.LightningModule):
                 return (step + 1) / self.warmup
             if self.t_start is None:
                 self.t_start = time.time()
-            # Progress is steps or wall time, whichever is further along: on a shared CPU the
-            # run still ends inside its time budget with a fully decayed learning rate.
-            p = max((step - self.warmup) / max(1, self.max_steps - self.warmup),
-                    (time.time() - self.t_start) / self.max_seconds)
-            p = min(1.0, p)
-            return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p))
+            return cosine_factor(step, self.warmup, self.max_steps, time.time() - self.t_start, self.max_seconds)
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,249 @@
+"""Train the latent-space shapes-world model (gas-lightning:shapes-latent) in two stages.
+
+    nice -n 5 python tools/world/train_latent_world.py vae --out runs/latent_world --max-minutes 40
+    nice -n 5 python tools/world/train_latent_world.py unet --out runs/latent_world --max-minutes 80
+    python tools/world/train_latent_world.py unet --out runs/latent_world --resume runs/latent_world/unet/last.ckpt
+
+Stage `vae` trains the AutoencoderKL on 128 px scenes (L1 + MSE, SD's KL weight 1e-6); every
+--save-every steps its EMA weights, the held-out round-trip PSNR and the measured scaling_factor
+(1 / std of the latents, as SD's was measured) are written to OUT/vae/ema-latest. Stage `unet`
+freezes that VAE and trains the UNet (and fine-tunes the pixel world's CLIP text encoder) on its
+scaled latents; every --save-every steps the EMA weights are written as a complete SD 1.x-layout
+folder, OUT/unet/ema-latest, so a run stopped early still leaves a usable model. Both stages write
+Lightning checkpoints (OUT/STAGE/last.ckpt, EMA state included) that --resume continues from.
+Data are generated on the fly (gas_lightning.worlds.scenes), so there is no dataset and no epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader
+from train_world import SceneStream, ThreadTuner, cosine_factor, denoising_loss
+
+from gas_lightning.worlds.latent_model import IMAGE_SIZE, build_scheduler, build_unet, build_vae, save_folder
+from gas_lightning.worlds.model import MODEL_DIR
+from gas_lightning.worlds.scenes import render, sample_scene
+
+HELD_OUT_SEED = 77  # scenes for the VAE's held-out PSNR (the training stream draws from [seed, worker])
+
+
+def held_out_pixels(n: int = 64, size: int = IMAGE_SIZE) -> torch.Tensor:
+    rng = np.random.default_rng(HELD_OUT_SEED)
+    imgs = np.stack([render(sample_scene(rng, size)) for _ in range(n)]).astype(np.float32) / 127.5 - 1.0
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
+
+
+@torch.no_grad()
+def round_trip_psnr(vae, pixels: torch.Tensor) -> float:
+    """Mean PSNR (dB) of uint8 decode(encode(x).mode()) against the uint8 scene, as an edit sees it."""
+    vae = vae.eval()
+    out = torch.cat([vae.decode(vae.encode(x).latent_dist.mode()).sample for x in pixels.split(16)])
+    q = lambda t: ((t.clamp(-1, 1) + 1) * 127.5).round() / 255.0  # noqa: E731
+    mse = (q(out) - q(pixels)).pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
+    return float((-10 * torch.log10(mse)).mean())
+
+
+@torch.no_grad()
+def latent_std(vae, pixels: torch.Tensor) -> float:
+    """Std of the unscaled latent means over the images; scaling_factor = 1 / it."""
+    z = torch.cat([vae.encode(x).latent_dist.mode() for x in pixels.split(16)])
+    return float(z.std())
+
+
+class Schedule:
+    """Warm-up then cosine over steps or wall time (see train_world.cosine_factor)."""
+
+    def __init__(self, warmup: int, max_steps: int, max_seconds: float):
+        self.warmup, self.max_steps, self.max_seconds, self.t0 = warmup, max_steps, max_seconds, None
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        self.t0 = self.t0 or time.time()
+        return cosine_factor(step, self.warmup, self.max_steps, time.time() - self.t0, self.max_seconds)
+
+
+def random_crops(x: torch.Tensor, crop: int) -> torch.Tensor:
+    """One random crop x crop window per image, on the 8-pixel grid the latent cells sit on."""
+    if crop >= x.shape[-1]:
+        return x
+    cells = (x.shape[-1] - crop) // 8 + 1
+    offs = torch.randint(0, cells, (x.shape[0], 2)) * 8
+    return torch.stack([im[:, y:y + crop, c:c + crop] for im, (y, c) in zip(x, offs.tolist())])
+
+
+class VaeStage(L.LightningModule):
+    """The VAE is fully convolutional (no attention), so it learns on crops and runs on whole scenes."""
+
+    def __init__(self, vae, lr: float, schedule: Schedule, kl_weight: float = 1e-6, crop: int = 64):
+        super().__init__()
+        self.vae, self.lr, self.schedule, self.kl_weight, self.crop = vae, lr, schedule, kl_weight, crop
+
+    def training_step(self, batch, batch_idx):
+        x = random_crops(batch[0], self.crop)
+        post = self.vae.encode(x).latent_dist
+        y = self.vae.decode(post.sample()).sample
+        l1, mse = (y - x).abs().mean(), (y - x).pow(2).mean()
+        # SD's KL term: summed over latent cells per image, weight 1e-6 against a per-pixel sum.
+        kl = post.kl().mean() / x[0].numel()
+        loss = l1 + mse + self.kl_weight * kl
+        self.log_dict({"train/loss": loss, "train/l1": l1, "train/psnr": -10 * torch.log10(mse / 4)})
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.vae.parameters(), lr=self.lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def export(self, folder: Path, held_out: torch.Tensor) -> dict:
+        vae = self.vae
+        std = latent_std(vae, held_out)
+        vae.register_to_config(scaling_factor=1.0 / std)
+        stats = {"psnr_db": round_trip_psnr(vae, held_out), "latent_std": std, "scaling_factor": 1.0 / std}
+        vae.save_pretrained(folder, safe_serialization=True)
+        (folder / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        vae.train()
+        return stats
+
+
+class UnetStage(L.LightningModule):
+    def __init__(self, tokenizer, text_encoder, unet, vae, scheduler, lr: float, text_lr: float,
+                 schedule: Schedule, min_snr: float):
+        super().__init__()
+        self.tokenizer, self.noise_scheduler = tokenizer, scheduler
+        self.text_encoder, self.unet, self.vae = text_encoder, unet, vae.requires_grad_(False).eval()
+        self.lr, self.text_lr, self.schedule, self.min_snr = lr, text_lr, schedule, min_snr
+        self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False)
+
+    def training_step(self, batch, batch_idx):
+        x, ids = batch
+        with torch.no_grad():
+            z = self.vae.encode(x).latent_dist.sample() * self.vae.config.scaling_factor
+        loss, mse = denoising_loss(self.unet, self.text_encoder(ids)[0], self.alphas_cumprod, z, self.min_snr)
+        self.log_dict({"train/loss": loss, "train/mse": mse})
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW([{"params": self.unet.parameters(), "lr": self.lr},
+                                 {"params": self.text_encoder.parameters(), "lr": self.text_lr}], weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def export(self, folder: Path, held_out: torch.Tensor) -> dict:
+        save_folder(folder, self.tokenizer, self.text_encoder, self.unet, self.noise_scheduler, self.vae)
+        return {}
+
+
+class Snapshot(L.Callback):
+    """Every `every` steps: print the mean loss, write the EMA weights to OUT/ema-latest."""
+
+    def __init__(self, ema: EMAWeightAveraging, out: Path, every: int):
+        self.ema, self.out, self.every, self.t0 = ema, out, every, time.time()
+        self.held_out = held_out_pixels()
+        self.losses: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        self.losses = [*self.losses[-99:], outputs["loss"].detach()]
+        minutes = (time.time() - self.t0) / 60
+        if step % 50 == 0:
+            lr = trainer.optimizers[0].param_groups[0]["lr"]
+            print(f"[{minutes:.1f} min] step {step}: loss (mean of 100) {float(torch.stack(self.losses).mean()):.4f} "
+                  f"lr {lr:.2e}", flush=True)
+        if step % self.every == 0:
+            self.save(step, minutes)
+
+    def on_train_end(self, trainer, module):
+        self.save(trainer.global_step, (time.time() - self.t0) / 60)
+
+    def save(self, step: int, minutes: float) -> None:
+        averaged = self.ema._average_model
+        source = averaged.module if averaged is not None else None
+        if source is None:
+            return
+        folder = self.out / "ema-latest"
+        stats = source.export(folder, self.held_out)
+        (folder / "progress.json").write_text(json.dumps({"step": step, "minutes": round(minutes, 1), **stats}) + "\n")
+        print(f"[{minutes:.1f} min] step {step}: EMA saved to {folder} {stats}", flush=True)
+
+
+def build_stage(args):
+    from transformers import CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL
+
+    schedule = Schedule(args.warmup, args.steps, 60 * (args.max_minutes - 1.0))
+    if args.stage == "vae":
+        return VaeStage(build_vae(), args.lr, schedule, crop=args.crop), None
+    vae = AutoencoderKL.from_pretrained(args.vae or str(Path(args.out) / "vae" / "ema-latest"))
+    tok = CLIPTokenizer.from_pretrained(str(Path(args.text) / "tokenizer"))
+    text = CLIPTextModel.from_pretrained(str(Path(args.text) / "text_encoder"))
+    module = UnetStage(tok, text.train(), build_unet(), vae, build_scheduler(), args.lr, args.text_lr, schedule, args.min_snr)
+    return module, tok
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=("vae", "unet"))
+    ap.add_argument("--out", default="runs/latent_world", help="run folder; each stage writes OUT/STAGE/")
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--batch-size", type=int, default=None, help="default: 8 (vae), 32 (unet)")
+    ap.add_argument("--lr", type=float, default=None, help="default: 1e-3 (vae), 5e-4 (unet)")
+    ap.add_argument("--text-lr", type=float, default=2e-4, help="unet stage: the text encoder's (fine-tuned) lr")
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--ema", type=float, default=None, help="EMA decay; default 0.995 (vae), 0.999 (unet)")
+    ap.add_argument("--min-snr", type=float, default=5.0)
+    ap.add_argument("--crop", type=int, default=64, help="vae stage: train on random crops this wide (a quarter of the cost)")
+    ap.add_argument("--vae", default=None, help="unet stage: the VAE folder (default OUT/vae/ema-latest)")
+    ap.add_argument("--text", default=str(MODEL_DIR), help="unet stage: the folder whose tokenizer/ and text_encoder/ start the run")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--save-every", type=int, default=250)
+    ap.add_argument("--max-minutes", type=float, default=60.0, help="wall-time budget: the lr decays and training stops by then")
+    ap.add_argument("--resume", default=None, help="a Lightning checkpoint (OUT/STAGE/last.ckpt) to continue from")
+    ap.add_argument("--accelerator", default="auto")
+    ap.add_argument("--precision", default="32-true")
+    ap.add_argument("--workers", type=int, default=0)
+    args = ap.parse_args(argv)
+    vae_stage = args.stage == "vae"
+    args.batch_size = args.batch_size or (8 if vae_stage else 32)
+    args.lr = args.lr or (1e-3 if vae_stage else 5e-4)
+    decay = args.ema or (0.995 if vae_stage else 0.999)
+
+    torch.set_num_threads(args.threads)
+    L.seed_everything(args.seed, workers=True)
+    out = Path(args.out) / args.stage
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_float32_matmul_precision("high")
+    module, tok = build_stage(args)
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    print(f"stage {args.stage}: {trainable / 1e6:.2f}M trainable parameters", flush=True)
+    if tok is None:
+        from transformers import CLIPTokenizer
+
+        tok = CLIPTokenizer.from_pretrained(str(Path(args.text) / "tokenizer"))
+    ema = EMAWeightAveraging(decay=decay, update_starting_at_step=args.warmup)
+    data = DataLoader(SceneStream(tok, args.batch_size, args.seed, size=IMAGE_SIZE), batch_size=None,
+                      num_workers=args.workers, persistent_workers=args.workers > 0)
+    trainer = L.Trainer(
+        accelerator=args.accelerator, precision=args.precision, devices=1, max_steps=args.steps,
+        max_time={"minutes": args.max_minutes}, logger=TensorBoardLogger(str(out), name="tb"),
+        log_every_n_steps=25, gradient_clip_val=1.0, enable_progress_bar=False,
+        callbacks=[ema, Snapshot(ema, out, args.save_every), ThreadTuner(args.threads),
+                   ModelCheckpoint(dirpath=str(out), save_last=True, every_n_train_steps=args.save_every, save_top_k=0)],
+    )
+    t0 = time.time()
+    trainer.fit(module, data, ckpt_path=args.resume)
+    print(f"done: {trainer.global_step} steps in {(time.time() - t0) / 60:.1f} min; EMA in {out / 'ema-latest'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
