@@ -18,6 +18,7 @@ from gas_lightning.plan import WHOLE_IMAGE, Box, EditPlan
 log = logging.getLogger(__name__)
 
 BUNDLED_PREFIX = "gas-lightning:"
+BUNDLED_ALIASES = {"shapes-latent": "shapes-latent-model"}  # short ids of bundled folders
 PLAN_FORMS = (
     "give the edit in one of these forms:\n"
     "  --request 'change the dog into a cat. change the grass into snow.'\n"
@@ -83,7 +84,8 @@ def resolve_bundled(path: str | None) -> str | None:
         return path
     from gas_lightning.worlds import ASSETS_DIR
 
-    target = ASSETS_DIR / str(path)[len(BUNDLED_PREFIX):]
+    name = str(path)[len(BUNDLED_PREFIX):]
+    target = ASSETS_DIR / BUNDLED_ALIASES.get(name, name)
     if not target.exists():
         raise GasError(f"{path!r} is not shipped with this installation (looked in {ASSETS_DIR})")
     return str(target)
