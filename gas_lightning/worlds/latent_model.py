@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from gas_lightning.errors import GasError
 from gas_lightning.worlds import ASSETS_DIR
 from gas_lightning.worlds import model as pixel_model
 from gas_lightning.worlds.model import TEXT_HIDDEN
@@ -85,3 +86,21 @@ def save_folder(folder: str | Path, tokenizer, text_encoder, unet, scheduler, va
     })
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return folder
+
+
+def world_size(folder: str | Path) -> int:
+    """The scene size (px) a world model folder draws: the UNet's sample size times the VAE's
+    downsampling (1 without a VAE), read from the configs alone, before any weight is loaded."""
+    folder = Path(folder)
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    vae = folder / "vae" / "config.json"
+    factor = 2 ** (len(json.loads(vae.read_text())["block_out_channels"]) - 1) if vae.is_file() else 1
+    return int(unet["sample_size"]) * factor
+
+
+def check_scene_size(scene_size: int, model_size: int) -> None:
+    """Scenes drawn smaller than the model's size would be upsampled into blurred edges the model never
+    saw, and scored on a grid coarser than its own: refuse them."""
+    if scene_size < model_size:
+        raise GasError(f"scenes of {scene_size} px are smaller than this model's {model_size} px; draw the cases at "
+                       f"{model_size} px (leave --size out to use the model's size)")

@@ -33,11 +33,14 @@ from PIL import Image, ImageDraw
 
 from gas_lightning.backbone import load_backbone
 from gas_lightning.callbacks import NullTextPenalty
+from gas_lightning.errors import GasError
 from gas_lightning.guidance import GuidanceConfig
 from gas_lightning.pipeline import build_edit, tensor_to_image
 from gas_lightning.plan import EditPlan, Subtask
+from gas_lightning.resolve import resolve_bundled
 from gas_lightning.worlds import MODEL_DIR, aggregate, held_out_cases, render_pil, score
 from gas_lightning.worlds.cases import KINDS, EditCase
+from gas_lightning.worlds.latent_model import check_scene_size, world_size
 
 METRICS = ("per_attribute", "all_attributes", "colour", "shape", "background", "erosion", "bg_psnr_in_boxes",
            "psnr_outside", "psnr_outside_objects", "preserved", "seconds_per_edit")
@@ -252,7 +255,8 @@ def scheduler_factory(args):
     return lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps, eta_min=args.lr * args.lr_final)
 
 
-def figure(rows: list[list[np.ndarray]], header: list[str], path: Path, scale: int = 4) -> None:
+def figure(rows: list[list[np.ndarray]], header: list[str], path: Path) -> None:
+    scale = max(1, 128 // rows[0][0].shape[0])  # 32 px scenes shown 4x, the latent world's 128 px as they are
     size = rows[0][0].shape[0] * scale
     pad, top = 4, 14
     width = len(header) * (size + pad) + pad
@@ -290,7 +294,9 @@ def parser() -> argparse.ArgumentParser:
                    help="comma list of change kinds (colour, shape, background): edit only the cases that ask for one "
                         "of them, for a study of those changes (the other cases' numbers stay unmeasured)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list of {', '.join(METHODS)}")
-    p.add_argument("--model", default=str(MODEL_DIR))
+    p.add_argument("--model", default=str(MODEL_DIR), help="a world model folder or gas-lightning:NAME "
+                   "(shapes-model, the pixel world; shapes-latent, the latent world in SD's layout)")
+    p.add_argument("--size", type=int, default=None, help="scene size in px (default: the model's own, 32 or 128)")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--lr", type=float, default=0.2)
     p.add_argument("--lr_schedule", choices=("constant", "cosine"), default="cosine")
@@ -335,7 +341,13 @@ def main(argv: list[str] | None = None) -> int:
         if path is not None and str(path) != "-":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
 
-    numbered = list(enumerate(held_out_cases(args.cases, seed=args.seed)))[args.first_case :]
+    try:
+        folder = resolve_bundled(args.model)
+        size = args.size or world_size(folder)
+        check_scene_size(size, world_size(folder))
+    except (GasError, OSError) as e:
+        p.error(f"--model {args.model}: {e}")
+    numbered = list(enumerate(held_out_cases(args.cases, seed=args.seed, size=size)))[args.first_case :]
     if args.kinds:
         numbered = [(i, c) for i, c in numbered if any(ch.kind in kinds for ch in c.changes)]
     cases = [c for _, c in numbered]
@@ -345,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    backbone = load_backbone(args.model, device="cuda" if args.accelerator == "gpu" else "cpu", attention="sdpa")
+    backbone = load_backbone(folder, device="cuda" if args.accelerator == "gpu" else "cpu", attention="sdpa")
     results: dict[str, dict] = {}
     per_case: dict[str, list[dict]] = {}
     fig_rows = [[c.source_image, c.target_image] for c in cases[: args.figure_cases]]
@@ -384,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
                      "loss_scale": args.loss_scale,
                      "guidance_scale": args.guidance_scale, "wide_guidance_scale": args.wide_guidance_scale,
                      "masks": args.masks, "requests": args.requests,
-                     "model": args.model},
+                     "model": args.model, "size": size},
     }
     if args.json is not None:
         text = json.dumps(payload, indent=2)
