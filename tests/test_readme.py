@@ -30,14 +30,20 @@ from test_segmenter import tiny_sam  # noqa: F401  (fixture: a random SAM)
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "tools" / "world"), str(REPO / "tools" / "bench")]  # eval_world, summarize_eval, benchmark and the prose's tools
 README = (REPO / "README.md").read_text()
+# the docs site's pages: sections moved out of the README keep their titles there, and their commands run
+DOCS = {p.relative_to(REPO).as_posix(): p.read_text() for p in sorted((REPO / "docs").rglob("*.md"))}
 STEPS = ["--trainer.max_steps", "2"]
 SEPARATOR = "\0"  # joins a command with a fragment run in its place, in the claims below
 
 
 def section(title: str) -> str:
-    start = README.index(f"\n## {title}")
-    end = README.find("\n## ", start + 1)
-    return README[start:end if end > 0 else None]
+    """A '## ' section of the README or, once moved there, of a docs page."""
+    for text in (README, *DOCS.values()):
+        start = text.find(f"\n## {title}")
+        if start >= 0:
+            end = text.find("\n## ", start + 1)
+            return text[start:end if end > 0 else None]
+    raise AssertionError(f"no section {title!r} in README.md or docs/")
 
 
 def fenced_commands(text: str = README) -> list[str]:
@@ -162,8 +168,9 @@ def test_every_readme_command_is_run_somewhere():
     commands = fenced_commands()
     assert len(commands) >= 25, commands
     claims = {command: claim_of(command) for command in commands}
-    unused = [pattern for pattern, _ in CLAIMS if not any(re.match(pattern, c) for c in commands)]
-    assert unused == [], f"claims for commands the README no longer has: {unused}"
+    everywhere = commands + [c for text in DOCS.values() for c in fenced_commands(text)]
+    unused = [pattern for pattern, _ in CLAIMS if not any(re.match(pattern, c) for c in everywhere)]
+    assert unused == [], f"claims for commands neither the README nor the docs have: {unused}"
     here = {name for name, obj in globals().items() if name.startswith("test_") and callable(obj)}
     for command, where in claims.items():
         for ref in re.findall(r"(?:here|parsed): (test_\w+)", where):
@@ -366,11 +373,21 @@ def test_the_cpu_benchmark_commands(tmp_path):
 def test_inline_tool_commands_parse(monkeypatch):
     """Commands quoted in the README's prose (reproduction commands of its numbers): each tool must
     accept their arguments. Parsing stops before any work."""
+    prose = re.sub(r"```.*?```", "", "\n".join((README, *DOCS.values())), flags=re.S)
+    spans = list(dict.fromkeys(" ".join(s.split()) for s in re.findall(r"`([^`]+)`", prose)))  # each once
+    tools = [s for s in spans if re.match(r"(nice -n \d+ )?python3? tools/\w+/\w+\.py ", s)]
+    assert len(tools) >= 5, tools
+    parse_tool_commands(tools, monkeypatch)
+
+
+class Parsed(Exception):
+    """Raised where a tool would start its work: its arguments have parsed."""
+
+
+def parse_tool_commands(commands: list[str], monkeypatch) -> None:
+    """Each `python tools/...` command through its tool's own argument parser, stopped before any work
+    (`--help` prints and exits 0); leading VAR=value settings and `nice -n N` are dropped."""
     import argparse
-
-
-    class Parsed(Exception):
-        pass
 
     real = argparse.ArgumentParser.parse_args
 
@@ -379,13 +396,12 @@ def test_inline_tool_commands_parse(monkeypatch):
         raise Parsed
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
-    prose = re.sub(r"```.*?```", "", README, flags=re.S)
-    spans = [" ".join(s.split()) for s in re.findall(r"`([^`]+)`", prose)]
-    tools = [s for s in spans if re.match(r"(nice -n \d+ )?python3? tools/\w+/\w+\.py ", s)]
-    assert len(tools) >= 5, tools
-    for span in tools:
-        words = shlex.split(span)
+    for command in commands:
+        words = shlex.split(command)
+        while "=" in words[0]:
+            words.pop(0)
         words = words[3:] if words[0] == "nice" else words
         module = __import__(Path(words[1]).stem)
-        with pytest.raises(Parsed):
+        with pytest.raises(SystemExit if "--help" in words else Parsed) as stop:
             module.main(words[2:])
+        assert not isinstance(stop.value, SystemExit) or stop.value.code == 0, command
