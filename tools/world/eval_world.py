@@ -317,6 +317,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", choices=("case", "user"), default="case",
                    help="user: the cases' requests without their keep sentences, as a user types them (no method gets "
                         "the case's keep subtasks); results are recorded as METHOD+user")
+    p.add_argument("--keeping_only", action="store_true",
+                   help="edit only the cases that keep an object, the only ones where --requests user leaves one "
+                        "unnamed (elsewhere gas_grounded and gas_grounded_keep_unmentioned edit the same plan)")
     p.add_argument("--figure", type=Path, default=Path("outputs/world_eval.png"))
     p.add_argument("--figure_cases", type=int, default=6)
     p.add_argument("--write_jobs", type=Path, default=None,
@@ -350,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     numbered = list(enumerate(held_out_cases(args.cases, seed=args.seed, size=size)))[args.first_case :]
     if args.kinds:
         numbered = [(i, c) for i, c in numbered if any(ch.kind in kinds for ch in c.changes)]
+    if args.keeping_only:
+        numbered = [(i, c) for i, c in numbered if c.kept_objects]
     cases = [c for _, c in numbered]
     if args.write_jobs is not None:
         write_jobs(args.write_jobs, numbered, names, args)
@@ -395,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"steps": args.steps, "lr": args.lr, "lr_schedule": args.lr_schedule, "lr_final": args.lr_final,
                      "loss_scale": args.loss_scale,
                      "guidance_scale": args.guidance_scale, "wide_guidance_scale": args.wide_guidance_scale,
-                     "masks": args.masks, "requests": args.requests,
+                     "masks": args.masks, "requests": args.requests, "keeping_only": args.keeping_only,
                      "model": args.model, "size": size},
     }
     if args.json is not None:
