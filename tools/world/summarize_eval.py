@@ -1,6 +1,6 @@
 """Combine `tools/world/eval_world.py --json` files into per-seed and pooled results with their uncertainty.
 
-    python tools/world/summarize_eval.py runs/test/*.json --json docs/world_eval_seeds.json
+    python tools/world/summarize_eval.py runs/test/*.json --json results/world/world_eval_seeds.json
 
 Files of the same seed and method (cases split over processes with --first_case) are merged.
 For each method: all-attributes success per seed, the mean over seeds, the spread between seeds
