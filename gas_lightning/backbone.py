@@ -332,16 +332,22 @@ def alpha_sigma(alphas_cumprod: torch.Tensor, t: torch.Tensor, ndim: int) -> tup
     return ab.sqrt(), (1 - ab).sqrt()
 
 
-def resolve_dtype(dtype: str, device: str | torch.device) -> torch.dtype:
-    """'auto' is float16 on CUDA and float32 on CPU.
+def resolve_dtype(dtype: str, device: str | torch.device, family: str = "sd") -> torch.dtype:
+    """The weights' dtype. 'auto' is float32 on the CPU; on CUDA float32 for SD 1.x/2.x and float16 for SDXL.
 
+    SD 1.x/2.x as the reference: float32 weights, the DDS UNet call in fp16 under the trainer's
+    `16-mixed` autocast, and the VAE and the preserve-form (CDS) forward and backward in float32
+    (guidance runs CDS with autocast off), so CDS's small gradients do not underflow. SDXL's UNet
+    is 2.6B parameters (10 GB in float32): it keeps float16 weights, and CDS there runs under a
+    loss scale (guidance/dds.py, `CDS_HALF_LOSS_SCALE`).
     Not bfloat16: DDS follows small differences between two noise predictions, and one step's
     gradient in bf16 is 8x further from float32 than in fp16 (relative error 0.19 against 0.023
     on the SD 1.5 architecture, 0.061 against 0.0085 on the bundled model; tools/bench/precision_check.py).
-    The reference runs fp16 autocast on CUDA too.
     """
     if dtype == "auto":
-        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+        if torch.device(device).type != "cuda":
+            return torch.float32
+        return torch.float16 if family == "sdxl" else torch.float32
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from gas_lightning.backbone import to_device
+from gas_lightning.errors import NonFiniteLatentError
 from gas_lightning.guidance import GroundedScoreGuidance, Term, TermLog, shielded_term
 from gas_lightning.plan import EditPlan
 
@@ -151,6 +152,20 @@ class GroundAScoreEdit(L.LightningModule):
             cache[(stream, n)] = torch.randperm(n, generator=torch.Generator().manual_seed(int(state[0] % (2**63))))
         return cache[(stream, n)]
 
+    def _finite(self, grad: torch.Tensor, terms: Sequence[Term]) -> torch.Tensor:
+        """The gradient with its NaN and infinite entries set to 0 (their count is logged per term).
+
+        The reference asserts a finite gradient; here a step with some non-finite entries goes on
+        without them, and a step with no finite entry at all stops the edit: it holds nothing to
+        step with, and a grad scaler would skip it without a word.
+        """
+        finite = torch.isfinite(grad)
+        if not bool(finite.any()):
+            raise NonFiniteLatentError(
+                f"the gradient became NaN or infinite at step {self.global_step + 1} in every entry (terms: "
+                f"{', '.join(t.name for t in terms)}), so the step was not taken")
+        return torch.where(finite, grad, 0.0)
+
     def _optimise(self, grad: torch.Tensor, last: bool) -> None:
         """Turn a gradient into an optimiser step through the surrogate loss scale * <z, grad>."""
         opt = self.optimizers()
@@ -179,18 +194,19 @@ class GroundAScoreEdit(L.LightningModule):
             else:
                 t, eps = self._draw(gen)
             grad, logs = self.guidance.batched_gradient(z, self.z_src, terms, t, eps, gen)
-            self._optimise(grad, last=True)
+            self._optimise(self._finite(grad, terms), last=True)
         else:
             logs = []
             for i, term in enumerate(terms):
                 t, eps = self._draw(gen, term)
                 grad, tlog = self.guidance.term_gradient(self.latent.detach(), self.z_src, term, t, eps, gen)
-                self._optimise(grad, last=i == len(terms) - 1)
+                self._optimise(self._finite(grad, [term]), last=i == len(terms) - 1)
                 logs.append(tlog)
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
         self.last_logs = logs
+        self._count_nonfinite(terms, logs)
         if self._should_log():
             self._log_terms(terms, logs)
 
@@ -200,9 +216,19 @@ class GroundAScoreEdit(L.LightningModule):
         connector = getattr(self._trainer, "_logger_connector", None)
         return True if connector is None else bool(connector.should_update_logs)
 
+    def _count_nonfinite(self, terms: Sequence[Term], logs: Sequence[TermLog]) -> None:
+        """Add up each term's non-finite gradient entries on the device (no wait) until the next logged step."""
+        counts = self.__dict__.setdefault("_nonfinite", {})
+        for term, tl in zip(terms, logs):
+            if tl.nonfinite_tensor is not None:
+                counts[term.name] = counts.get(term.name, 0) + tl.nonfinite_tensor
+
     def _log_terms(self, terms: Sequence[Term], logs: Sequence[TermLog]) -> None:
+        counts = self.__dict__.pop("_nonfinite", {})
         for term, tl in zip(terms, logs):
             values = {"t": float(tl.t), "gamma": tl.gamma_tensor, "grad_norm": tl.grad_norm_tensor}
+            if term.name in counts:  # entries set to 0 since the last logged step
+                values["nonfinite"] = torch.as_tensor(counts[term.name], dtype=torch.float32)
             if tl.cds_loss_tensor is not None:
                 values["cds_loss"] = tl.cds_loss_tensor
             for key, value in values.items():

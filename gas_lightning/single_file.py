@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -71,8 +72,10 @@ def _config_index(model_config: str | None, path: Path) -> dict:
                              f"pass {CONFIG_HINT}") from None
 
 
-def load_single_file(path: str, model_config: str | None, torch_dtype: torch.dtype, allow_pickle_weights: bool) -> Components:
-    """UNet, VAE and text encoders from the file; tokenizers and scheduler from the config folder."""
+def load_single_file(path: str, model_config: str | None, dtype_for: Callable[[str], torch.dtype],
+                     allow_pickle_weights: bool) -> Components:
+    """UNet, VAE and text encoders from the file; tokenizers and scheduler from the config folder.
+    `dtype_for(family)`: the weights' dtype, which depends on the family read from the config folder."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.loaders.single_file_utils import SingleFileComponentError
     from diffusers.utils import logging as diffusers_logging
@@ -93,6 +96,7 @@ def load_single_file(path: str, model_config: str | None, torch_dtype: torch.dty
     if found is not None and found != family:
         raise ModelLoadError(f"--model {path!r} is a checkpoint of {FAMILY_NAMES[found]} but --model_config {model_config!r} "
                              f"is a config folder of {FAMILY_NAMES[family]}; pass {CONFIG_HINT}")
+    torch_dtype = dtype_for(family)
     pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     common = {"config": model_config, "local_files_only": True}
     extra = {"add_watermarker": False} if family == "sdxl" else {"safety_checker": None, "feature_extractor": None,

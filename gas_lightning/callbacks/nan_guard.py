@@ -1,4 +1,4 @@
-"""Stop an edit whose latent stops being finite, naming the last checkpoint worth resuming.
+"""Stop an edit whose latent or gradient stops being finite, naming the last checkpoint worth resuming.
 
 One NaN in the latent spreads to every pixel on the next step and every later checkpoint
 holds it, so the edit is stopped at once, before the checkpoint callback saves that step
@@ -29,7 +29,8 @@ class NanGuard(Callback):
 
     Raises:
         NonFiniteLatentError: at the start when the encoded source image is not finite, and
-            after any step that leaves the latent not finite.
+            after any step that leaves the latent not finite; a step whose whole gradient is not finite
+            is stopped by the module, and its error gets the checkpoint to resume from here.
     """
 
     def __init__(self, dirpath: str | Path):
@@ -48,11 +49,19 @@ class NanGuard(Callback):
                 "broken or the dtype overflows: try --dtype float32, or another copy of the model"
             )
 
+    def _resume(self) -> str:
+        good = self.last_good_checkpoint()
+        return (f"the last good checkpoint is {good}: continue from it with --resume {good} and {WHAT_TO_TRY}"
+                if good is not None else f"no checkpoint was written before it; start again with {WHAT_TO_TRY}")
+
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         if torch.isfinite(pl_module.latent).all():
             return
-        good = self.last_good_checkpoint()
-        resume = (f"the last good checkpoint is {good}: continue from it with --resume {good} and {WHAT_TO_TRY}"
-                  if good is not None else f"no checkpoint was written before it; start again with {WHAT_TO_TRY}")
-        raise NonFiniteLatentError(f"the latent became NaN or infinite at step {trainer.global_step}; {resume}")
+        raise NonFiniteLatentError(f"the latent became NaN or infinite at step {trainer.global_step}; {self._resume()}")
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """A step whose whole gradient was non-finite (the module stops it): say which checkpoint to resume from."""
+        if isinstance(exception, NonFiniteLatentError) and "checkpoint" not in str(exception):
+            exception.args = (f"{exception.args[0]}; {self._resume()}", *exception.args[1:])

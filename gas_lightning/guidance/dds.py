@@ -36,6 +36,10 @@ from gas_lightning.masks import OVERLAP_WEIGHT
 from gas_lightning.plan import WHOLE_IMAGE, Box
 
 FULL_PROMPT_WEIGHTS = (0.5, 0.4, 0.3, 0.2, 0.1)
+# The CDS loss's factor before its backward pass through half-precision weights (SDXL), divided out after: a
+# power of two, so the scaling itself is exact. It lifts gradients down to 6e-8 / 1024 = 6e-11 out of float16's
+# underflow; entries it pushes past 65504 / 1024 = 64 overflow and are counted as non-finite (module: nonfinite).
+CDS_HALF_LOSS_SCALE = 1024.0
 BATCHED_NOISE = ("shared", "per_term", "keep_aware")
 LOCAL_T_SCOPES = ("objects", "same_outline")
 REFERENCE_CONTEXTS = ("source", "current")
@@ -193,8 +197,9 @@ class TermLog:
 
     t: int
     gamma_tensor: torch.Tensor
-    grad_norm_tensor: torch.Tensor
+    grad_norm_tensor: torch.Tensor  # of the finite entries
     cds_loss_tensor: torch.Tensor | None = None
+    nonfinite_tensor: torch.Tensor | None = None  # how many entries of the term's gradient are NaN or infinite
 
     @property
     def gamma(self) -> float:
@@ -207,6 +212,15 @@ class TermLog:
     @property
     def cds_loss(self) -> float | None:
         return None if self.cds_loss_tensor is None else float(self.cds_loss_tensor)
+
+    @property
+    def nonfinite(self) -> int:
+        return 0 if self.nonfinite_tensor is None else int(self.nonfinite_tensor)
+
+    def add_nonfinite(self, grad: torch.Tensor) -> None:
+        """Count a further part of the term's gradient (its CDS gradient)."""
+        bad = (~torch.isfinite(grad)).sum()
+        self.nonfinite_tensor = bad if self.nonfinite_tensor is None else self.nonfinite_tensor + bad
 
 
 class GroundedScoreGuidance:
@@ -292,8 +306,9 @@ class GroundedScoreGuidance:
                 target_scale = target_scale / ratio.clamp(min=1e-6, max=1.0)
         direction = self._cfg(e0_tgt, ec_tgt, target_scale) - self._cfg(e0_src, ec_src, source_scale)
         grad = self._weight(term, t) * gamma * term.mask * direction / (h * w)
-        grad = torch.nan_to_num(grad)
-        return grad, TermLog(t=t, gamma_tensor=gamma, grad_norm_tensor=grad.norm())
+        finite = torch.isfinite(grad)  # non-finite entries are counted here and left to the module (see nonfinite)
+        return grad, TermLog(t=t, gamma_tensor=gamma, grad_norm_tensor=torch.where(finite, grad, 0).norm(),
+                             nonfinite_tensor=(~finite).sum())
 
     def _cds(
         self, z: torch.Tensor, z_src: torch.Tensor, terms: Sequence[Term], t: torch.Tensor, eps: torch.Tensor,
@@ -312,9 +327,13 @@ class GroundedScoreGuidance:
         tt = t.expand(n)
         src_emb = PromptEmbeddings.cat([tm.src_emb for tm in terms])
         tgt_emb = PromptEmbeddings.cat([tm.tgt_emb for tm in terms])
-        with torch.no_grad(), self.capture.capture() as ref:
+        # Autocast off: with float32 weights (SD 1.x/2.x) both passes run in float32, as the reference's CDS.
+        # With half weights (SDXL) the loss is scaled before the backward pass and the gradient unscaled after.
+        half = bb.dtype in (torch.float16, torch.bfloat16)
+        scale = CDS_HALF_LOSS_SCALE if half else 1.0
+        with torch.autocast(z.device.type, enabled=False), torch.no_grad(), self.capture.capture() as ref:
             bb.denoise(self._noisy(z_src.expand(n, -1, -1, -1), tt, eps), tt, src_emb)
-        with torch.enable_grad():
+        with torch.autocast(z.device.type, enabled=False), torch.enable_grad():
             z_leaf = z.detach().requires_grad_(True)
             # z*M + (z*(1-M)).detach(): the same value, a gradient that stays inside the mask.
             masks = torch.stack([tm.mask for tm in terms])[:, None]
@@ -332,10 +351,11 @@ class GroundedScoreGuidance:
                 loss = sum(per_layer) if cfg.reduction == "sum" else sum(per_layer) / max(len(per_layer), 1)
                 losses.append(loss)
             total = cfg.weight * torch.stack(losses).sum()
-            (grad,) = torch.autograd.grad(total, z_leaf)
+            (grad,) = torch.autograd.grad(total * scale, z_leaf)
+        grad = grad.float() / scale
         if not cfg.loss_scaled:
             grad = grad / self.loss_scale
-        return grad.float(), [v.detach() for v in losses]
+        return grad, [v.detach() for v in losses]
 
     # the two schedules ------------------------------------------------------------------------
     @torch.no_grad()
@@ -354,6 +374,7 @@ class GroundedScoreGuidance:
             g, (loss,) = self._cds(z, z_src, [term], tt, eps, generator)
             grad = grad + g
             tlog.cds_loss_tensor = loss
+            tlog.add_nonfinite(g)
         return grad, tlog
 
     @torch.no_grad()
@@ -411,6 +432,7 @@ class GroundedScoreGuidance:
             g, losses = self._cds(z, z_src, [terms[i] for i in chunk], tt.index_select(0, idx), noise.index_select(0, idx),
                                   generator)
             total += g
-            for i, loss in zip(chunk, losses):
+            for i, loss in zip(chunk, losses):  # a chunk's CDS gradient is one: each of its terms counts it
                 logs[i].cds_loss_tensor = loss
+                logs[i].add_nonfinite(g)
         return total, logs
