@@ -319,3 +319,25 @@ def test_the_shipped_sdxl_config_runs_an_edit(tiny_sdxl, image_file, tmp_path):
             "--trainer.accelerator", "cpu", "--trainer.max_steps", "1", "--trainer.enable_progress_bar", "false"]
     assert _run(argv) == 0
     assert Image.open(out / "edited.png").size == (40, 32)  # the model's own working size (tiny: 32)
+
+
+def test_sdxl_preset_cds_weight_keeps_sd15s_total_over_its_self_attention_layers():
+    """configs/sdxl.yaml's CDS weight is (SD 1.5's up-block self-attention layers) / (SDXL's), the layers
+    counted on the published architectures (diffusers' UNet built on the meta device: no weights)."""
+    import yaml
+    from diffusers import UNet2DConditionModel
+
+    sdxl_config = dict(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json, the fields that shape the blocks
+        sample_size=128, block_out_channels=[320, 640, 1280], layers_per_block=2, transformer_layers_per_block=[1, 2, 10],
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], attention_head_dim=[5, 10, 20],
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], cross_attention_dim=2048,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816)
+    counts = []
+    for config in ({"cross_attention_dim": 768}, sdxl_config):  # diffusers' defaults are SD 1.5's UNet
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**config)
+        counts.append(sum(1 for n, _ in unet.named_modules() if n.startswith("up_blocks") and n.endswith("attn1")))
+    assert counts == [9, 36]
+    preset = yaml.safe_load((REPO / "configs" / "sdxl.yaml").read_text())
+    assert preset["guidance"]["cds"]["weight"] == counts[0] / counts[1]
