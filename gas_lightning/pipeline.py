@@ -20,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from gas_lightning.backbone import Backbone
 from gas_lightning.errors import GasError
 from gas_lightning.guidance import GroundedScoreGuidance, GuidanceConfig, Term
+from gas_lightning.guidance.cds import check_preserve_form_boxes
 from gas_lightning.masks import EditMasks, MaskLike, region_grid
 from gas_lightning.module import GroundAScoreEdit, OptimizerFactory, SchedulerFactory
 from gas_lightning.plan import EditPlan
@@ -208,6 +209,7 @@ def build_edit(
     if not 0.0 < cfg.wide_area <= 1.0 or (cfg.wide_guidance_scale is not None and cfg.wide_guidance_scale < 0):
         raise GasError(f"guidance.wide_area must be in (0, 1] and guidance.wide_guidance_scale >= 0 (or null), "
                        f"got {cfg.wide_area} and {cfg.wide_guidance_scale}")
+    check_preserve_form_boxes(plan, tuple(z_src.shape[-2:]), backbone.unet, backbone.codec.downscale)
     region_masks = EditMasks.from_plan(plan, z_src.shape[-2], z_src.shape[-1], overlap_weight=cfg.overlap_weight,
                                        masks=masks, image_size=image.size, mask_overlap_weight=cfg.mask_overlap_weight)
     terms = build_terms(backbone, plan, region_masks, config=cfg)

@@ -195,3 +195,22 @@ def test_null_text_penalty_callback_defaults_and_refusal():
     assert NullTextPenalty(relative=True, coefficient=0.5).coefficient == 0.5
     with pytest.raises(ValueError, match="coefficient must be > 0"):
         NullTextPenalty(coefficient=0)
+
+
+def test_a_preserve_form_box_under_one_coarsest_cell_is_refused_naming_the_smallest_box(tiny_sd):
+    """The tiny UNet hooks self-attention only in up_blocks.0, at 1/2 of the 16 x 16 latent (8 x 8), and its
+    VAE halves the 32 px image: one coarsest cell is 4 px, 1/8 of the image."""
+    from PIL import Image
+
+    from gas_lightning.backbone import load_backbone
+    from gas_lightning.errors import PlanError
+    from gas_lightning.pipeline import build_edit
+
+    bb = load_backbone(tiny_sd, attention="sdpa")
+    image = Image.new("RGB", (32, 32), (90, 160, 60))
+    narrow = EditPlan.from_lists(["a dog"], ["a cat"], boxes=[[0.5, 0.25, 0.59, 0.75]], preserve_form=[1])  # 2.9 px
+    with pytest.raises(PlanError, match=r"has a box of 3 x 16 px.*the smallest box that works is 4 x 4 px "
+                                        r"\(0.125 x 0.125 of the image\)"):
+        build_edit(bb, image, narrow)
+    build_edit(bb, image, EditPlan.from_lists(["a dog"], ["a cat"], boxes=[[0.5, 0.25, 0.625, 0.75]], preserve_form=[1]))
+    build_edit(bb, image, EditPlan.from_lists(["a dog"], ["a cat"], boxes=[[0.5, 0.25, 0.59, 0.75]]))  # no CDS: fine

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gas_lightning.errors import PlanError
 from gas_lightning.masks import area_resize, box_cells, scale_cells
-from gas_lightning.plan import Box
+from gas_lightning.plan import Box, EditPlan
 
 Region = Box | torch.Tensor  # a box, or a soft (h, w) weight on the latent grid
 
@@ -78,6 +79,33 @@ class SelfAttentionCapture:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+
+
+def coarsest_downscale(unet: nn.Module) -> int:
+    """How many latent cells one cell of the coarsest hooked feature map spans (per side): up block i of
+    n works at 1 / 2**(n - 1 - i) of the latent's resolution (4 for SD 1.5 and SDXL)."""
+    n = len(unet.config.up_block_types)
+    blocks = {int(name.split(".")[1]) for name, _ in unet.named_modules()
+              if name.startswith("up_blocks") and name.endswith("attn1")}
+    return max((2 ** (n - 1 - i) for i in blocks), default=1)
+
+
+def check_preserve_form_boxes(plan: EditPlan, latent_hw: tuple[int, int], unet: nn.Module, pixels_per_cell: int) -> None:
+    """A preserve-form box narrower or shorter than one cell of the coarsest hooked map is refused: the
+    reference widens it to that one cell, where PatchNCE has no other patch to contrast with, so
+    the shape loss silently does nothing there."""
+    (h, w), factor = latent_hw, coarsest_downscale(unet)
+    side = factor * pixels_per_cell  # pixels per coarsest cell
+    for s in plan.subtasks:
+        if not s.preserve_form or s.box is None:
+            continue
+        x0, y0, x1, y1 = s.box
+        if (x1 - x0) * w < factor or (y1 - y0) * h < factor:
+            raise PlanError(
+                f"the preserve-form subtask '{s.source}' has a box of {(x1 - x0) * w * pixels_per_cell:.0f} x "
+                f"{(y1 - y0) * h * pixels_per_cell:.0f} px, smaller than one cell of the coarsest self-attention map its "
+                f"shape loss compares ({side} px at this working size); the smallest box that works is {side} x {side} "
+                f"px ({factor / w:.3g} x {factor / h:.3g} of the image): enlarge the box, or set preserve_form off for it")
 
 
 def to_maps(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
