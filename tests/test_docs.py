@@ -8,12 +8,17 @@ argument parser and stopped before any work, as the README's prose commands are.
 
 from __future__ import annotations
 
+import json
+import math
 import re
+import sys
+from statistics import mean
 
 from test_readme import CLAIMS, DOCS, README, REPO, fenced_commands, parse_tool_commands, python_blocks
 
 DOCS_CLAIMS = [
     (r'pip install -e "\.\[docs\]" && mkdocs build --strict$', "here: test_the_docs_build_is_what_ci_runs"),
+    (r"python tools/results/tables\.py$", "here: test_the_published_tables_are_their_records (its --check)"),
     # the narratives' study runs (hours each): parsed by the tool, stopped before any work
     (r"(OMP_NUM_THREADS=1 )?(nice -n 10 )?python3? tools/(world|bench)/\w+\.py ", "parsed: test_docs_tool_commands_parse"),
 ]
@@ -84,3 +89,58 @@ def test_every_readme_section_link_lands_on_the_site():
     """Links from the README into the docs point at pages that exist."""
     for target in re.findall(r"\]\((docs/[^)#]+)", README):
         assert (REPO / target).is_file(), target
+
+
+sys.path.insert(0, str(REPO / "tools" / "results"))
+import tables  # noqa: E402  (tools/results/tables.py)
+
+
+def test_the_published_tables_are_their_records(capsys):
+    """Every generated table in the README and the docs is what its records give now."""
+    assert tables.main(["--check"]) == 0, capsys.readouterr().out
+
+
+def row_of(table: str, label_start: str) -> list[str]:
+    line = next(l for l in table.splitlines() if l.startswith("| " + label_start))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_the_table_generator_reads_the_records():
+    """A few cells worked out from the record files directly, without summarize_eval."""
+    cases = [json.loads(l) for l in (REPO / "results/world/world_eval_seeds_112_114_cases.jsonl").read_text().splitlines()]
+    preset = [c for c in cases if c["method"] == "gas_target_balance+masks_same_outline"]
+    per_seed = [mean(c["all_attributes"] for c in preset if c["seed"] == s) for s in (112, 113, 114)]
+    outside = mean(c["psnr_outside"] for c in preset if math.isfinite(c["psnr_outside"]))
+    row = row_of(tables.world_preset_112_114(), "**the preset**")
+    assert row[1] == " / ".join(f"{v:.2f}" for v in per_seed)
+    assert row[2].startswith(f"{mean(per_seed):.3f} (")
+    assert row[7] == f"{outside:.1f} dB"
+
+    fp16 = json.loads((REPO / "results/gpu/fp16.json").read_text())
+    row = row_of(tables.gpu_h200(), "SD 1.5, 512 px, fp16 weights")
+    assert abs(float(row[3]) - fp16["sequential"]["s_per_step"] / fp16["batched"]["s_per_step"]) < 0.01
+    assert row[4] == f"{500 * fp16['batched']['s_per_step']:.1f}"
+
+
+def test_the_import_graph_reads_function_level_and_relative_imports(tmp_path):
+    """On a package written here: a top-level, a function-level and a relative import, and one loop."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from pkg import b\nimport os\n")
+    (pkg / "b.py").write_text("def f():\n    from pkg.a import thing\n    return thing\n")
+    (pkg / "c.py").write_text("from .a import thing\nfrom . import b\n")
+    text = tables.imports(pkg)
+    assert row_of(text, "`pkg.a`") == ["`pkg.a`", "`b`"]
+    assert row_of(text, "`pkg.b`") == ["`pkg.b`", "`a`"]
+    assert row_of(text, "`pkg.c`") == ["`pkg.c`", "`a`, `b`"]
+    assert "round a loop): `pkg.a` / `pkg.b`." in text
+
+
+def test_the_results_index_commands_parse(monkeypatch):
+    """results/README.md (shown in the site by a snippet) names the command behind each record."""
+    text = (REPO / "results" / "README.md").read_text()
+    spans = dict.fromkeys(" ".join(s.split()) for s in re.findall(r"`([^`]+)`", text))
+    commands = [s for s in spans if TOOL.match(s)]
+    assert len(commands) >= 15, commands
+    parse_tool_commands(commands, monkeypatch)
