@@ -88,6 +88,13 @@ def save_folder(folder: str | Path, tokenizer, text_encoder, unet, scheduler, va
     return folder
 
 
+def load_folder(folder: str | Path = LATENT_MODEL_DIR):
+    """(tokenizer, text_encoder, unet, scheduler, vae) from a saved folder, in eval mode."""
+    from diffusers import AutoencoderKL
+
+    return (*pixel_model.load_folder(folder), AutoencoderKL.from_pretrained(str(Path(folder) / "vae")).eval())
+
+
 def world_size(folder: str | Path) -> int:
     """The scene size (px) a world model folder draws: the UNet's sample size times the VAE's
     downsampling (1 without a VAE), read from the configs alone, before any weight is loaded."""

@@ -133,8 +133,9 @@ def encode(tokenizer, text_encoder, prompts: list[str]):
 
 
 def sample_images(tokenizer, text_encoder, unet, scheduler, prompts: list[str], steps: int = 50,
-                  guidance: float = 6.0, seed: int = 0, batch_size: int = 64):
-    """Text-to-image with DDIM and classifier-free guidance; uint8 (N, H, W, 3) numpy array."""
+                  guidance: float = 6.0, seed: int = 0, batch_size: int = 64, vae=None):
+    """Text-to-image with DDIM and classifier-free guidance; uint8 (N, H, W, 3) numpy array.
+    With a `vae` (the latent world) the samples are latents, decoded at the end."""
     import numpy as np
     import torch
     from diffusers import DDIMScheduler
@@ -147,13 +148,15 @@ def sample_images(tokenizer, text_encoder, unet, scheduler, prompts: list[str], 
         chunk = prompts[start:start + batch_size]
         cond = encode(tokenizer, text_encoder, chunk)
         uncond = encode(tokenizer, text_encoder, [""]).expand_as(cond)
-        x = torch.randn(len(chunk), 3, size, size, generator=gen)
+        x = torch.randn(len(chunk), unet.config.in_channels, size, size, generator=gen)
         ddim.set_timesteps(steps)
         with torch.no_grad():
             for t in ddim.timesteps:
                 eps = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
                 e0, ec = eps.chunk(2)
                 x = ddim.step(e0 + guidance * (ec - e0), t, x).prev_sample
+            if vae is not None:
+                x = vae.decode(x / vae.config.scaling_factor).sample
         img = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
         out.append(img)
     return np.concatenate(out)

@@ -1,6 +1,7 @@
 """Sample accuracy of a shapes-world model: does it draw what the caption says?
 
     python tools/world/sample_world.py --model gas_lightning/worlds/assets/shapes-model --n 96
+    python tools/world/sample_world.py --model gas-lightning:shapes-latent --n 96 --steps 20 --guidance 4
 
 Draws N single-object captions ("a red circle on snow"), balanced over colours, shapes and
 backgrounds, samples them with DDIM and classifier-free guidance, and reads every sample with
@@ -30,6 +31,8 @@ import torch
 from PIL import Image
 
 from gas_lightning.worlds.grounder import classify_shape, components
+from gas_lightning.resolve import resolve_bundled
+from gas_lightning.worlds import latent_model
 from gas_lightning.worlds.model import MODEL_DIR, load_folder, sample_images
 from gas_lightning.worlds.scenes import BACKGROUNDS, COLOURS, PALETTE, SHAPES, nearest_colour_names
 
@@ -59,7 +62,7 @@ def read_sample(img: np.ndarray) -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(MODEL_DIR))
+    ap.add_argument("--model", default=str(MODEL_DIR), help="a world model folder or gas-lightning:NAME (a latent one has vae/)")
     ap.add_argument("--n", type=int, default=96, help="number of captions (balanced over the world)")
     ap.add_argument("--steps", type=int, default=10, help="DDIM steps")
     ap.add_argument("--guidance", type=float, default=2.0,
@@ -78,8 +81,10 @@ def main(argv=None) -> dict:
     prompts = [f"{'an' if c[0] in 'aeiou' else 'a'} {c} {s} on {b}" for c, s, b in picks]
 
     t0 = time.time()
-    tok, text, unet, sched = load_folder(args.model)
-    images = sample_images(tok, text, unet, sched, prompts, steps=args.steps, guidance=args.guidance, seed=args.seed)
+    folder = Path(resolve_bundled(args.model))
+    parts = latent_model.load_folder(folder) if (folder / "vae").is_dir() else (*load_folder(folder), None)
+    images = sample_images(*parts[:4], prompts, steps=args.steps, guidance=args.guidance, seed=args.seed, vae=parts[4],
+                           batch_size=16 if parts[4] is not None else 64)
     seconds = time.time() - t0
     reads = [read_sample(im) for im in images]
     rates = {
@@ -106,7 +111,8 @@ def main(argv=None) -> dict:
         for i, im in enumerate(images):
             r, c = divmod(i, cols)
             grid[r * (s + 2):r * (s + 2) + s, c * (s + 2):c * (s + 2) + s] = im
-        Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(args.grid)
+        zoom = max(1, 128 // s)
+        Image.fromarray(grid).resize((grid.shape[1] * zoom, grid.shape[0] * zoom), Image.NEAREST).save(args.grid)
     return rates
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -27,11 +28,15 @@ import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
-from train_world import SceneStream, ThreadTuner, cosine_factor, denoising_loss
 
-from gas_lightning.worlds.latent_model import IMAGE_SIZE, build_scheduler, build_unet, build_vae, save_folder
-from gas_lightning.worlds.model import MODEL_DIR
-from gas_lightning.worlds.scenes import render, sample_scene
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_world import SceneStream, ThreadTuner, cosine_factor, denoising_loss  # noqa: E402
+
+from gas_lightning.worlds.latent_model import (  # noqa: E402
+    IMAGE_SIZE, UNET_CHANNELS, build_scheduler, build_unet, build_vae, save_folder,
+)
+from gas_lightning.worlds.model import MODEL_DIR  # noqa: E402
+from gas_lightning.worlds.scenes import render, sample_scene  # noqa: E402
 
 HELD_OUT_SEED = 77  # scenes for the VAE's held-out PSNR (the training stream draws from [seed, worker])
 
@@ -82,7 +87,12 @@ def random_crops(x: torch.Tensor, crop: int) -> torch.Tensor:
 
 
 class VaeStage(L.LightningModule):
-    """The VAE is fully convolutional (no attention), so it learns on crops and runs on whole scenes."""
+    """The VAE is fully convolutional (no attention), so it learns on crops and runs on whole scenes.
+
+    It decodes the posterior mean, the latent the editor encodes with: sampling (SD's way) starts
+    with unit-variance noise on every latent, which a CPU run spends most of its steps unlearning.
+    The KL term stays (SD's weight) and keeps the latents' scale in check.
+    """
 
     def __init__(self, vae, lr: float, schedule: Schedule, kl_weight: float = 1e-6, crop: int = 64):
         super().__init__()
@@ -91,7 +101,7 @@ class VaeStage(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x = random_crops(batch[0], self.crop)
         post = self.vae.encode(x).latent_dist
-        y = self.vae.decode(post.sample()).sample
+        y = self.vae.decode(post.mode()).sample
         l1, mse = (y - x).abs().mean(), (y - x).pow(2).mean()
         # SD's KL term: summed over latent cells per image, weight 1e-6 against a per-pixel sum.
         kl = post.kl().mean() / x[0].numel()
@@ -115,19 +125,44 @@ class VaeStage(L.LightningModule):
         return stats
 
 
+class LatentPool:
+    """A ring of encoded scenes (scaled latent means, caption ids) that each step refreshes in part.
+
+    Encoding 128 px scenes costs as much as the UNet step itself on a CPU; each scene stays in the
+    pool for size / refresh steps and is drawn again with a fresh timestep and noise.
+    """
+
+    def __init__(self, size: int):
+        self.size, self.filled, self.next = size, 0, 0
+        self.z = self.ids = None
+
+    def add(self, z: torch.Tensor, ids: torch.Tensor) -> None:
+        if self.z is None:
+            self.z, self.ids = z.new_zeros((self.size, *z.shape[1:])), ids.new_zeros((self.size, *ids.shape[1:]))
+        for zi, i in zip(z, ids):
+            self.z[self.next], self.ids[self.next] = zi, i
+            self.next, self.filled = (self.next + 1) % self.size, min(self.size, self.filled + 1)
+
+    def draw(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k = torch.randint(0, self.filled, (n,), device=self.z.device)
+        return self.z[k], self.ids[k]
+
+
 class UnetStage(L.LightningModule):
     def __init__(self, tokenizer, text_encoder, unet, vae, scheduler, lr: float, text_lr: float,
-                 schedule: Schedule, min_snr: float):
+                 schedule: Schedule, min_snr: float, batch_size: int, pool: int):
         super().__init__()
         self.tokenizer, self.noise_scheduler = tokenizer, scheduler
         self.text_encoder, self.unet, self.vae = text_encoder, unet, vae.requires_grad_(False).eval()
         self.lr, self.text_lr, self.schedule, self.min_snr = lr, text_lr, schedule, min_snr
+        self.batch_size, self.pool = batch_size, LatentPool(pool)
         self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False)
 
     def training_step(self, batch, batch_idx):
         x, ids = batch
-        with torch.no_grad():
-            z = self.vae.encode(x).latent_dist.sample() * self.vae.config.scaling_factor
+        with torch.no_grad():  # the posterior mean, as the VAE was trained and as the editor encodes
+            self.pool.add(self.vae.encode(x).latent_dist.mode() * self.vae.config.scaling_factor, ids)
+        z, ids = self.pool.draw(self.batch_size)
         loss, mse = denoising_loss(self.unet, self.text_encoder(ids)[0], self.alphas_cumprod, z, self.min_snr)
         self.log_dict({"train/loss": loss, "train/mse": mse})
         return loss
@@ -146,9 +181,9 @@ class UnetStage(L.LightningModule):
 class Snapshot(L.Callback):
     """Every `every` steps: print the mean loss, write the EMA weights to OUT/ema-latest."""
 
-    def __init__(self, ema: EMAWeightAveraging, out: Path, every: int):
+    def __init__(self, ema: EMAWeightAveraging, out: Path, every: int, held_out: int = 64):
         self.ema, self.out, self.every, self.t0 = ema, out, every, time.time()
-        self.held_out = held_out_pixels()
+        self.held_out = held_out_pixels(held_out)
         self.losses: list[torch.Tensor] = []
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
@@ -186,7 +221,9 @@ def build_stage(args):
     vae = AutoencoderKL.from_pretrained(args.vae or str(Path(args.out) / "vae" / "ema-latest"))
     tok = CLIPTokenizer.from_pretrained(str(Path(args.text) / "tokenizer"))
     text = CLIPTextModel.from_pretrained(str(Path(args.text) / "text_encoder"))
-    module = UnetStage(tok, text.train(), build_unet(), vae, build_scheduler(), args.lr, args.text_lr, schedule, args.min_snr)
+    channels = tuple(int(c) for c in args.channels.split(","))
+    module = UnetStage(tok, text.train(), build_unet(channels), vae, build_scheduler(), args.lr, args.text_lr, schedule,
+                       args.min_snr, args.batch_size, args.pool)
     return module, tok
 
 
@@ -201,6 +238,10 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--ema", type=float, default=None, help="EMA decay; default 0.995 (vae), 0.999 (unet)")
     ap.add_argument("--min-snr", type=float, default=5.0)
+    ap.add_argument("--channels", default=",".join(map(str, UNET_CHANNELS)), help="unet stage: the UNet's block widths")
+    ap.add_argument("--pool", type=int, default=512, help="unet stage: encoded scenes kept and drawn from")
+    ap.add_argument("--refresh", type=int, default=8, help="unet stage: new scenes encoded into the pool per step")
+    ap.add_argument("--held-out", type=int, default=64, help="vae stage: scenes for the round-trip PSNR of each snapshot")
     ap.add_argument("--crop", type=int, default=64, help="vae stage: train on random crops this wide (a quarter of the cost)")
     ap.add_argument("--vae", default=None, help="unet stage: the VAE folder (default OUT/vae/ema-latest)")
     ap.add_argument("--text", default=str(MODEL_DIR), help="unet stage: the folder whose tokenizer/ and text_encoder/ start the run")
@@ -231,13 +272,14 @@ def main(argv=None) -> None:
 
         tok = CLIPTokenizer.from_pretrained(str(Path(args.text) / "tokenizer"))
     ema = EMAWeightAveraging(decay=decay, update_starting_at_step=args.warmup)
-    data = DataLoader(SceneStream(tok, args.batch_size, args.seed, size=IMAGE_SIZE), batch_size=None,
+    per_step = args.batch_size if vae_stage else args.refresh
+    data = DataLoader(SceneStream(tok, per_step, args.seed, size=IMAGE_SIZE), batch_size=None,
                       num_workers=args.workers, persistent_workers=args.workers > 0)
     trainer = L.Trainer(
         accelerator=args.accelerator, precision=args.precision, devices=1, max_steps=args.steps,
         max_time={"minutes": args.max_minutes}, logger=TensorBoardLogger(str(out), name="tb"),
         log_every_n_steps=25, gradient_clip_val=1.0, enable_progress_bar=False,
-        callbacks=[ema, Snapshot(ema, out, args.save_every), ThreadTuner(args.threads),
+        callbacks=[ema, Snapshot(ema, out, args.save_every, args.held_out), ThreadTuner(args.threads),
                    ModelCheckpoint(dirpath=str(out), save_last=True, every_n_train_steps=args.save_every, save_top_k=0)],
     )
     t0 = time.time()
