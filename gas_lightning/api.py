@@ -8,7 +8,8 @@
 Every keyword is a `gas-edit` flag (`guidance={"guidance_scale": 7.5}`, `schedule="sequential"`,
 `detector="world"`, ...), validated by the same parser, so an API call and a command line run the
 same code (runner.run_edit) and write the same outputs. Errors are raised as GasError, never
-`sys.exit`; the logging configuration is left alone.
+`sys.exit` (Ctrl-C raises EditInterrupted, a KeyboardInterrupt naming the checkpoint); library lines a
+user cannot act on are off during the call only, and the logging configuration is left alone.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from gas_lightning.errors import GasError
 from gas_lightning.runner import EditResult
+from gas_lightning.terminal import library_noise_off
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -45,8 +47,9 @@ def load_model(model: str = BUNDLED_MODEL, device: str = "auto", dtype: str = "a
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return load_backbone(resolve_bundled(model), device=device, dtype=dtype, attention=attention,
-                         allow_pickle_weights=allow_pickle_weights, model_config=model_config)
+    with library_noise_off():
+        return load_backbone(resolve_bundled(model), device=device, dtype=dtype, attention=attention,
+                             allow_pickle_weights=allow_pickle_weights, model_config=model_config)
 
 
 def edit(
@@ -79,6 +82,9 @@ def edit(
     `masks` confine subtasks to regions instead of boxes: a label-map path, or one entry per subtask
     (a PNG path, a painted PIL image, an (H, W) array or tensor, or None for the subtask's box).
     """
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from gas_lightning.callbacks.progress import step_progress_bar
     from gas_lightning.runner import build_parser, run_edit
 
     parser = build_parser(exit_on_error=False)
@@ -93,8 +99,11 @@ def edit(
     pil = _in_memory_image(image, cfg)
     if painted:
         cfg.masks = _saved_masks(masks, Path(cfg.output_dir))
-    return run_edit(cfg, parser, image=pil, backbone=backbone, callbacks=callbacks,
-                    plan=plan if _is_plan(plan) else None)
+    if not any(isinstance(c, ProgressBar) for c in callbacks):  # the step bar, not Lightning's "Epoch 0/-2"
+        callbacks = [*callbacks, *step_progress_bar(cfg.trainer)]
+    with library_noise_off():  # as quiet as gas-edit, the caller's logging and warnings left as they were
+        return run_edit(cfg, parser, image=pil, backbone=backbone, callbacks=callbacks,
+                        plan=plan if _is_plan(plan) else None)
 
 
 def plan_edit(
@@ -113,7 +122,8 @@ def plan_edit(
     parser = build_parser(exit_on_error=False)
     cfg = _config(parser, config, None, None, None, 0, None, None, options, request=request)
     pil = image if _is_pil(image) else load_image(resolve_bundled(str(image)))
-    return resolve_plan(cfg, pil)
+    with library_noise_off():
+        return resolve_plan(cfg, pil)
 
 
 def _config(parser, config, model, output_dir, steps, seed, trainer_kwargs, backbone, options, replace_edit=False,

@@ -1,4 +1,4 @@
-"""The page of `gas-edit app`: Gradio components wired to `EditApp` (gas_lightning/app.py).
+"""The page of `gas-edit app`: Gradio components wired to `EditApp` (gas_lightning/app.py), and its server.
 
 Each handler turns a GasError into gr.Error, so a bad upload or request shows its message in the
 page. Edits share one queue slot (`concurrency_id="device"`), so they run one at a time.
@@ -6,16 +6,26 @@ page. Edits share one queue slot (`concurrency_id="device"`), so they run one at
 
 from __future__ import annotations
 
+import argparse
+import builtins
 import functools
 import inspect
 import logging
+import os
+import sys
+import warnings
 
-import gradio as gr
-from gradio_image_annotation import image_annotator
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no telemetry, no version check
 
-from gas_lightning.app import DOWNLOADS, EXAMPLE_IMAGE, EditApp, annotation, load_upload, plan_with_boxes
-from gas_lightning.errors import GasError
-from gas_lightning.plan import EditPlan
+import gradio as gr  # noqa: E402
+from gradio_image_annotation import image_annotator  # noqa: E402
+
+from gas_lightning.app import (  # noqa: E402
+    BUNDLED_MODEL, DOWNLOADS, EXAMPLE_IMAGE, EditApp, annotation, load_upload, plan_with_boxes,
+)
+from gas_lightning.errors import GasError  # noqa: E402
+from gas_lightning.plan import EditPlan  # noqa: E402
+from gas_lightning.terminal import setup_terminal  # noqa: E402
 
 log = logging.getLogger("gas_lightning")
 
@@ -163,3 +173,61 @@ def build_ui(app: EditApp) -> gr.Blocks:
         cont.click(resume, [state], edit_outputs, concurrency_limit=1, concurrency_id="device")
         halt.click(stop, None, status, queue=False)
     return demo
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`gas-edit app [--host H] [--port P] [--model M] [--config C] [--output_dir D] [--device D]`."""
+    p = argparse.ArgumentParser(prog="gas-edit app", description="Edit images from the browser (Gradio).")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this computer only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--model", default=BUNDLED_MODEL, help="model id or folder (default: the bundled model)")
+    p.add_argument("--config", default=None, help="gas-edit config for the edits (default: the bundled preset)")
+    p.add_argument("--output_dir", default="outputs/app", help="each edit writes a new folder below it")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    args = p.parse_args(argv)
+    setup_terminal()
+    try:
+        app = EditApp(model=args.model, config=args.config, output_dir=args.output_dir, device=args.device)
+        demo = serve(app, args.host, args.port, block=False)
+    except GasError as e:
+        print(f"gas-edit app: error: {e}", file=sys.stderr)
+        return 2
+    print(f"gas-edit app: open http://{args.host}:{args.port} (edits in {app.output_dir}; Ctrl-C stops)", flush=True)
+    try:
+        demo.block_thread()
+    except KeyboardInterrupt:
+        pass
+    demo.close()
+    return 0
+
+
+def serve(app: EditApp, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
+    """Start the page; with `block=False` return the running Gradio app (tests close it)."""
+    _quiet_gradio()
+    app.output_dir.mkdir(parents=True, exist_ok=True)
+    demo = build_ui(app).queue(default_concurrency_limit=1)
+    system_fonts = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                                     font_mono=["ui-monospace", "monospace"])  # no font CDN: works offline
+    try:
+        demo.launch(server_name=host, server_port=port, share=False, quiet=True, show_error=True,
+                    prevent_thread_lock=not block, allowed_paths=[str(app.output_dir.resolve())],
+                    max_file_size="64mb", ssr_mode=False, pwa=False, mcp_server=False, enable_monitoring=False,
+                    theme=system_fonts, css=CSS)
+    except OSError as e:
+        raise GasError(f"cannot listen on {host}:{port} ({e}); choose another --port") from None
+    return demo
+
+
+def _quiet_gradio() -> None:
+    """Gradio's route for custom-component files (the box editor's) prints a debug line per file:
+    `print` is shadowed in that module only, its other messages kept. Its queue's pandas calls warn
+    of pandas' own coming changes."""
+    import gradio.routes
+
+    warnings.filterwarnings("ignore", module="gradio.queueing")
+
+    def print_but_component_files(*args, **kwargs):
+        if not (args and str(args[0]).startswith("id=") and "environment=" in str(args[0])):
+            builtins.print(*args, **kwargs)
+
+    gradio.routes.print = print_but_component_files

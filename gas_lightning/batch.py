@@ -24,6 +24,7 @@ from typing import Any, Iterator
 
 from gas_lightning.errors import GasError
 from gas_lightning.records import OUTPUTS, finished, read_record, settings_hash, write_record
+from gas_lightning.usage import parse_or_explain, short_help
 
 log = logging.getLogger("gas_lightning")
 GATHER_TIMEOUT = timedelta(days=7)  # a rank done early waits this long for the others at the end
@@ -40,7 +41,7 @@ def build_parser():
     from gas_lightning.metrics import MetricsSpec
     from gas_lightning.runner import build_parser as edit_parser
 
-    p = edit_parser()
+    p = edit_parser(exit_on_error=False)
     p.prog = "gas-edit batch"
     p.description = "Run the edits of a jobs file (one JSON object per line), on one device or many."
     p.add_argument("--jobs", type=Optional[str], default=None, help="the jobs file (JSON lines; README: Many edits)")
@@ -57,8 +58,14 @@ def run(argv: list[str], debug=None) -> int:
     from gas_lightning.runner import build_parser as edit_parser
 
     parser = build_parser()
+    if "--help-all" in argv:
+        parser.print_help()
+        return 0
+    if "-h" in argv or "--help" in argv:
+        print(short_help(parser, prog="gas-edit batch"), end="")
+        return 0
     printing = [a for a in argv if a == "--print_config" or a.startswith("--print_config=")]
-    cfg = parser.parse_args([a for a in argv if a not in printing])  # as gas-edit: checked before printed
+    cfg = parse_or_explain(parser, [a for a in argv if a not in printing], prog="gas-edit batch")  # checked, then printed
     if debug is not None:
         debug.set(bool(cfg.debug))
     check_base_url(cfg.llm_base_url)

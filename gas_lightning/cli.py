@@ -12,7 +12,9 @@ import contextvars
 import logging
 import sys
 
-from gas_lightning.errors import GasError, RunError
+from gas_lightning.errors import EditInterrupted, GasError, RunError
+from gas_lightning.terminal import setup_terminal
+from gas_lightning.usage import parse_or_explain, short_help
 
 log = logging.getLogger("gas_lightning")
 _DEBUG = contextvars.ContextVar("gas_edit_debug", default=False)  # set once --debug is parsed
@@ -28,11 +30,17 @@ def run(argv: list[str] | None = None) -> int:
         from gas_lightning import batch
 
         return batch.run(argv[1:], debug=_DEBUG)
-    parser = build_parser()
+    parser = build_parser(exit_on_error=False)
+    if "--help-all" in argv:
+        parser.print_help()
+        return 0
+    if "-h" in argv or "--help" in argv:
+        print(short_help(parser), end="")
+        return 0
     # jsonargparse prints --print_config inside parse_args, before any check could run: parse without
     # it, check, then print, so a password in --llm_base_url never reaches the terminal either.
     printing = [a for a in argv if a == "--print_config" or a.startswith("--print_config=")]
-    cfg = parser.parse_args([a for a in argv if a not in printing])
+    cfg = parse_or_explain(parser, [a for a in argv if a not in printing])
     check_base_url(cfg.llm_base_url)  # a password in it must not reach config.yaml or a log
     if printing:
         print(parser.dump(cfg, skip_validation=True), end="")
@@ -48,96 +56,36 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
-# Library messages a user of gas-edit cannot act on, by the logger that emits them. The device is said
-# once by StepProgressBar; the end of the run by the "edited:" line.
-_NOISE = {
-    "lightning.pytorch.utilities.rank_zero": ("GPU available:", "TPU available:", "\U0001f4a1 Tip:", "`Trainer.fit` stopped:"),
-    "lightning.fabric.utilities.rank_zero": ("GPU available:", "TPU available:", "\U0001f4a1 Tip:"),
-    "lightning.pytorch.accelerators.cuda": ("LOCAL_RANK:",),
-    # accelerate only speeds up loading; the edit does not need it
-    "diffusers.models.modeling_utils": ("Cannot initialize model with low cpu memory usage",),
-    "diffusers.pipelines.pipeline_utils": ("Cannot initialize model with low cpu memory usage",),
-}
-
-
-class _DropNoise(logging.Filter):
-    def __init__(self, starts: tuple[str, ...]):
-        super().__init__()
-        self.starts = starts
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.starts)
-
-
-def _no_weight_loading_bar(factory, args, kwargs):
-    """transformers' bar over the tensors of a small local file; its download bars stay."""
-    if kwargs.get("desc") == "Loading weights":
-        kwargs = {**kwargs, "disable": True}
-    return factory(*args, **kwargs)
-
-
-def _quiet_library_noise() -> None:
-    """For the gas-edit and app entry points only: the Python API leaves global logging alone."""
-    import warnings
-
-    # We checkpoint the latent after its update on purpose; this advice does not apply.
-    warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
-    warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
-    # The "data" is a stream of dummy ticks; DataLoader workers would only add processes.
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    # A resumed edit continues in its own checkpoint folder on purpose.
-    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
-    for name, starts in _NOISE.items():
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropNoise) for f in logger.filters):
-            logger.addFilter(_DropNoise(starts))
-    from transformers.utils import logging as hf_logging
-
-    if hasattr(hf_logging, "set_tqdm_hook"):  # transformers >= 5
-        hf_logging.set_tqdm_hook(_no_weight_loading_bar)
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is now, so main() called twice in one process (tests,
-    notebooks) never logs into a stream an earlier call captured and closed."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
-
-
-def setup_terminal() -> None:
-    """Our INFO lines on stderr, library noise off: what `gas-edit` and `gas-edit app` print."""
-    if not log.handlers:
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-    _quiet_library_noise()
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["app"]:
-        from gas_lightning.app import main as app_main
-
+        try:  # Gradio is an extra: imported only for the app
+            from gas_lightning.app_ui import main as app_main
+        except ImportError as e:
+            print(f"gas-edit app: error: the app needs Gradio ({e.name} is missing): pip install 'gas-lightning[app]'",
+                  file=sys.stderr)
+            sys.exit(2)
         sys.exit(app_main(argv[1:]))
     setup_terminal()
     _DEBUG.set(False)
     try:
         code = run(argv)
-    except KeyboardInterrupt:
-        print("gas-edit: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as stop:
+        print(_stopped(stop), file=sys.stderr)
         code = 130
     except Exception as e:
         if _DEBUG.get():
             raise
         code = _report(e)
     sys.exit(code)
+
+
+def _stopped(stop: KeyboardInterrupt) -> str:
+    """Where the steps of a stopped edit are kept, and the command that continues it."""
+    if isinstance(stop, EditInterrupted) and stop.checkpoint is not None:
+        return (f"gas-edit: stopped at step {stop.step}; kept in {stop.checkpoint}\n"
+                f"  continue with: gas-edit --config {stop.output_dir / 'config.yaml'} --resume last")
+    return "gas-edit: interrupted before the first step; nothing to continue"
 
 
 def _report(error: Exception) -> int:

@@ -33,3 +33,14 @@ class RunError(GasError):
 
 class NonFiniteLatentError(RunError):
     """The latent became NaN or infinite during the edit."""
+
+
+class EditInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped an edit; `checkpoint` (None before the first step) holds its `step` steps.
+
+    A KeyboardInterrupt still, so a notebook or script stops as it would on Ctrl-C; the command
+    line prints where the steps are kept and how to continue."""
+
+    def __init__(self, step: int, checkpoint, output_dir):
+        super().__init__(step, checkpoint, output_dir)
+        self.step, self.checkpoint, self.output_dir = step, checkpoint, output_dir

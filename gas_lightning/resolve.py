@@ -31,7 +31,26 @@ PLAN_FORMS = (
 
 @dataclass
 class PlanSpec:
-    """Every way a user can describe an edit; exactly one of them may be used."""
+    """Every way a user can describe an edit; exactly one of them may be used.
+
+    Args:
+        request: the edit, one sentence per object: 'change the dog into a cat. change the grass into snow.'
+        source: the whole scene before the edit, as a sentence (with --target)
+        target: the whole scene after the edit, as a sentence (with --source)
+        plan: a plan.json (an earlier edit's, or written by hand)
+        sources: the objects to change, as a list of phrases (with --targets)
+        targets: what each becomes, one phrase per source
+        source_prompt: the whole-scene sentence before the edit (default: the phrases joined)
+        target_prompt: the whole-scene sentence after the edit
+        preserve_form: 1 per subtask whose shape must stay (the contrastive term), 0 otherwise
+        intensities: per subtask, a multiplier of its gradient (0 switches it off)
+        boxes: one box per subtask, [x0, y0, x1, y1] in 0..1 of the image, null where the detector finds it
+        masks: one PNG per subtask (null: its box), or one label-map PNG whose pixel value k marks subtask k
+        keep: objects that must not change, e.g. '[the blue square]'
+        planner: auto, rules (the 'change A into B.' sentences) or llm (--llm_model on an OpenAI-compatible endpoint)
+        llm_model: the model name the endpoint serves
+        llm_base_url: the endpoint (default: OPENAI_BASE_URL or OpenAI's); the key comes from OPENAI_API_KEY
+    """
 
     request: str | None = None
     source: str | None = None
@@ -55,7 +74,15 @@ class PlanSpec:
 
 @dataclass
 class GroundingSpec:
-    """Where boxes come from when the plan has none."""
+    """Where boxes come from when the plan has none.
+
+    Args:
+        detector: "world" for the bundled shapes world, or a GroundingDINO hub id / local folder for photos
+        segmenter: "world", or a local SAM folder: each object's mask instead of its box
+        segment: all objects get masks, or same_outline: only kept objects and recolours (a shape change keeps its box)
+        keep_unmentioned: keep every object the detector lists that the request does not name (world detector)
+        grounding_fallback: error, or whole_image: a phrase the detector cannot find edits the whole image
+    """
 
     detector: str | None = None  # hub id / path of a GroundingDINO, or "world" for the bundled shapes world
     detector_backend: str = "transformers"  # transformers | groundingdino-py

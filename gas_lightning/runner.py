@@ -11,11 +11,13 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence
 
 from jsonargparse import ActionConfigFile, Namespace
 
-from gas_lightning.errors import GasError
+from gas_lightning.errors import EditInterrupted, GasError
+from gas_lightning.worlds import MODEL_DIR
+from gas_lightning.worlds.vocab import check_known
 
 if TYPE_CHECKING:
     import torch
@@ -66,15 +68,19 @@ def build_parser(exit_on_error: bool = True):
     p.add_argument("--model_config", type=Optional[str], default=None,
                    help="for a single-file --model: a local diffusers-layout folder with its family's configs and tokenizers")
     p.add_argument("--image", type=Optional[str], default=None, help="image to edit (any size; see README: working size)")
-    p.add_argument("--output_dir", type=str, default="outputs/edit")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--schedule", type=str, default="batched", choices=["batched", "sequential"])
+    p.add_argument("--output_dir", type=str, default="outputs/edit",
+                   help="the edit's folder: edited.png, comparison.png, plan.json, config.yaml, checkpoints/")
+    p.add_argument("--seed", type=int, default=0, help="the edit's timesteps and noise")
+    p.add_argument("--schedule", type=Literal["batched", "sequential"], default="batched",
+                   help="batched: all subtasks in one UNet call per step; sequential: the reference's one step per subtask")
     p.add_argument("--resume", type=Optional[str], default=None, help="checkpoint to continue from, or 'last'")
-    p.add_argument("--overwrite", type=bool, default=False, help="replace an earlier edit's checkpoints in output_dir")
+    p.add_argument("--overwrite", type=bool, default=False,
+                   help="replace an earlier edit in output_dir (without it, a folder holding an edit is refused)")
     p.add_argument("--plan_only", type=bool, default=False, help="write plan.json and grounding.png, then stop")
     p.add_argument("--resolution", type=Optional[int], default=None, help="short side of the working size (default: the model's)")
-    p.add_argument("--dtype", type=str, default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--attention", type=str, default="auto", choices=["auto", "sdpa", "xformers"])
+    p.add_argument("--dtype", type=Literal["auto", "float32", "float16", "bfloat16"], default="auto",
+                   help="the model's weights (auto: float16 on a GPU, float32 on the CPU)")
+    p.add_argument("--attention", type=Literal["auto", "sdpa", "xformers"], default="auto")
     p.add_argument("--low_memory", type=bool, default=False,
                    help="UNet calls of at most --micro_batch samples; text encoder and VAE on the CPU between uses")
     p.add_argument("--micro_batch", type=Optional[int], default=None,
@@ -97,6 +103,10 @@ def build_parser(exit_on_error: bool = True):
     p.set_defaults({"trainer.max_steps": 500, "trainer.max_epochs": -1, "trainer.log_every_n_steps": 1,
                     "trainer.callbacks": DEFAULT_CALLBACKS})
     return p
+
+
+def is_bundled_model(source: str | None) -> bool:
+    return source is not None and Path(source).resolve() == MODEL_DIR.resolve()
 
 
 def is_child_rank() -> bool:
@@ -149,11 +159,15 @@ def run_edit(
 
     resume = cfg.resume
     if resume == "last":
-        resume = str(ckpt_dir / "last.ckpt")
+        resume = str(newest_checkpoint(ckpt_dir))
+    if cfg.resume == "last" and not Path(resume).is_file():
+        raise GasError(f"--resume last: {ckpt_dir} holds no checkpoint yet (an edit saves one every --checkpoint_every "
+                       "steps, at its end and when stopped); start the edit without --resume")
     if resume is not None and not Path(resume).is_file():
         raise GasError(f"--resume {cfg.resume!r}: no checkpoint at {resume}; checkpoints of an edit are in OUTPUT_DIR/checkpoints/")
-    if not child and resume is None and not cfg.plan_only and not cfg.overwrite and any(ckpt_dir.glob("*.ckpt")):
-        raise GasError(f"{out} already holds checkpoints of an earlier edit; continue it with --resume last, "
+    holds_edit = any(ckpt_dir.glob("*.ckpt")) or (out / "edited.png").is_file()
+    if not child and resume is None and not cfg.plan_only and not cfg.overwrite and holds_edit:
+        raise GasError(f"{out} already holds an earlier edit; continue it with --resume last, "
                        "replace it with --overwrite true, or choose another --output_dir")
 
     given_plan = plan is not None
@@ -165,8 +179,8 @@ def run_edit(
         check_resume(resume, plan)  # before plan.json/config.yaml are rewritten: a refused resume loses nothing
     make_writable_dir(out)
     if not child and cfg.overwrite and resume is None:
-        for old in ckpt_dir.glob("*.ckpt"):  # else Lightning would version names and "last" would be stale
-            old.unlink()
+        for old in [*ckpt_dir.glob("*.ckpt"), out / "edited.png"]:  # else Lightning would version names and
+            old.unlink(missing_ok=True)                               # "last" would be stale
     if not child:
         plan.save(out / "plan.json")
         if given_plan:  # a plan held in memory: config.yaml names the saved one, so it repeats the edit
@@ -183,6 +197,9 @@ def run_edit(
     if cfg.model is None and backbone is None:
         raise GasError("no model given: pass --model HUB_ID_OR_FOLDER (a diffusers SD 1.x/2.x or SDXL layout), "
                        "or gas-lightning:shapes-model for the bundled one")
+    if is_bundled_model(backbone.source if backbone is not None else resolve_bundled(cfg.model)):
+        check_known([p for s in plan.subtasks for p in (s.source, s.target)]
+                    + ([plan.source_prompt, plan.target_prompt] if cfg.guidance.full_prompt else []))
 
     init = parser.instantiate(cfg)
     check_lr_scheduler(init.lr_scheduler, cfg.trainer.max_steps)
@@ -192,7 +209,8 @@ def run_edit(
         all_callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
                                              every_n_train_steps=cfg.checkpoint_every, save_top_k=-1, save_last=True,
                                              enable_version_counter=False))
-    all_callbacks += [NanGuard(ckpt_dir), FinalCheckpoint(ckpt_dir), EditOutputs(out)]
+    final = FinalCheckpoint(ckpt_dir)
+    all_callbacks += [NanGuard(ckpt_dir), final, EditOutputs(out)]
     trainer_kwargs = {k: v for k, v in vars(init.trainer).items() if k != "callbacks"}
     if trainer_kwargs.get("logger") in (None, True):
         trainer_kwargs["logger"] = TensorBoardLogger(save_dir=str(out), name="", version="", default_hp_metric=False)
@@ -221,10 +239,32 @@ def run_edit(
     module = build_edit(backbone, image, plan, guidance_config=init.guidance, resolution=cfg.resolution,
                         schedule=cfg.schedule, seed=cfg.seed, loss_scale=cfg.loss_scale, optimizer=init.optimizer,
                         lr_scheduler=init.lr_scheduler)
-    trainer.fit(module, ckpt_path=resume, weights_only=True)
+    try:
+        trainer.fit(module, ckpt_path=resume, weights_only=True)
+    except SystemExit:  # Lightning answers Ctrl-C with sys.exit(1) after its callbacks saved the state
+        if trainer.interrupted:
+            raise EditInterrupted(trainer.global_step, final.interrupted, out) from None
+        raise
     edited = tensor_to_image(module.decode().cpu()) if trainer.is_global_zero else None
     return EditResult(image=edited, plan=plan, latent=module.latent.detach().cpu(), output_dir=out,
                       attention=backbone.attention, steps=trainer.global_step)
+
+
+def newest_checkpoint(ckpt_dir: Path) -> Path:
+    """What `--resume last` means: the later of last.ckpt (the last periodic or final save) and
+    interrupted.ckpt (Ctrl-C or an error), by step, so no step is redone; last.ckpt when neither exists."""
+    import torch
+
+    found = [p for p in (ckpt_dir / "last.ckpt", ckpt_dir / "interrupted.ckpt") if p.is_file()]
+    if len(found) < 2:
+        return found[0] if found else ckpt_dir / "last.ckpt"
+
+    def step(path: Path) -> tuple[int, int]:
+        try:
+            return int(torch.load(path, map_location="cpu", weights_only=True).get("global_step", -1)), path.stat().st_mtime_ns
+        except Exception:  # an unreadable file loses to a readable one; check_resume explains it if chosen
+            return -1, 0
+    return max(found, key=step)
 
 
 def refuse_file_in_path(out: Path) -> None:
@@ -304,7 +344,8 @@ def check_lr_scheduler(factory, max_steps: int) -> None:
         # OneCycleLR raises once stepped past its end, which would stop the edit part-way.
         raise GasError(f"--lr_scheduler OneCycleLR has total_steps {probe.total_steps} < trainer.max_steps {max_steps}; "
                        f"set --lr_scheduler.total_steps {max_steps}")
-    length = getattr(probe, "T_max", None) or getattr(probe, "total_iters", None) or getattr(probe, "total_steps", None)
+    key = next((k for k in ("T_max", "total_iters", "total_steps") if getattr(probe, k, None)), None)
+    length = getattr(probe, key) if key else None
     if length is not None and max_steps > 0 and length != max_steps:
-        log.warning("the lr schedule %s spans %d steps but trainer.max_steps is %d; set its T_max/total_iters to %d "
-                    "(also when raising max_steps to continue an edit)", name, length, max_steps, max_steps)
+        log.warning("the lr schedule %s spans %d steps but --trainer.max_steps is %d; add --lr_scheduler.%s %d "
+                    "(also when raising max_steps to continue an edit)", name, length, max_steps, key, max_steps)

@@ -191,7 +191,7 @@ def _need_gradio() -> None:
 
 def test_busy_port_is_one_clear_error(app):
     _need_gradio()
-    from gas_lightning.app import serve
+    from gas_lightning.app_ui import serve
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -204,7 +204,7 @@ def test_page_shows_an_upload_error_as_its_message(app, tmp_path):
     _need_gradio()
     from gradio_client import Client, handle_file
 
-    from gas_lightning.app import serve
+    from gas_lightning.app_ui import serve
 
     bad = tmp_path / "notes.png"
     bad.write_text("not a picture")

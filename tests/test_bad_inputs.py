@@ -348,13 +348,13 @@ def test_output_dir_holds_an_edit(capsys, tmp_path, image_file, tiny_pixel):
     last.parent.mkdir(parents=True)
     last.write_bytes(b"an earlier edit")
     code, err = edit(capsys, tmp_path, tiny_pixel, image_file)
-    assert code == 2 and "already holds checkpoints" in err and "--overwrite true" in err
+    assert code == 2 and "already holds an earlier edit" in err and "--overwrite true" in err
     assert last.read_bytes() == b"an earlier edit" and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoints"]
 
 
 def test_resume_without_checkpoint(capsys, tmp_path, image_file, tiny_pixel):
     code, err = edit(capsys, tmp_path, tiny_pixel, image_file, "--resume", "last")
-    assert code == 2 and "no checkpoint at" in err
+    assert code == 2 and "holds no checkpoint yet" in err and "without --resume" in err
 
 
 @pytest.mark.parametrize("damage", ["truncated", "foreign", "other_plan"])

@@ -65,6 +65,7 @@ class FinalCheckpoint(Callback):
     def __init__(self, dirpath: str | Path):
         self.dirpath = Path(dirpath)
         self._training = False
+        self.interrupted: Path | None = None  # where the steps of a stopped run were saved
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -80,3 +81,4 @@ class FinalCheckpoint(Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if self._training:
             trainer.save_checkpoint(self.dirpath / "interrupted.ckpt", weights_only=False)
+            self.interrupted = self.dirpath / "interrupted.ckpt"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 from typing import Any
 
 import lightning as L
@@ -33,9 +34,12 @@ class StepProgressBar(TQDMProgressBar):
 
     @override
     def init_train_tqdm(self) -> Tqdm:
-        bar = super().init_train_tqdm()
-        bar.unit = "step"
-        return bar
+        """Made with the edit's total and its current step (a resumed edit's), so that no line ever
+        reads `step 20/?`: Lightning's bar starts without a total and learns one at the epoch's start."""
+        trainer = self.trainer
+        return Tqdm(desc="", position=2 * self.process_position, disable=self.is_disabled, leave=True,
+                    dynamic_ncols=True, file=sys.stdout, smoothing=0, bar_format=self.BAR_FORMAT, unit="step",
+                    total=trainer.max_steps if trainer.max_steps > 0 else None, initial=trainer.global_step)
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -44,12 +48,7 @@ class StepProgressBar(TQDMProgressBar):
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
-        super().on_train_epoch_start(trainer)
-        bar = self.train_progress_bar
-        bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
-        bar.initial = trainer.global_step  # the rate counts this run's steps only
-        _update_n(bar, trainer.global_step)
-        bar.set_description("")  # "step" is in BAR_FORMAT: tqdm would add a colon to a description
+        """Lightning's would reset the bar to the epoch's batch count: the bar of init_train_tqdm stays."""
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:

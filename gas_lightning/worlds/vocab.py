@@ -9,9 +9,11 @@ BPE run on the world's words, so that each of them becomes a single token.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
+from gas_lightning.errors import PlanError
 from gas_lightning.worlds.scenes import BACKGROUNDS, COLOURS, SHAPES
 
 EXTRA_WORDS = (
@@ -21,6 +23,25 @@ EXTRA_WORDS = (
 WORDS: tuple[str, ...] = tuple(dict.fromkeys((*COLOURS, *SHAPES, *BACKGROUNDS, *EXTRA_WORDS)))
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 24  # longest caption is 15 tokens with BOS/EOS
+
+
+def unknown_words(texts: list[str]) -> list[str]:
+    """The words of `texts` the bundled model never saw, in order, once each. Its tokenizer would
+    split them into letters and the edit would follow noise."""
+    words = [w for t in texts for w in re.findall(r"[a-z]+|[^a-z\s]", t.lower())]
+    return list(dict.fromkeys(w for w in words if w not in WORDS and w.isalpha()))
+
+
+def check_known(texts: list[str]) -> None:
+    """Refuse, before any step, an edit whose phrases hold words the bundled model does not know."""
+    unknown = unknown_words(texts)
+    if unknown:
+        raise PlanError(
+            f"the bundled model does not know the word{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(map(repr, unknown))}: it knows only its shapes world (colours {', '.join(COLOURS)}; shapes "
+            f"{', '.join(SHAPES)}; backgrounds {', '.join(BACKGROUNDS)}). Edit a world scene with those words, or a "
+            "photo with a Stable Diffusion model (--model /models/sd15 --config configs/sd15.yaml)"
+        )
 
 
 def byte_alphabet() -> dict[int, str]:
