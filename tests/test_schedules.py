@@ -1,7 +1,7 @@
 """The batched schedule's two samplings against the per-term gradients computed one by one.
 
 `term_gradient` is the sequential schedule's unit (checked against the reference iteration in
-test_reference_fidelity.py); here the one-call batched gradient must equal the sum of those units
+test_reference_iteration.py); here the one-call batched gradient must equal the sum of those units
 for every term count, shared (one t, one noise) and per-term (each term its own t and noise).
 """
 
