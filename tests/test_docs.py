@@ -19,8 +19,12 @@ from test_readme import CLAIMS, DOCS, README, REPO, fenced_commands, parse_tool_
 DOCS_CLAIMS = [
     (r'pip install -e "\.\[docs\]" && mkdocs build --strict$', "here: test_the_docs_build_is_what_ci_runs"),
     (r"python tools/results/tables\.py$", "here: test_the_published_tables_are_their_records (its --check)"),
+    (r'gas-edit --config "\$\(python -c ', ".ci/wheel_check, here: test_the_wheel_command_is_what_ci_runs"),
     # the narratives' study runs (hours each): parsed by the tool, stopped before any work
-    (r"(OMP_NUM_THREADS=1 )?(nice -n 10 )?python3? tools/(world|bench)/\w+\.py ", "parsed: test_docs_tool_commands_parse"),
+    (
+        r"(OMP_NUM_THREADS=1 )?(nice -n 10 )?python3? tools/(world|bench)/\w+\.py ",
+        "parsed: test_docs_tool_commands_parse",
+    ),
 ]
 TOOL = re.compile(r"(OMP_NUM_THREADS=1 )?(nice -n 10 )?python3? tools/(world|bench)/\w+\.py ")
 
@@ -52,7 +56,7 @@ def test_every_docs_command_is_run_somewhere():
 
     readme_tests = {name for name in dir(test_readme) if name.startswith("test_")}
     for command, where in claims.items():
-        local = where.startswith(("here", "parsed"))
+        local = not where.startswith("tests/test_readme.py: ")
         for ref in re.findall(r"(?:here|parsed): (test_\w+)", where):
             assert ref in (here if local else readme_tests), (command, ref)
 
@@ -77,10 +81,24 @@ def test_the_docs_build_is_what_ci_runs():
     assert re.search(r"^docs = \[.*mkdocs", (REPO / "pyproject.toml").read_text(), re.M)
 
 
+def test_the_wheel_command_is_what_ci_runs():
+    """The install page's command for the installed wheel is the one .ci/wheel_check runs there, and
+    .ci/run runs that check."""
+    command = next(c for c in docs_commands()["docs/guide/install.md"] if "resolve_bundled" in c)
+    inner = re.search(r'python -c "(.*)"\)"$', command).group(1)
+    check = (REPO / ".ci" / "wheel_check").read_text()
+    assert inner in check and '"$work/venv/bin/gas-edit" --config "$preset"' in check
+    assert "bash .ci/wheel_check" in (REPO / ".ci" / "run").read_text()
+
+
 def test_docs_tool_commands_parse(monkeypatch):
     """The narratives' study commands (hours of editing each): the tool's parser must accept them."""
-    commands = [c for cs in docs_commands().values() for c in cs
-                if TOOL.match(c) and docs_claim(c) == "parsed: test_docs_tool_commands_parse"]
+    commands = [
+        c
+        for cs in docs_commands().values()
+        for c in cs
+        if TOOL.match(c) and docs_claim(c) == "parsed: test_docs_tool_commands_parse"
+    ]
     assert len(commands) >= 5, commands
     parse_tool_commands(list(dict.fromkeys(commands)), monkeypatch)
 
@@ -101,13 +119,16 @@ def test_the_published_tables_are_their_records(capsys):
 
 
 def row_of(table: str, label_start: str) -> list[str]:
-    line = next(l for l in table.splitlines() if l.startswith("| " + label_start))
+    line = next(row for row in table.splitlines() if row.startswith("| " + label_start))
     return [cell.strip() for cell in line.strip("|").split("|")]
 
 
 def test_the_table_generator_reads_the_records():
     """A few cells worked out from the record files directly, without summarize_eval."""
-    cases = [json.loads(l) for l in (REPO / "results/world/world_eval_seeds_112_114_cases.jsonl").read_text().splitlines()]
+    cases = [
+        json.loads(line)
+        for line in (REPO / "results/world/world_eval_seeds_112_114_cases.jsonl").read_text().splitlines()
+    ]
     preset = [c for c in cases if c["method"] == "gas_target_balance+masks_same_outline"]
     per_seed = [mean(c["all_attributes"] for c in preset if c["seed"] == s) for s in (112, 113, 114)]
     outside = mean(c["psnr_outside"] for c in preset if math.isfinite(c["psnr_outside"]))

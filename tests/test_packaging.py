@@ -21,7 +21,12 @@ print("loaded")
 
 
 def test_loading_without_accelerate_prints_no_install_hint(tiny_sd):
-    run = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_ACCELERATE, str(tiny_sd)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", LOAD_WITHOUT_ACCELERATE, str(tiny_sd)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0 and "loaded" in run.stdout, run.stderr[-2000:]
     assert "pip install accelerate" not in run.stderr and "low cpu memory usage" not in run.stderr, run.stderr[-2000:]

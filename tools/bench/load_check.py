@@ -22,27 +22,31 @@ from pathlib import Path
 
 
 def write_folder(folder: Path) -> None:
-    """The SD 1.5 architecture with random float32 weights, in the diffusers folder layout."""
+    """The SD 1.5 architecture with random float32 weights, saved by diffusers' own pipeline."""
+    import tempfile
+
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from gas_lightning.testing import ARCHITECTURES, write_char_clip_tokenizer
 
     spec = ARCHITECTURES["sd15"]
     torch.manual_seed(0)
-    UNet2DConditionModel(**spec["unet"]).save_pretrained(folder / "unet")
-    AutoencoderKL(**spec["vae"]).save_pretrained(folder / "vae")
     clip = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    CLIPTextModel(CLIPTextConfig(**clip, **spec["text"])).save_pretrained(folder / "text_encoder")
-    write_char_clip_tokenizer(folder / "tokenizer", max_length=77)
-    DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                  prediction_type=spec["prediction_type"]).save_pretrained(folder / "scheduler")
-    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
-             "unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
-             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],
-             "vae": ["diffusers", "AutoencoderKL"]}
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    with tempfile.TemporaryDirectory() as tmp:
+        write_char_clip_tokenizer(Path(tmp), max_length=77)
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    StableDiffusionPipeline(
+        unet=UNet2DConditionModel(**spec["unet"]),
+        vae=AutoencoderKL(**spec["vae"]),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**clip, **spec["text"])),
+        tokenizer=tokenizer,
+        scheduler=DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(folder)
 
 
 def load(folder: Path) -> dict:
@@ -57,8 +61,13 @@ def load(folder: Path) -> dict:
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     params = sum(p.numel() for p in backbone.unet.parameters())
-    return {"accelerate": importlib.util.find_spec("accelerate") is not None, "seconds": round(seconds, 2),
-            "peak_rss_mib": round(peak / 1024), "rss_before_mib": round(before / 1024), "unet_params": params}
+    return {
+        "accelerate": importlib.util.find_spec("accelerate") is not None,
+        "seconds": round(seconds, 2),
+        "peak_rss_mib": round(peak / 1024),
+        "rss_before_mib": round(before / 1024),
+        "unet_params": params,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

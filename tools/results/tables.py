@@ -54,8 +54,10 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 def world_preset_112_114() -> str:
     files = ["world_eval_seeds_112_114_cases.jsonl", "world_eval_seeds_112_114_dds_seq_cases.jsonl"]
     rows = [
-        ("**the preset** (`gas`: keep-aware sampling, masks for kept objects and recolours, target balance)",
-         "gas_target_balance+masks_same_outline"),
+        (
+            "**the preset** (`gas`: keep-aware sampling, masks for kept objects and recolours, target balance)",
+            "gas_target_balance+masks_same_outline",
+        ),
         ("the preset before, without target balance (`gas_unbalanced`)", "gas+masks_same_outline"),
         ("`gas_sequential` (the reference's schedule, with target balance)", "gas_sequential+masks_same_outline"),
         ("full-prompt DDS", "dds+masks_same_outline"),
@@ -63,17 +65,41 @@ def world_preset_112_114() -> str:
     out = []
     for label, method in rows:
         r = method_summary(files, method)
-        out.append([label, seeds(r), mean_ci(r), f"{r['colour']:.3f}", f"{r['shape']:.3f}", f"{r['preserved']:.3f}",
-                    f"{r['bg_psnr_in_boxes']:.1f} dB", f"{r['psnr_outside']:.1f} dB"])
-    return table(["test seeds 112-114, 150 cases", "all attributes, 112 / 113 / 114", "mean (95% interval)", "colour",
-                  "shape", "untouched objects kept", "bg PSNR in boxes", "PSNR outside"], out)
+        out.append(
+            [
+                label,
+                seeds(r),
+                mean_ci(r),
+                f"{r['colour']:.3f}",
+                f"{r['shape']:.3f}",
+                f"{r['preserved']:.3f}",
+                f"{r['bg_psnr_in_boxes']:.1f} dB",
+                f"{r['psnr_outside']:.1f} dB",
+            ]
+        )
+    return table(
+        [
+            "test seeds 112-114, 150 cases",
+            "all attributes, 112 / 113 / 114",
+            "mean (95% interval)",
+            "colour",
+            "shape",
+            "untouched objects kept",
+            "bg PSNR in boxes",
+            "PSNR outside",
+        ],
+        out,
+    )
 
 
 def world_test_100_102() -> str:
     more, first = ["world_eval_more_cases.jsonl"], ["world_eval_seeds_cases.jsonl"]
     rows = [
-        ("**`gas`**, keep-aware sampling, masks for kept objects and recolours (**the preset** before target balance)",
-         more, "gas+masks_same_outline"),
+        (
+            "**`gas`**, keep-aware sampling, masks for kept objects and recolours (**the preset** before target balance)",
+            more,
+            "gas+masks_same_outline",
+        ),
         ("`gas`, keep-aware sampling, boxes", more, "gas_keep_aware"),
         ("`gas`, shared sampling, boxes", first, "gas"),
         ("`gas_sequential` (the reference's schedule), boxes", more, "gas_sequential"),
@@ -82,38 +108,86 @@ def world_test_100_102() -> str:
     out = []
     for label, files, method in rows:
         r = method_summary(files, method)
-        out.append([label, seeds(r), mean_ci(r), f"{r['preserved']:.3f}", f"{r['bg_psnr_in_boxes']:.1f} dB",
-                    f"{r['psnr_outside']:.1f} dB"])
-    return table(["method", "all attributes, seed 100 / 101 / 102", "mean (95% interval)", "untouched objects kept",
-                  "bg PSNR in boxes", "PSNR outside"], out)
+        out.append(
+            [
+                label,
+                seeds(r),
+                mean_ci(r),
+                f"{r['preserved']:.3f}",
+                f"{r['bg_psnr_in_boxes']:.1f} dB",
+                f"{r['psnr_outside']:.1f} dB",
+            ]
+        )
+    return table(
+        [
+            "method",
+            "all attributes, seed 100 / 101 / 102",
+            "mean (95% interval)",
+            "untouched objects kept",
+            "bg PSNR in boxes",
+            "PSNR outside",
+        ],
+        out,
+    )
 
 
 def masks_test_100_102() -> str:
     files = ["world_eval_more_cases.jsonl"]
     out = []
-    for label, method in (("boxes (keep-aware `gas`)", "gas_keep_aware"),
-                          ("masks for kept objects and recolours", "gas+masks_same_outline")):
+    for label, method in (
+        ("boxes (keep-aware `gas`)", "gas_keep_aware"),
+        ("masks for kept objects and recolours", "gas+masks_same_outline"),
+    ):
         r = method_summary(files, method)
-        out.append([label, f"{r['all_attributes_mean']:.3f} ({seeds(r)})", f"{r['bg_psnr_in_boxes']:.1f} dB",
-                    f"{r['psnr_outside']:.1f} dB", f"{r['preserved']:.3f}", f"{r['complete']:.3f}"])
-    return table(["test seeds 100-102, 150 cases", "all attributes (seed 100 / 101 / 102)", "bg PSNR in edited boxes",
-                  "PSNR outside them", "untouched objects kept", "all right and all kept"], out)
+        out.append(
+            [
+                label,
+                f"{r['all_attributes_mean']:.3f} ({seeds(r)})",
+                f"{r['bg_psnr_in_boxes']:.1f} dB",
+                f"{r['psnr_outside']:.1f} dB",
+                f"{r['preserved']:.3f}",
+                f"{r['complete']:.3f}",
+            ]
+        )
+    return table(
+        [
+            "test seeds 100-102, 150 cases",
+            "all attributes (seed 100 / 101 / 102)",
+            "bg PSNR in edited boxes",
+            "PSNR outside them",
+            "untouched objects kept",
+            "all right and all kept",
+        ],
+        out,
+    )
 
 
 def gpu_h200() -> str:
     """The H200 rows of which a benchmark JSON was kept (tools/bench/benchmark.py --json)."""
-    rows = [("SD 1.5, 512 px, fp16 weights", "fp16.json"),
-            ("SD 1.5, fp16, `--low_memory true` (micro-batches of 4)", "fp16_lowmem.json"),
-            ("SD 1.5, bf16 weights", "bf16.json"),
-            ("SD 1.5, fp32 weights, `--precision 16-mixed` (configs/sd15.yaml)", "fp32_16mixed.json")]
+    rows = [
+        ("SD 1.5, 512 px, fp16 weights", "fp16.json"),
+        ("SD 1.5, fp16, `--low_memory true` (micro-batches of 4)", "fp16_lowmem.json"),
+        ("SD 1.5, bf16 weights", "bf16.json"),
+        ("SD 1.5, fp32 weights, `--precision 16-mixed` (configs/sd15.yaml)", "fp32_16mixed.json"),
+    ]
     out = []
     for label, name in rows:
         r = json.loads((REPO / "results" / "gpu" / name).read_text())
         seq, bat = r["sequential"], r["batched"]
-        out.append([label, f"{seq['s_per_step']:.3f}", f"{bat['s_per_step']:.3f}", f"{r['ratio']:.2f}",
-                    f"{bat['s_per_500_steps']:.1f}", f"{bat['peak_mem_mb']:,.0f}"])
-    return table(["row", "sequential s/step", "batched s/step", "ratio", "batched s per 500 steps",
-                  "peak GPU MiB (batched)"], out)
+        out.append(
+            [
+                label,
+                f"{seq['s_per_step']:.3f}",
+                f"{bat['s_per_step']:.3f}",
+                f"{r['ratio']:.2f}",
+                f"{bat['s_per_500_steps']:.1f}",
+                f"{bat['peak_mem_mb']:,.0f}",
+            ]
+        )
+    return table(
+        ["row", "sequential s/step", "batched s/step", "ratio", "batched s per 500 steps", "peak GPU MiB (batched)"],
+        out,
+    )
 
 
 def imports(package: Path = REPO / "gas_lightning") -> str:
@@ -135,7 +209,7 @@ def imports(package: Path = REPO / "gas_lightning") -> str:
             elif isinstance(node, ast.ImportFrom):
                 if node.level:  # relative: resolved against this module's package
                     base = module.split(".") if is_package else module.split(".")[:-1]
-                    base = base[:len(base) - node.level + 1]
+                    base = base[: len(base) - node.level + 1]
                     target = ".".join(base + ([node.module] if node.module else []))
                 else:
                     target = node.module or ""
@@ -146,7 +220,10 @@ def imports(package: Path = REPO / "gas_lightning") -> str:
         rows.append([f"`{module}`", ", ".join(f"`{d.removeprefix(package.name + '.')}`" for d in deps) or "-"])
     loops = sorted(sorted(c) for c in nx.strongly_connected_components(graph) if len(c) > 1)
     said = "; ".join(" / ".join(f"`{m}`" for m in loop) for loop in loops) or "none"
-    return table(["module", "imports from the package"], rows) + f"\nModules that import each other (directly or round a loop): {said}.\n"
+    return (
+        table(["module", "imports from the package"], rows)
+        + f"\nModules that import each other (directly or round a loop): {said}.\n"
+    )
 
 
 TABLES = {
@@ -189,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         text = page.read_text()
         new = render(text, cache)
         if new != text:
-            names = [m.group(2) for m, n in zip(MARKER.finditer(text), MARKER.finditer(new)) if m.group(3) != n.group(3)]
+            names = [
+                m.group(2) for m, n in zip(MARKER.finditer(text), MARKER.finditer(new)) if m.group(3) != n.group(3)
+            ]
             stale += [f"{page.relative_to(REPO)}: {name}" for name in names if not (args.check and name in LIVE)]
             if not args.check:
                 page.write_text(new)
