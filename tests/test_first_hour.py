@@ -204,3 +204,33 @@ def test_words_the_bundled_model_knows_pass():
 
     check_known(["the red circle", "an orange triangle on snow", "a yellow circle, a green square and sand"])
     assert unknown_words(["the red circles", "a blue cube"]) == ["circles", "cube"]
+
+
+# --- 1: objects the request does not name are kept ------------------------------------------------
+
+def test_objects_the_request_does_not_name_get_keep_subtasks():
+    from gas_lightning.api import plan_edit
+
+    request = "change the red circle into a blue circle. change the snow into grass."
+    plan = plan_edit("gas-lightning:example.png", request)
+    # the example scene (worlds/assets/example.png): a red circle, a blue square and an orange triangle on snow
+    assert [(s.source, s.target) for s in plan.subtasks] == [
+        ("the red circle", "a blue circle"), ("the snow", "grass"),
+        ("a blue square", "a blue square"), ("an orange triangle", "an orange triangle")]
+    assert plan.subtasks[2].box[0] > 0.5 and plan.subtasks[3].box[1] > 0.5  # the square right, the triangle below
+    assert len(plan_edit("gas-lightning:example.png", request, keep_unmentioned=False).subtasks) == 2
+
+
+def test_keep_unmentioned_keeps_what_no_box_covers():
+    from gas_lightning.plan import EditPlan, Subtask
+    from gas_lightning.resolve import keep_unmentioned
+
+    plan = EditPlan("x", "y", (Subtask("a dog", "a cat", box=(0.05, 0.0, 0.5, 0.5)),
+                               Subtask("grass", "snow", box=(0.0, 0.0, 1.0, 1.0))))
+    objects = [("a dog", (0.0, 0.0, 0.5, 0.5)),  # IoU 0.225 / 0.25 = 0.9 with the dog's box: named
+               ("a ball", (0.5, 0.5, 1.0, 1.0)),  # only the whole-image background covers it: kept
+               ("a cup", (0.0, 0.0, 0.2, 0.5))]  # IoU 0.075 / 0.225 = 0.33 with the dog's box: kept
+    kept = keep_unmentioned(plan, objects).subtasks[2:]
+    assert [(s.source, s.target, s.box, s.penalty) for s in kept] == [
+        ("a ball", "a ball", (0.5, 0.5, 1.0, 1.0), False), ("a cup", "a cup", (0.0, 0.0, 0.2, 0.5), False)]
+    assert keep_unmentioned(plan, objects[:1]) == plan
