@@ -132,7 +132,7 @@ def test_the_table_generator_reads_the_records():
     preset = [c for c in cases if c["method"] == "gas_target_balance+masks_same_outline"]
     per_seed = [mean(c["all_attributes"] for c in preset if c["seed"] == s) for s in (112, 113, 114)]
     outside = mean(c["psnr_outside"] for c in preset if math.isfinite(c["psnr_outside"]))
-    row = row_of(tables.world_preset_112_114(), "**the preset**")
+    row = row_of(tables.TABLES["world-preset-112-114"](), "**the preset**")
     assert row[1] == " / ".join(f"{v:.2f}" for v in per_seed)
     assert row[2].startswith(f"{mean(per_seed):.3f} (")
     assert row[7] == f"{outside:.1f} dB"

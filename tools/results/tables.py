@@ -24,16 +24,17 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools" / "world"))
 import summarize_eval  # noqa: E402  (a sibling tool, not a package)
 
-WORLD = REPO / "results" / "world"
+RECORDS = REPO / "results" / "world"
 MARKER = re.compile(r"(<!-- generated:([\w-]+) -->\n)(.*?)(<!-- /generated -->)", re.S)
 
 
-def method_summary(files: list[str], method: str) -> dict:
-    """summarize_eval's numbers for one method of the given record files."""
-    data = summarize_eval.load([WORLD / f for f in files])
-    if method not in data:
-        raise SystemExit(f"no method {method!r} in {files}")
-    return summarize_eval.summarize({method: data[method]})["methods"][method]
+def method_summary(files: list[str], method: str, seed: int | None = None) -> dict:
+    """summarize_eval's numbers for one method of the given record files (one seed of them, if given)."""
+    data = summarize_eval.load([RECORDS / f for f in files])
+    if method not in data or (seed is not None and seed not in data[method]):
+        raise SystemExit(f"no method {method!r}{'' if seed is None else f' of seed {seed}'} in {files}")
+    seeds = data[method] if seed is None else {seed: data[method][seed]}
+    return summarize_eval.summarize({method: seeds})["methods"][method]
 
 
 def seeds(r: dict) -> str:
@@ -45,39 +46,66 @@ def mean_ci(r: dict) -> str:
     return f"{r['all_attributes_mean']:.3f} ({lo:.2f}-{hi:.2f})"
 
 
+# a column of a world table: (summarize_eval's number for one method, its format); the validation
+# tables of one seed give two decimals where its 50 cases give no third, and PSNR without its unit
+CELLS = {
+    "colour": ("colour", "{:.3f}"),
+    "shape": ("shape", "{:.3f}"),
+    "shape2": ("shape", "{:.2f}"),
+    "kept": ("preserved", "{:.3f}"),
+    "kept2": ("preserved", "{:.2f}"),
+    "complete": ("complete", "{:.3f}"),
+    "all2": ("all_attributes_mean", "{:.2f}"),
+    "bg": ("bg_psnr_in_boxes", "{:.1f} dB"),
+    "bg_db": ("bg_psnr_in_boxes", "{:.1f}"),
+    "outside": ("psnr_outside", "{:.1f} dB"),
+    "outside_db": ("psnr_outside", "{:.1f}"),
+    "seconds": ("seconds_per_edit", "{:.1f}"),
+}
+
+
+def cell(column: str, r: dict) -> str:
+    if column == "seeds":
+        return seeds(r)
+    if column == "mean_ci":
+        return mean_ci(r)
+    if column == "mean_seeds":
+        return f"{r['all_attributes_mean']:.3f} ({seeds(r)})"
+    key, form = CELLS[column]
+    return form.format(r[key])
+
+
+def world_table(header: list[str], columns: list[str], rows: list[tuple]) -> str:
+    """rows: (label, record files, method as recorded[, seed]); one cell per column (see `cell`)."""
+    out = []
+    for label, files, method, *seed in rows:
+        r = method_summary(files, method, *seed)
+        out.append([label, *(cell(c, r) for c in columns)])
+    return table(header, out)
+
+
 def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
-def world_preset_112_114() -> str:
-    files = ["world_eval_seeds_112_114_cases.jsonl", "world_eval_seeds_112_114_dds_seq_cases.jsonl"]
-    rows = [
-        (
-            "**the preset** (`gas`: keep-aware sampling, masks for kept objects and recolours, target balance)",
-            "gas_target_balance+masks_same_outline",
-        ),
-        ("the preset before, without target balance (`gas_unbalanced`)", "gas+masks_same_outline"),
-        ("`gas_sequential` (the reference's schedule, with target balance)", "gas_sequential+masks_same_outline"),
-        ("full-prompt DDS", "dds+masks_same_outline"),
-    ]
-    out = []
-    for label, method in rows:
-        r = method_summary(files, method)
-        out.append(
-            [
-                label,
-                seeds(r),
-                mean_ci(r),
-                f"{r['colour']:.3f}",
-                f"{r['shape']:.3f}",
-                f"{r['preserved']:.3f}",
-                f"{r['bg_psnr_in_boxes']:.1f} dB",
-                f"{r['psnr_outside']:.1f} dB",
-            ]
-        )
-    return table(
+S100, MORE = ["world_eval_seeds_cases.jsonl"], ["world_eval_more_cases.jsonl"]
+S103, S106, S109 = (
+    ["world_eval_seeds_103_105_cases.jsonl"],
+    ["world_eval_seeds_106_108_cases.jsonl"],
+    ["world_eval_seeds_109_111_cases.jsonl"],
+)
+S112 = ["world_eval_seeds_112_114_cases.jsonl", "world_eval_seeds_112_114_dds_seq_cases.jsonl"]
+S115 = ["world_eval_seeds_115_116_steps75_cases.jsonl"]
+TEST = ["colour", "shape", "kept", "bg", "outside"]
+TEST_HEADER = ["colour", "shape", "untouched kept", "bg PSNR in boxes", "PSNR outside"]
+PRESET = "gas+masks_same_outline"  # the preset's name in the records before target balance
+VAL = ["world_eval_validation_cases.jsonl"]
+VAL_HEADER = ["all attributes", "colour", "shape", "untouched kept", "bg PSNR in boxes (dB)", "PSNR outside (dB)"]
+
+WORLD = {
+    "world-preset-112-114": (
         [
             "test seeds 112-114, 150 cases",
             "all attributes, 112 / 113 / 114",
@@ -88,37 +116,23 @@ def world_preset_112_114() -> str:
             "bg PSNR in boxes",
             "PSNR outside",
         ],
-        out,
-    )
-
-
-def world_test_100_102() -> str:
-    more, first = ["world_eval_more_cases.jsonl"], ["world_eval_seeds_cases.jsonl"]
-    rows = [
-        (
-            "**`gas`**, keep-aware sampling, masks for kept objects and recolours (**the preset** before target balance)",
-            more,
-            "gas+masks_same_outline",
-        ),
-        ("`gas`, keep-aware sampling, boxes", more, "gas_keep_aware"),
-        ("`gas`, shared sampling, boxes", first, "gas"),
-        ("`gas_sequential` (the reference's schedule), boxes", more, "gas_sequential"),
-        ("full-prompt DDS", first, "dds"),
-    ]
-    out = []
-    for label, files, method in rows:
-        r = method_summary(files, method)
-        out.append(
-            [
-                label,
-                seeds(r),
-                mean_ci(r),
-                f"{r['preserved']:.3f}",
-                f"{r['bg_psnr_in_boxes']:.1f} dB",
-                f"{r['psnr_outside']:.1f} dB",
-            ]
-        )
-    return table(
+        ["seeds", "mean_ci", *TEST],
+        [
+            (
+                "**the preset** (`gas`: keep-aware sampling, masks for kept objects and recolours, target balance)",
+                S112,
+                "gas_target_balance+masks_same_outline",
+            ),
+            ("the preset before, without target balance (`gas_unbalanced`)", S112, PRESET),
+            (
+                "`gas_sequential` (the reference's schedule, with target balance)",
+                S112,
+                "gas_sequential+masks_same_outline",
+            ),
+            ("full-prompt DDS", S112, "dds+masks_same_outline"),
+        ],
+    ),
+    "world-test-100-102": (
         [
             "method",
             "all attributes, seed 100 / 101 / 102",
@@ -127,29 +141,20 @@ def world_test_100_102() -> str:
             "bg PSNR in boxes",
             "PSNR outside",
         ],
-        out,
-    )
-
-
-def masks_test_100_102() -> str:
-    files = ["world_eval_more_cases.jsonl"]
-    out = []
-    for label, method in (
-        ("boxes (keep-aware `gas`)", "gas_keep_aware"),
-        ("masks for kept objects and recolours", "gas+masks_same_outline"),
-    ):
-        r = method_summary(files, method)
-        out.append(
-            [
-                label,
-                f"{r['all_attributes_mean']:.3f} ({seeds(r)})",
-                f"{r['bg_psnr_in_boxes']:.1f} dB",
-                f"{r['psnr_outside']:.1f} dB",
-                f"{r['preserved']:.3f}",
-                f"{r['complete']:.3f}",
-            ]
-        )
-    return table(
+        ["seeds", "mean_ci", "kept", "bg", "outside"],
+        [
+            (
+                "**`gas`**, keep-aware sampling, masks for kept objects and recolours (**the preset** before target balance)",
+                MORE,
+                PRESET,
+            ),
+            ("`gas`, keep-aware sampling, boxes", MORE, "gas_keep_aware"),
+            ("`gas`, shared sampling, boxes", S100, "gas"),
+            ("`gas_sequential` (the reference's schedule), boxes", MORE, "gas_sequential"),
+            ("full-prompt DDS", S100, "dds"),
+        ],
+    ),
+    "masks-test-100-102": (
         [
             "test seeds 100-102, 150 cases",
             "all attributes (seed 100 / 101 / 102)",
@@ -158,8 +163,123 @@ def masks_test_100_102() -> str:
             "untouched objects kept",
             "all right and all kept",
         ],
-        out,
-    )
+        ["mean_seeds", "bg", "outside", "kept", "complete"],
+        [("boxes (keep-aware `gas`)", MORE, "gas_keep_aware"), ("masks for kept objects and recolours", MORE, PRESET)],
+    ),
+    "world-103-105": (
+        ["test seeds 103-105, 150 cases", "all attributes, 103 / 104 / 105", "mean (95%)", *TEST_HEADER],
+        ["seeds", "mean_ci", *TEST],
+        [("preset", S103, PRESET), ("DDS", S103, "dds")],
+    ),
+    "world-106-108": (
+        [
+            "test seeds 106-108, 150 cases",
+            "all attributes, 106 / 107 / 108",
+            "mean (95%)",
+            "colour",
+            "shape",
+            "untouched kept",
+            "cases entirely right incl. kept",
+            "bg PSNR in boxes",
+            "PSNR outside",
+        ],
+        ["seeds", "mean_ci", "colour", "shape", "kept", "complete", "bg", "outside"],
+        [("the preset", S106, PRESET), ("F", S106, "gas_current_ref_outline_mask_overlap_0+masks_same_outline")],
+    ),
+    "world-109-111": (
+        ["test seeds 109-111, 150 cases", "all attributes, 109 / 110 / 111", "mean (95%)", *TEST_HEADER],
+        ["seeds", "mean_ci", *TEST],
+        [("the preset", S109, PRESET), ("`t_max_end 600`", S109, "gas_t_anneal600+masks_same_outline")],
+    ),
+    "world-112-114-history": (
+        ["test seeds 112-114, 150 cases", "all attributes, 112 / 113 / 114", "mean (95%)", *TEST_HEADER],
+        ["seeds", "mean_ci", *TEST],
+        [
+            ("the preset then (`gas_unbalanced`)", S112, PRESET),
+            ("**target balance** (`gas` now)", S112, "gas_target_balance+masks_same_outline"),
+            ("`gas_sequential` with target balance (run after the choice)", S112, "gas_sequential+masks_same_outline"),
+            ("full-prompt DDS (run after the choice)", S112, "dds+masks_same_outline"),
+        ],
+    ),
+    "val3-preserve": (
+        ["validation seed 3, 50 cases", *VAL_HEADER],
+        ["all2", "colour", "shape", "kept2", "bg_db", "outside_db"],
+        [
+            ("preset (`gas --masks same_outline`)", VAL, PRESET, 3),
+            ("`gas_preserve` (recolours marked preserve_form)", VAL, "gas_preserve+masks_same_outline", 3),
+        ],
+    ),
+    "val3-budget": (
+        ["validation seed 3, 50 cases", "all attributes", "colour", "shape", "PSNR outside (dB)", "kept"],
+        ["all2", "colour", "shape2", "outside_db", "kept2"],
+        [
+            ("`gas` (keep-aware), 150 steps (the preset)", VAL, PRESET, 3),
+            ("`gas`, 75 steps (cosine schedule over 75)", VAL, "gas_75steps+masks_same_outline", 3),
+            ("`gas_sequential`, 150 steps", VAL, "gas_sequential+masks_same_outline", 3),
+            (
+                "`gas_sequential`, 75 steps (added later the same day)",
+                VAL,
+                "gas_sequential_75steps+masks_same_outline",
+                3,
+            ),
+        ],
+    ),
+    "val3-steps": (
+        ["validation seed 3, 50 cases", *VAL_HEADER],
+        ["all2", "colour", "shape2", "kept2", "bg_db", "outside_db"],
+        [
+            ("preset, 75 steps", VAL, "gas_75steps+masks_same_outline", 3),
+            ("preset, 150 steps", VAL, PRESET, 3),
+            ("preset, 300 steps", VAL, "gas_300steps+masks_same_outline", 3),
+        ],
+    ),
+    "val3-reference-context": (
+        ["validation seed 3, 50 cases", *VAL_HEADER],
+        ["all2", "colour", "shape", "kept2", "bg_db", "outside_db"],
+        [
+            ("the preset", VAL, PRESET, 3),
+            ("E: `current`, all objects (`gas_current_ref`)", VAL, "gas_current_ref+masks_same_outline", 3),
+            (
+                "G: `current`, `same_outline` (`gas_current_ref_outline`)",
+                VAL,
+                "gas_current_ref_outline+masks_same_outline",
+                3,
+            ),
+            (
+                "**F**: G + `mask_overlap_weight 0` (`gas_current_ref_outline_mask_overlap_0`)",
+                VAL,
+                "gas_current_ref_outline_mask_overlap_0+masks_same_outline",
+                3,
+            ),
+        ],
+    ),
+    "val4-anneal": (
+        ["validation seed 4, 50 cases", *VAL_HEADER],
+        ["all2", "colour", "shape2", "kept2", "bg_db", "outside_db"],
+        [
+            ("the preset", VAL, PRESET, 4),
+            ("`t_max_end 400` (`gas_t_anneal400`)", VAL, "gas_t_anneal400+masks_same_outline", 4),
+            ("**`t_max_end 600`** (`gas_t_anneal600`)", VAL, "gas_t_anneal600+masks_same_outline", 4),
+        ],
+    ),
+    "world-115-116": (
+        [
+            "test seeds 115-116, 100 cases, 75 steps",
+            "all attributes, 115 / 116",
+            "mean (95%)",
+            "colour",
+            "shape",
+            "kept",
+            "PSNR outside",
+            "s / edit",
+        ],
+        ["seeds", "mean_ci", "colour", "shape", "kept", "outside", "seconds"],
+        [
+            ("`gas`", S115, "gas_75steps+masks_same_outline"),
+            ("`gas_sequential`", S115, "gas_sequential_75steps+masks_same_outline"),
+        ],
+    ),
+}
 
 
 def gpu_h200() -> str:
@@ -227,9 +347,7 @@ def imports(package: Path = REPO / "gas_lightning") -> str:
 
 
 TABLES = {
-    "world-preset-112-114": world_preset_112_114,
-    "world-test-100-102": world_test_100_102,
-    "masks-test-100-102": masks_test_100_102,
+    **{name: (lambda spec=spec: world_table(*spec)) for name, spec in WORLD.items()},
     "gpu-h200": gpu_h200,
     "imports": imports,
 }
