@@ -42,7 +42,7 @@ def load_model(model: str = BUNDLED_MODEL, device: str = "auto", dtype: str = "a
     A single-file checkpoint needs `model_config`, the local folder of its family's configs and tokenizers."""
     import torch
 
-    from gas_lightning.backbone import load_backbone
+    from gas_lightning.loading import load_backbone
     from gas_lightning.resolve import resolve_bundled
 
     if device == "auto":

@@ -211,7 +211,7 @@ class _Runner:
         from gas_lightning.runner import run_edit
 
         if self.backbone is None:  # loaded for the first job that runs, not for a rerun that skips them all
-            from gas_lightning.backbone import load_backbone
+            from gas_lightning.loading import load_backbone
             from gas_lightning.resolve import resolve_bundled
 
             self.backbone = load_backbone(resolve_bundled(cfg.model), device=str(self.device), dtype=cfg.dtype,

@@ -226,7 +226,7 @@ def run_edit(
     if backbone is not None:  # load_backbone says which attention it set up; a given model is named here
         log.info("attention backend: %s", backbone.attention)
     if backbone is None:
-        from gas_lightning.backbone import load_backbone
+        from gas_lightning.loading import load_backbone
 
         backbone = load_backbone(resolve_bundled(cfg.model), device=device, dtype=cfg.dtype, attention=cfg.attention,
                                  allow_pickle_weights=cfg.allow_pickle_weights, model_config=cfg.model_config,

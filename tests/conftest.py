@@ -35,7 +35,7 @@ def tiny_pixel(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def backbone(tiny_sd):
-    from gas_lightning.backbone import load_backbone
+    from gas_lightning.loading import load_backbone
 
     return load_backbone(tiny_sd, attention="sdpa")
 

@@ -5,7 +5,8 @@ import logging
 import pytest
 import torch
 
-from gas_lightning.backbone import IdentityCodec, VaeCodec, load_backbone, set_attention
+from gas_lightning.backbone import IdentityCodec, VaeCodec, set_attention
+from gas_lightning.loading import load_backbone
 from gas_lightning.errors import ModelLoadError
 
 

@@ -299,7 +299,7 @@ def test_a_world_case_through_batch_is_eval_worlds_edit(tmp_path, monkeypatch, m
     import importlib.util
     from types import SimpleNamespace
 
-    from gas_lightning.backbone import load_backbone
+    from gas_lightning.loading import load_backbone
     from gas_lightning.worlds import MODEL_DIR, held_out_cases
 
     spec = importlib.util.spec_from_file_location("eval_world", REPO / "tools" / "world" / "eval_world.py")
@@ -337,7 +337,8 @@ def test_a_world_case_through_batch_is_eval_worlds_edit(tmp_path, monkeypatch, m
 
 def test_the_readme_batch_example_runs(tmp_path):
     """README "Many edits": its jobs file and command, with 2 steps instead of 150."""
-    readme = (REPO / "README.md").read_text()
+    pages = [(REPO / "README.md").read_text(), (REPO / "docs" / "guide" / "batch.md").read_text()]
+    readme = next(text for text in pages if "## Many edits: gas-edit batch" in text)  # moved to the docs site
     section = readme[readme.index("## Many edits: gas-edit batch"):]
     block = section[section.index("cat > jobs.jsonl <<'JOBS'\n") + len("cat > jobs.jsonl <<'JOBS'\n"):]
     jobs = tmp_path / "jobs.jsonl"

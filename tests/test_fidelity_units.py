@@ -172,7 +172,7 @@ class _FakeOutput:
 
 def test_v_prediction_recovers_the_noise_from_the_true_velocity(tiny_sd_v, monkeypatch):
     """If the UNet returned the exact velocity v = get_velocity(x0, eps, t), predict_eps must return eps."""
-    from gas_lightning.backbone import load_backbone
+    from gas_lightning.loading import load_backbone
 
     bb = load_backbone(tiny_sd_v, attention="sdpa")
     sched = _scheduler(tiny_sd_v)

@@ -202,7 +202,7 @@ def test_a_preserve_form_box_under_one_coarsest_cell_is_refused_naming_the_small
     VAE halves the 32 px image: one coarsest cell is 4 px, 1/8 of the image."""
     from PIL import Image
 
-    from gas_lightning.backbone import load_backbone
+    from gas_lightning.loading import load_backbone
     from gas_lightning.errors import PlanError
     from gas_lightning.pipeline import build_edit
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from gas_lightning.backbone import VaeCodec, load_backbone
+from gas_lightning.backbone import VaeCodec
+from gas_lightning.loading import load_backbone
 from gas_lightning.errors import GasError, ModelLoadError
 from gas_lightning.guidance.cds import SelfAttentionCapture
 from gas_lightning.worlds import MODEL_DIR, held_out_cases

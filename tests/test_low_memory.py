@@ -19,7 +19,8 @@ import pytest
 import torch
 from torch import nn
 
-from gas_lightning.backbone import load_backbone, visiting
+from gas_lightning.backbone import visiting
+from gas_lightning.loading import load_backbone
 from gas_lightning.guidance import GroundedScoreGuidance, GuidanceConfig, Term
 from gas_lightning.masks import subtask_masks
 

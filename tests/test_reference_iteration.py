@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from gas_lightning.backbone import load_backbone
+from gas_lightning.loading import load_backbone
 from gas_lightning.callbacks import NullTextPenalty
 from gas_lightning.guidance import GuidanceConfig
 from gas_lightning.module import GroundAScoreEdit

@@ -279,7 +279,7 @@ def test_mask_guided_edit_runs_end_to_end(tiny_pixel, image_file, tmp_path, caps
 
 
 def test_build_edit_takes_an_in_memory_mask(tiny_pixel):
-    from gas_lightning.backbone import load_backbone
+    from gas_lightning.loading import load_backbone
     from gas_lightning.guidance import GuidanceConfig
     from gas_lightning.pipeline import build_edit
 

@@ -33,7 +33,7 @@ def tiny_sdxl(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def sdxl(tiny_sdxl):
-    from gas_lightning.backbone import load_backbone
+    from gas_lightning.loading import load_backbone
 
     return load_backbone(tiny_sdxl, attention="sdpa")
 
@@ -91,7 +91,7 @@ def test_sdxl_folder_loads_as_the_sdxl_family(sdxl):
 
 
 def test_sdxl_vae_stays_float32_when_the_model_is_float16(tiny_sdxl, tmp_path):
-    from gas_lightning.backbone import load_backbone
+    from gas_lightning.loading import load_backbone
 
     bb = load_backbone(tiny_sdxl, dtype="float16", attention="sdpa")
     assert bb.dtype == torch.float16 and bb.text_encoder_2.dtype == torch.float16
@@ -114,7 +114,7 @@ def test_vae_ignores_a_surrounding_autocast(sdxl):
 
 @pytest.mark.parametrize("pipeline", ["StableDiffusion3Pipeline", "FluxPipeline"])
 def test_other_families_are_refused_with_one_message(tiny_sdxl, tmp_path, pipeline):
-    from gas_lightning.backbone import load_backbone
+    from gas_lightning.loading import load_backbone
 
     folder = tmp_path / pipeline
     folder.mkdir()
@@ -131,7 +131,7 @@ def test_other_families_are_refused_with_one_message(tiny_sdxl, tmp_path, pipeli
 def test_the_refiner_is_refused(tiny_sdxl, tmp_path):
     import shutil
 
-    from gas_lightning.backbone import load_backbone
+    from gas_lightning.loading import load_backbone
 
     refiner = tmp_path / "refiner"
     shutil.copytree(tiny_sdxl, refiner)
@@ -145,7 +145,7 @@ def test_the_refiner_is_refused(tiny_sdxl, tmp_path):
 def test_an_inpainting_unet_is_refused(tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from gas_lightning.backbone import load_backbone
+    from gas_lightning.loading import load_backbone
     from gas_lightning.testing import build_tiny_sd
 
     folder = build_tiny_sd(tmp_path / "inpaint")
@@ -291,7 +291,7 @@ def test_sdxl_edit_resumes_to_the_same_latent(tiny_sdxl, image_file, tmp_path):
 
 
 def test_v_prediction_sdxl_edit(tmp_path, image_file):
-    from gas_lightning.backbone import load_backbone
+    from gas_lightning.loading import load_backbone
 
     model = build_tiny_sdxl(tmp_path / "sdxl_v", prediction_type="v_prediction")
     assert load_backbone(str(model), attention="sdpa").prediction_type == "v_prediction"

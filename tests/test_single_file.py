@@ -165,7 +165,7 @@ def single(request, tmp_path_factory):
 
 
 def test_single_file_equals_the_folder_it_came_from(single):
-    from gas_lightning.backbone import load_backbone
+    from gas_lightning.loading import load_backbone
 
     family, folder, file, config = single
     ref = load_backbone(str(folder), attention="sdpa")

@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "world"))
 import eval_world  # noqa: E402
 import term_effects  # noqa: E402
 
-from gas_lightning.backbone import load_backbone  # noqa: E402
+from gas_lightning.loading import load_backbone  # noqa: E402
 from gas_lightning.worlds import MODEL_DIR, held_out_cases  # noqa: E402
 
 

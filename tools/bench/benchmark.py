@@ -36,7 +36,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from gas_lightning.backbone import Backbone, load_backbone, resolve_dtype, set_attention
+from gas_lightning.backbone import Backbone, resolve_dtype, set_attention
+from gas_lightning.loading import load_backbone
 from gas_lightning.callbacks import NullTextPenalty
 from gas_lightning.errors import GasError
 from gas_lightning.guidance.dds import BATCHED_NOISE, GuidanceConfig

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from gas_lightning.backbone import Backbone, IdentityCodec, load_backbone
+from gas_lightning.backbone import Backbone, IdentityCodec
+from gas_lightning.loading import load_backbone
 from gas_lightning.guidance import GroundedScoreGuidance, GuidanceConfig, Term
 from gas_lightning.masks import subtask_masks
 from gas_lightning.testing import SD15_UNET

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from gas_lightning.backbone import load_backbone
+from gas_lightning.loading import load_backbone
 from gas_lightning.callbacks import NullTextPenalty
 from gas_lightning.errors import GasError
 from gas_lightning.guidance import GuidanceConfig

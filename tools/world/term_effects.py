@@ -27,7 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import eval_world  # noqa: E402
 
-from gas_lightning.backbone import IdentityCodec, load_backbone  # noqa: E402
+from gas_lightning.backbone import IdentityCodec  # noqa: E402
+from gas_lightning.loading import load_backbone  # noqa: E402
 from gas_lightning.worlds import MODEL_DIR, held_out_cases, score  # noqa: E402
 
 

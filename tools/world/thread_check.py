@@ -37,7 +37,7 @@ ISA_CEILINGS = {  # name -> the environment that caps every CPU kernel library t
 def edit_images(a, threads: int) -> list[np.ndarray]:
     import torch
 
-    from gas_lightning.backbone import load_backbone
+    from gas_lightning.loading import load_backbone
 
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
