@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU rows of README "Speed and memory": the SD 1.5 architecture (random weights, no download) at
+# The GPU rows of docs/speed.md: the SD 1.5 architecture (random weights, no download) at
 # 512 px with 3 subtasks, both schedules in every run; fp16 and bf16 weights, with and without
 # torch.compile, with and without --low_memory; fp16 with channels_last; fp16 with keep-aware sampling and one kept object (4n - 2 samples
 # in the one call, the shapes preset's); the fp32-weights/16-mixed row of

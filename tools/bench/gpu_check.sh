@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check run on a lent GPU (see the README's "GPU" notes): the main command on CUDA at three
+# The GPU check run on a lent GPU (docs/configuration.md, "Checked on a GPU"): the main command on CUDA at three
 # precisions, the xformers request's fallback, and the whole test suite with CUDA visible.
 # Usage: OUT=/some/folder bash tools/bench/gpu_check.sh   (needs the package importable: pip install -e .)
 set -u

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A validation sweep of the shapes-world edit settings, run on a lent GPU (README "Edit quality").
+# A validation sweep of the shapes-world edit settings, run on a lent GPU (docs/evaluation.md).
 # Each grid line is one tools/world/eval_world.py run of method gas on the validation cases (--seed 1, never
 # the test seed 0); JOBS runs share the GPU. Selection only: the README's numbers are CPU runs.
 # Usage: OUT=folder CASES=40 JOBS=12 bash tools/world/sweep_world.sh [grid-file]   (default grid below;
