@@ -377,12 +377,3 @@ def set_attention(unet: nn.Module, backend: str) -> str:
         log.warning("attention backend 'xformers' requested but %s; using PyTorch SDPA", why)
     unet.set_attn_processor(AttnProcessor2_0())
     return "sdpa"
-
-
-def __getattr__(name: str) -> Any:
-    """`load_backbone` lives in loading.py; `from gas_lightning.backbone import load_backbone` keeps working."""
-    if name == "load_backbone":
-        from gas_lightning import loading
-
-        return loading.load_backbone
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

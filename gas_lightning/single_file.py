@@ -15,10 +15,17 @@ from typing import Callable
 
 import torch
 
-from gas_lightning.errors import ModelLoadError
-from gas_lightning.loading import (
-    PICKLE_SUFFIXES, SINGLE_FILE_SUFFIXES, SUPPORTED, Components, check_components, model_family, settle_vae, vae_dtype,
+from gas_lightning.components import (
+    PICKLE_SUFFIXES,
+    SINGLE_FILE_SUFFIXES,
+    SUPPORTED,
+    Components,
+    check_components,
+    model_family,
+    settle_vae,
+    vae_dtype,
 )
+from gas_lightning.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
