@@ -1,4 +1,4 @@
-"""Planners: turn a user request into an EditPlan (see DESIGN.md, "Planning")."""
+"""Planners: turn a user request into an EditPlan (docs/method.md, "Planning")."""
 
 from gas_lightning.planners.request import is_structured_request, parse_request, split_sentences
 from gas_lightning.planners.sentences import diff_sentences

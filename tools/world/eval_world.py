@@ -7,7 +7,7 @@ Every method edits every case with the same model, seed, step budget, optimiser 
 differs. "dds" is full-prompt Delta Denoising Score (one term: whole source caption ->
 whole target caption, no mask); "gas" is Ground-A-Score, batched schedule; "gas_sequential" the
 reference schedule, both with this world's tuned settings (see `Method`); "gas_reference" uses
-DESIGN.md's constants. Further methods are one-change ablations of gas. Boxes are the cases' exact
+docs/method.md's constants. Further methods are one-change ablations of gas. Boxes are the cases' exact
 boxes, except "gas_grounded", which starts from the request text and the weight-free WorldGrounder.
 With --masks every method with object subtasks edits inside the objects' soft masks, found in the
 source image by the WorldGrounder as `--segmenter world` finds them, instead of their boxes; its
@@ -54,7 +54,7 @@ class Method:
     the objects that must not change, guidance --guidance_scale (12.5) for object boxes and 7.5
     for background-sized boxes, overlap weight 0.3, no whole-scene term, no null-text penalty
     (chosen on validation cases, --seed 1), keep-aware sampling (seed 2) and target balance
-    (seed 5). "gas_reference" is the method with DESIGN.md's constants (guidance 7.5), for
+    (seed 5). "gas_reference" is the method with the reference's constants (docs/method.md, guidance 7.5), for
     comparison; "dds_7.5" is DDS at that guidance.
     """
 
@@ -63,21 +63,12 @@ class Method:
     full_prompt_only: bool = False  # plain DDS
     full_prompt: bool = False
     penalty: bool = False
-    penalty_relative: bool = False  # the null-text penalty against the source text's gap (NullTextPenalty relative)
     keep: bool = True
     overlap_weight: float = 0.3
-    mask_overlap_weight: float | None = None  # None: overlap_weight (see GuidanceConfig)
-    local_t_max: int | None = None  # None: t_max for every term (see GuidanceConfig)
-    local_t_scope: str = "objects"
-    t_max_end: int | None = None  # None: no annealing of the timestep bound (see GuidanceConfig)
-    reference_context: str = "source"  # see GuidanceConfig.reference_context
-    reference_context_scope: str = "objects"
-    source_balance: bool = False  # see GuidanceConfig.source_balance
     # the edit subtasks' target-text guidance raised to the source text's strength (GuidanceConfig.target_balance):
     # the preset's since 2026-12-06 (validation seed 5, test seeds 112-114); records of `gas` and its ablations
     # from before that date are without it, as `gas_unbalanced` is now
     target_balance: bool = True
-    t_sampling: str = "uniform"  # see GuidanceConfig.t_sampling
     guidance_scale: float | None = None  # None: --guidance_scale
     wide_guidance_scale: float | None = 7.5
     preserve_form: bool = False
@@ -85,7 +76,7 @@ class Method:
     keep_unmentioned: bool = False  # grounded: keep subtasks for the objects the request does not name (gas-edit's default)
     shape_context: bool = False  # shape changes name the ground around them: "a red square on snow" -> "a red triangle on sand"
     # batched schedule's sampling, as configs/shapes.yaml: keep_aware (per-term draws, a keep term sharing the
-    # draw of the edit around it), chosen on validation seed 2 over shared (DESIGN.md) and per_term.
+    # draw of the edit around it), chosen on validation seed 2 over shared (docs/method.md) and per_term.
     batched_noise: str = "keep_aware"
 
     def plan(self, case: EditCase) -> EditPlan:
@@ -119,10 +110,7 @@ class Method:
         scale = args.guidance_scale if self.guidance_scale is None else self.guidance_scale
         return GuidanceConfig(guidance_scale=scale, full_prompt=self.full_prompt, batched_noise=self.batched_noise,
                               overlap_weight=self.overlap_weight, wide_guidance_scale=wide,
-                              mask_overlap_weight=self.mask_overlap_weight, local_t_max=self.local_t_max,
-                              local_t_scope=self.local_t_scope, t_max_end=self.t_max_end, reference_context=self.reference_context,
-                              reference_context_scope=self.reference_context_scope, source_balance=self.source_balance,
-                              target_balance=self.target_balance, t_sampling=self.t_sampling)
+                              target_balance=self.target_balance)
 
 
 def subtask_kinds(case: EditCase, plan: EditPlan) -> list[str | None]:
@@ -150,28 +138,13 @@ METHODS = {
         Method("gas_no_keep", keep=False),
         Method("gas_no_wide", wide_guidance_scale=None),
         Method("gas_overlap_0.1", overlap_weight=0.1),
-        Method("gas_mask_overlap_0", mask_overlap_weight=0.0),
-        Method("gas_local_t600", local_t_max=600),
-        Method("gas_mask_overlap_0_local_t600", mask_overlap_weight=0.0, local_t_max=600),
-        Method("gas_mask_overlap_0_outline_t600", mask_overlap_weight=0.0, local_t_max=600, local_t_scope="same_outline"),
-        Method("gas_t_anneal400", t_max_end=400),
-        Method("gas_t_anneal600", t_max_end=600),
-        Method("gas_current_ref", reference_context="current"),
-        Method("gas_current_ref_outline", reference_context="current", reference_context_scope="same_outline"),
-        Method("gas_current_ref_outline_mask_overlap_0", reference_context="current", reference_context_scope="same_outline",
-               mask_overlap_weight=0.0),
         Method("gas_full_prompt", full_prompt=True),
         Method("gas_penalty", penalty=True),
-        Method("gas_relative_penalty", penalty=True, penalty_relative=True),
-        Method("gas_source_balance", source_balance=True, target_balance=False),
         Method("gas_target_balance", target_balance=True),  # = gas; the name its validation and test records carry
-        Method("gas_stratified_t", t_sampling="stratified"),
         Method("gas_preserve", preserve_form=True),
         Method("gas_grounded", grounded=True),
         Method("gas_grounded_keep_unmentioned", grounded=True, keep_unmentioned=True),
         Method("gas_shape_context", shape_context=True),
-        # with --masks same_outline only shape changes keep boxes: the background term at full weight inside them
-        Method("gas_shape_box_overlap_1", overlap_weight=1.0, mask_overlap_weight=0.3),
     )
 }
 DEFAULT_METHODS = ("dds", "gas", "gas_sequential")
@@ -205,7 +178,7 @@ def case_module(backbone, case: EditCase, method: Method, args):
                         schedule=method.schedule, seed=edit_seed(args, case), loss_scale=args.loss_scale,
                         optimizer=lambda params: torch.optim.SGD(params, lr=args.lr),
                         lr_scheduler=scheduler_factory(args))
-    return module, [NullTextPenalty(relative=method.penalty_relative)] if method.penalty else []
+    return module, [NullTextPenalty()] if method.penalty else []
 
 
 def edit_case(backbone, case: EditCase, method: Method, args, ready=None) -> tuple[np.ndarray, float]:
@@ -241,8 +214,7 @@ def write_jobs(path: Path, numbered: list[tuple[int, EditCase]], names: list[str
                           "loss_scale": args.loss_scale, "resolution": None, "guidance": asdict(method.guidance(args)),
                           "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": args.lr}}, "lr_scheduler": sched,
                           "trainer": {"max_steps": args.steps, "precision": "32-true", "callbacks": [
-                              {"class_path": "gas_lightning.callbacks.NullTextPenalty",
-                               "init_args": {"relative": method.penalty_relative}}] if method.penalty else []}})
+                              {"class_path": "gas_lightning.callbacks.NullTextPenalty"}] if method.penalty else []}})
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     print(f"{len(lines)} jobs: gas-edit batch --model {args.model} --attention sdpa --trainer.accelerator "
           f"{args.accelerator} --jobs {path} --output_dir runs/world_batch", file=sys.stderr)
