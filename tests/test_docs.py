@@ -165,3 +165,4 @@ def test_the_results_index_commands_parse(monkeypatch):
     commands = [s for s in spans if TOOL.match(s)]
     assert len(commands) >= 15, commands
     parse_tool_commands(commands, monkeypatch)
+
