@@ -166,3 +166,17 @@ def test_the_results_index_commands_parse(monkeypatch):
     assert len(commands) >= 15, commands
     parse_tool_commands(commands, monkeypatch)
 
+
+def test_every_tool_has_a_docstring_and_a_line_in_the_index():
+    """tools/README.md (shown on the contributing page) names every tool, and each says what it is for."""
+    import ast
+
+    index = (REPO / "tools" / "README.md").read_text()
+    tools = sorted(p for p in (REPO / "tools").rglob("*") if p.suffix in (".py", ".sh"))
+    assert len(tools) >= 15, tools
+    for path in tools:
+        name = path.relative_to(REPO).as_posix()
+        assert f"`{name}`" in index, name
+        text = path.read_text()
+        said = ast.get_docstring(ast.parse(text)) if path.suffix == ".py" else text.splitlines()[1]
+        assert said and said.strip("# ").strip(), name
