@@ -161,3 +161,16 @@ def test_train_latent_world_both_stages_and_resume(tmp_path):
     # the measured factor scales the held-out scenes' latents to unit spread
     z = bb.codec.vae.encode(tl.held_out_pixels(4)).latent_dist.mode() * stats["scaling_factor"]
     assert float(z.std()) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_eval_world_edits_latent_cases_at_the_models_size(tiny_latent, tmp_path):
+    """Two steps of gas and the SD preset (whole-scene term, null-text penalty) through the VAE path."""
+    ev = _tool("eval_world")
+    out = tmp_path / "r.json"
+    assert ev.main(["--model", str(tiny_latent), "--cases", "1", "--steps", "2", "--methods", "gas,gas_reference",
+                    "--json", str(out), "--figure", str(tmp_path / "f.png"), "--figure_cases", "1"]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["settings"]["size"] == 128 and list(payload["methods"]) == ["gas", "gas_reference"]
+    from PIL import Image
+
+    assert Image.open(tmp_path / "f.png").size[1] == 14 + 128 + 2 * 4  # one row of 128 px tiles, shown unscaled
