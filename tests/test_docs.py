@@ -180,3 +180,16 @@ def test_every_tool_has_a_docstring_and_a_line_in_the_index():
         text = path.read_text()
         said = ast.get_docstring(ast.parse(text)) if path.suffix == ".py" else text.splitlines()[1]
         assert said and said.strip("# ").strip(), name
+
+
+def test_the_import_graph_names_imports_against_the_flow(tmp_path):
+    """A package laid out as gas_lightning's stages, whose plan imports the API above it."""
+    pkg = tmp_path / "gas_lightning"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "plan.py").write_text("def f():\n    from gas_lightning.api import edit\n")  # a stage-1 module
+    (pkg / "api.py").write_text("from gas_lightning.plan import f\n")  # the top stage
+    (pkg / "extra.py").write_text("")
+    text = tables.imports(pkg)
+    assert "against the flow): `plan` -> `api`." in text
+    assert "Modules in no stage: `gas_lightning.extra`." in text

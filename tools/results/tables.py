@@ -343,6 +343,41 @@ def gpu_h200() -> str:
     )
 
 
+# The stages of gas_lightning, lowest first: data flows request -> plan -> boxes and masks -> guidance ->
+# module -> Trainer -> outputs, with the command line, the API, batch and the app on top. A module should
+# import only from its own stage or below; the architecture page lists the imports that do not.
+STAGES = [
+    ("shared ground: errors, atomic IO, the terminal's set-up", ["errors", "io", "terminal", "usage"]),
+    ("the plan: subtasks, phrases, boxes", ["plan"]),
+    ("planners: request -> plan", ["planners"]),
+    ("regions: boxes and masks -> latent weights", ["masks"]),
+    ("grounding: boxes and masks from detectors and segmenters", ["grounding"]),
+    ("the bundled world: scenes, cases, scorer, grounder, models", ["worlds"]),
+    ("the frozen model: backbones and their loading", ["components", "backbone", "loading", "single_file", "testing"]),
+    ("guidance: the DDS terms, schedules and the CDS loss", ["guidance"]),
+    ("the LightningModule", ["module"]),
+    ("image + plan + backbone -> a ready edit", ["pipeline"]),
+    ("callbacks: penalty, previews, outputs, progress", ["callbacks"]),
+    ("choosing the planner and box source", ["resolve"]),
+    ("one edit run, its records and metrics", ["runner", "records", "metrics", "jobs"]),
+    ("on top: the Python API, batch, the app, the command line", ["api", "batch", "app", "app_ui", "cli"]),
+]
+
+
+def stage_of(module: str, package: str) -> int | None:
+    name = module.removeprefix(package + ".")
+    for k, (_, owners) in enumerate(STAGES):
+        if any(name == o or name.startswith(o + ".") for o in owners):
+            return k
+    return None
+
+
+def stages() -> str:
+    """Which modules own which stage, lowest first."""
+    rows = [[str(k), what, ", ".join(f"`{o}`" for o in owners)] for k, (what, owners) in enumerate(STAGES)]
+    return table(["stage", "what", "modules of `gas_lightning`"], rows)
+
+
 def imports(package: Path = REPO / "gas_lightning") -> str:
     """Each package module and the package modules it imports (function-level imports included)."""
     import networkx as nx  # a dependency of torch
@@ -373,22 +408,33 @@ def imports(package: Path = REPO / "gas_lightning") -> str:
         rows.append([f"`{module}`", ", ".join(f"`{d.removeprefix(package.name + '.')}`" for d in deps) or "-"])
     loops = sorted(sorted(c) for c in nx.strongly_connected_components(graph) if len(c) > 1)
     said = "; ".join(" / ".join(f"`{m}`" for m in loop) for loop in loops) or "none"
-    return (
-        table(["module", "imports from the package"], rows)
-        + f"\nModules that import each other (directly or round a loop): {said}.\n"
-    )
+    short = package.name + "."
+    upward = [
+        f"`{a.removeprefix(short)}` -> `{b.removeprefix(short)}`"
+        for a, b in sorted(graph.edges)
+        if None not in (stage_of(a, package.name), stage_of(b, package.name))
+        and stage_of(a, package.name) < stage_of(b, package.name)
+    ]
+    unplaced = [f"`{m}`" for m in names if m != package.name and stage_of(m, package.name) is None]
+    text = table(["module", "imports from the package"], rows)
+    text += f"\nModules that import each other (directly or round a loop): {said}.\n"
+    if package.name == "gas_lightning":
+        text += f"\nImports from a later stage (against the flow): {', '.join(upward) or 'none'}.\n"
+        text += f"\nModules in no stage: {', '.join(unplaced) or 'none'}.\n"
+    return text
 
 
 TABLES = {
     **{name: (lambda spec=spec: world_table(*spec)) for name, spec in WORLD.items()},
     "gpu-h200": gpu_h200,
+    "stages": stages,
     "imports": imports,
 }
 
 
 # rendered afresh whenever the site is built (mkdocs_hooks.py), so --check does not hold them to the page's copy:
 # the code they describe changes with every commit
-LIVE = {"imports"}
+LIVE = {"imports", "stages"}
 
 
 def pages() -> list[Path]:
