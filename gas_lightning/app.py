@@ -72,16 +72,30 @@ def load_upload(path: str | None) -> "Image.Image":
 
 
 def annotation(image: "Image.Image", plan: EditPlan) -> dict[str, Any]:
-    """The plan's boxes in the pixel coordinates the box editor uses, labelled with their objects."""
+    """The plan's boxes in the pixel coordinates the box editor uses, labelled with their objects.
+    A whole-image box (a background's) is left out: drawn, it would tint the whole picture, and a
+    subtask without a box edits the whole image anyway (plan_with_boxes)."""
     from gas_lightning.grounding.base import _COLOURS
 
     w, h = image.size
     boxes = []
     for i, s in enumerate(plan.subtasks):
-        x0, y0, x1, y1 = s.box or WHOLE_IMAGE
+        if (s.box or WHOLE_IMAGE) == WHOLE_IMAGE:
+            continue
+        x0, y0, x1, y1 = s.box
         boxes.append({"xmin": round(x0 * w), "ymin": round(y0 * h), "xmax": round(x1 * w), "ymax": round(y1 * h),
                       "label": s.source, "color": _COLOURS[i % len(_COLOURS)]})
     return {"image": image, "boxes": boxes}
+
+
+def label_colours(plan: EditPlan) -> dict[str, tuple[int, int, int]]:
+    """Each object's label and the colour of its boxes (the first subtask's), also for objects drawn without one."""
+    from gas_lightning.grounding.base import _COLOURS
+
+    colours: dict[str, tuple[int, int, int]] = {}
+    for i, s in enumerate(plan.subtasks):
+        colours.setdefault(s.source, _COLOURS[i % len(_COLOURS)])
+    return colours
 
 
 def plan_with_boxes(plan: EditPlan, boxes: Sequence[dict], size: tuple[int, int]) -> EditPlan:

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no telemetry, no version check
 
@@ -21,10 +22,11 @@ import gradio as gr  # noqa: E402
 from gradio_image_annotation import image_annotator  # noqa: E402
 
 from gas_lightning.app import (  # noqa: E402
-    BUNDLED_MODEL, DOWNLOADS, EXAMPLE_IMAGE, EditApp, annotation, load_upload, plan_with_boxes,
+    BUNDLED_MODEL, DOWNLOADS, EXAMPLE_IMAGE, EditApp, annotation, label_colours, load_upload, plan_with_boxes,
 )
 from gas_lightning.errors import GasError  # noqa: E402
 from gas_lightning.plan import EditPlan  # noqa: E402
+from gas_lightning.resolve import resolve_bundled  # noqa: E402
 from gas_lightning.terminal import setup_terminal  # noqa: E402
 
 log = logging.getLogger("gas_lightning")
@@ -32,9 +34,10 @@ log = logging.getLogger("gas_lightning")
 CSS = "#preview img, #edited img {image-rendering: pixelated; width: 100%; object-fit: contain}"  # small models
 INTRO = """# gas-lightning
 1. Upload an image, or use the bundled example.
-2. Write the request, one sentence per object: `change A into B.` or `keep C.`
-3. Check the boxes: to redo one, draw a box over its object and choose the object's name (the newest box
-   of an object counts); the hand tool moves and resizes boxes.
+2. Write the request, one sentence per object: `change A into B.` Objects it does not name are kept.
+3. *Find the boxes* asks the detector where each object is (it runs by itself after an upload). Check the
+   boxes: to redo one, draw a box over its object and choose the object's name (the newest box of an object
+   counts); the hand tool moves and resizes boxes. An object without a box (a background) edits the whole image.
 4. Edit: previews arrive while it runs; Stop keeps a checkpoint, Continue resumes it."""
 
 
@@ -71,20 +74,18 @@ def build_ui(app: EditApp) -> gr.Blocks:
         return image_annotator(value={"image": image, "boxes": []}), {"image": image}
 
     def take_example():
-        from gas_lightning.resolve import resolve_bundled
-
-        return take_image(resolve_bundled(EXAMPLE_IMAGE))
+        path = resolve_bundled(EXAMPLE_IMAGE)
+        return (*take_image(path), path)  # the Image box shows the example's file, as after an upload
 
     @_page_errors
     def find_boxes(request, state):
         if not state.get("image"):
             raise GasError("upload an image first")
         plan, note = app.find_boxes(state["image"], request)
-        labels = list(dict.fromkeys(s.source for s in plan.subtasks))
+        colours = label_colours(plan)
         value = annotation(state["image"], plan)
-        colours = [next(b["color"] for b in value["boxes"] if b["label"] == name) for name in labels]
         status = note or f"{len(plan.subtasks)} objects found; correct their boxes, then press Edit."
-        return (image_annotator(value=value, label_list=labels, label_colors=colours), status,
+        return (image_annotator(value=value, label_list=list(colours), label_colors=list(colours.values())), status,
                 {**state, "plan": plan.to_dict(), "request": request})
 
     def outputs_of(event):
@@ -145,8 +146,10 @@ def build_ui(app: EditApp) -> gr.Blocks:
                 example = gr.Button("Use the bundled example", size="sm", elem_id="example")
                 request = gr.Textbox(label="Request", value=app.default_request, lines=3, elem_id="request")
                 find = gr.Button("Find the boxes", elem_id="find")
-                boxes = image_annotator(label="Boxes (draw to redo one, hand tool to move)", sources=[], image_type="pil",
-                                        show_clear_button=False, height=420, elem_id="boxes")
+                # the title above the editor, not over it: a box at the picture's top edge keeps its label in view
+                gr.Markdown("Boxes (draw to redo one, hand tool to move)", elem_id="boxes-title")
+                boxes = image_annotator(show_label=False, sources=[], image_type="pil", show_clear_button=False,
+                                        height=420, elem_id="boxes")
             with gr.Column():
                 with gr.Row():
                     steps = gr.Number(label="Steps", value=app.default_steps, precision=0, minimum=1, elem_id="steps")
@@ -164,7 +167,7 @@ def build_ui(app: EditApp) -> gr.Blocks:
 
         found = dict(fn=find_boxes, inputs=[request, state], outputs=[boxes, status, state])
         upload.upload(take_image, [upload], [boxes, state]).success(**found)
-        example.click(take_example, None, [boxes, state]).success(**found)
+        example.click(take_example, None, [boxes, state, upload]).success(**found)
         find.click(**found)
         request.submit(**found)
         edit_outputs = [preview, status, edited, downloads, state]
@@ -210,7 +213,9 @@ def serve(app: EditApp, host: str = "127.0.0.1", port: int = 7860, block: bool =
                                      font_mono=["ui-monospace", "monospace"])  # no font CDN: works offline
     try:
         demo.launch(server_name=host, server_port=port, share=False, quiet=True, show_error=True,
-                    prevent_thread_lock=not block, allowed_paths=[str(app.output_dir.resolve())],
+                    prevent_thread_lock=not block,
+                    # the edits, and the example's file, which the Image box shows after "Use the bundled example"
+                    allowed_paths=[str(app.output_dir.resolve()), str(Path(resolve_bundled(EXAMPLE_IMAGE)).resolve())],
                     max_file_size="64mb", ssr_mode=False, pwa=False, mcp_server=False, enable_monitoring=False,
                     theme=system_fonts, css=CSS)
     except OSError as e:

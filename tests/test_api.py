@@ -123,7 +123,7 @@ def test_steps_resize_a_cosine_schedule_sized_to_the_config(tmp_path):
 
 
 def test_plan_edit_grounds_without_editing(tmp_path):
-    plan = plan_edit("gas-lightning:example.png", "change the red circle into a blue circle.")
+    plan = plan_edit("gas-lightning:example.png", "change the red circle into a blue circle.", keep_unmentioned=False)
     assert len(plan.subtasks) == 1 and plan.grounded
     x0, y0, x1, y1 = plan.subtasks[0].box
     # the example's red circle is in the top-left quarter (see worlds/assets/example.png)
@@ -166,6 +166,15 @@ def test_the_readme_five_line_example_runs(tmp_path, monkeypatch):
     b = np.asarray(edited, dtype=float)
     # the snow (most of the picture) turned greener: a visible edit, not a copy
     assert (b[..., 1] - b[..., 0]).mean() > (a[..., 1] - a[..., 0]).mean() + 20
+    # issue 28, point 1: the request names neither the blue square nor the orange triangle, and both stay
+    # (scored by the world's exact scorer against the example scene with the two requested changes)
+    from gas_lightning.worlds import score
+    from gas_lightning.worlds.cases import Change, example_case, make_case
+
+    case = make_case(example_case().source, [Change("colour", 0, "red", "blue"),
+                                              Change("background", None, "snow", "grass")])
+    result = score(b.astype(np.uint8), case)
+    assert result["preserved"] == 1.0 and [a["ok"] for a in result["attributes"]] == [True, True], result
 
 
 def test_painted_masks_are_saved_named_in_the_config_and_repeat_the_edit(tiny_sd, image_file, tmp_path):

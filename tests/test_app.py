@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gas_lightning.app import EditApp, annotation, load_upload, plan_with_boxes
+from gas_lightning.app import EditApp, annotation, label_colours, load_upload, plan_with_boxes
 from gas_lightning.errors import GasError
 from gas_lightning.plan import EditPlan
 
@@ -92,12 +92,23 @@ def test_boxes_shown_on_the_page_come_back_within_half_a_pixel():
     plan = _plan(("the dog", "a cat"), ("the grass", "snow")).with_boxes([[0.123, 0.2, 0.51, 0.77], None])
     image = Image.new("RGB", (200, 100))
     shown = annotation(image, plan)
-    assert [b["label"] for b in shown["boxes"]] == ["the dog", "the grass"]
+    # the grass has the whole image: not drawn (it would tint the whole picture), and whole again on the way back
+    assert [b["label"] for b in shown["boxes"]] == ["the dog"]
     assert shown["boxes"][0] | {"color": None} == {"xmin": 25, "ymin": 20, "xmax": 102, "ymax": 77, "label": "the dog",
                                                    "color": None}  # 24.6, 20, 102, 77 rounded
     back = plan_with_boxes(plan, shown["boxes"], image.size)
     assert back.subtasks[0].box == pytest.approx((25 / 200, 0.2, 102 / 200, 0.77))
     assert back.subtasks[1].box == (0.0, 0.0, 1.0, 1.0)
+
+
+def test_a_whole_image_box_is_not_drawn_but_its_object_keeps_a_label_and_colour():
+    """Issue 28, point 8: the background's whole-image box tinted the whole preview."""
+    plan = _plan(("the snow", "grass"), ("the dog", "a cat")).with_boxes([[0, 0, 1, 1], [0.5, 0.5, 1, 1]])
+    shown = annotation(Image.new("RGB", (10, 10)), plan)
+    assert [(b["label"], b["xmin"], b["ymin"], b["xmax"], b["ymax"]) for b in shown["boxes"]] == [("the dog", 5, 5, 10, 10)]
+    colours = label_colours(plan)
+    assert list(colours) == ["the snow", "the dog"] and colours["the dog"] == shown["boxes"][0]["color"]
+    assert colours["the snow"] != colours["the dog"]
 
 
 # the edit: previews, stop, continue ---------------------------------------------------------------

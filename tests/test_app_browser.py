@@ -122,9 +122,16 @@ def test_edit_in_the_browser(app_url, tmp_path):
         find = lambda css: driver.find_elements(By.CSS_SELECTOR, css)  # noqa: E731
         status = lambda: " ".join(e.text for e in find("#status"))  # noqa: E731
         upload = _wait(lambda: find("#upload input[type=file]"), "the upload box", 120)
+        # issue 28, point 8: the page says what Find the boxes does
+        assert "Find the boxes asks the detector" in " ".join(driver.find_element(By.TAG_NAME, "body").text.split())
         upload[0].send_keys(str(EXAMPLE))
         _wait(lambda: "objects found" in status(), "the detected boxes", 180)
         assert "4 objects found" in status()  # the bundled request names 4 objects
+        # no title over the box editor: a box at the picture's top keeps its label in view
+        canvas_top = find("#boxes canvas")[0].rect["y"]
+        over = [e.text for e in find("#boxes label, #boxes [data-testid=block-label]")
+                if e.is_displayed() and e.rect["y"] + e.rect["height"] > canvas_top and e.rect["y"] < canvas_top + 20]
+        assert not over, over
 
         # redo the red circle's box by drawing one over the 256-pixel example, from (20, 28) to (124, 132)
         canvas = find("#boxes canvas")[0]
@@ -174,6 +181,14 @@ def test_edit_in_the_browser(app_url, tmp_path):
         driver.save_screenshot(str(shot))
         if os.environ.get("GAS_UPDATE_SCREENSHOT") == "1":
             shutil.copyfile(shot, ROOT / "docs" / "app.png")
+
+        # issue 28, point 8: after an upload was removed, the example button fills the Image box as an upload would
+        find("#upload button[aria-label='Clear']")[0].click()
+        _wait(lambda: "Drop File Here" in " ".join(e.text for e in find("#upload")), "the cleared Image box", 30)
+        find("#example")[0].click()
+        _wait(lambda: "objects found" in status(), "the example's boxes", 180)
+        shown = " ".join(e.text for e in find("#upload"))
+        assert "example.png" in "".join(shown.split()) and "Drop File Here" not in shown, shown
 
         requested = {json.loads(entry["message"])["message"].get("params", {}).get("request", {}).get("url")
                      for entry in driver.get_log("performance")}
