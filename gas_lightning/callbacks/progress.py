@@ -55,8 +55,8 @@ class StepProgressBar(TQDMProgressBar):
         bar = self.train_progress_bar
         step = trainer.global_step
         if bar is not None and self._should_update(step, bar.total):
-            _update_n(bar, step)
-            bar.set_postfix(self.get_metrics(trainer, pl_module))
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+            _update_n(bar, step)  # one refresh per update: a log file gets one line per step, not two
 
     @rank_zero_only
     def _announce(self, trainer: L.Trainer) -> None:
