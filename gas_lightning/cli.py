@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = run(argv)
     except KeyboardInterrupt as stop:
-        print(_stopped(stop), file=sys.stderr)
+        print("gas-edit batch: stopped; the same command again skips the finished jobs" if argv[:1] == ["batch"]
+              else _stopped(stop), file=sys.stderr)
         code = 130
     except Exception as e:
         if _DEBUG.get():
