@@ -58,6 +58,12 @@ CELLS = {
     "kept2": ("preserved", "{:.2f}"),
     "complete": ("complete", "{:.3f}"),
     "all2": ("all_attributes_mean", "{:.2f}"),
+    # the tuning summaries of world_eval.json name their numbers as eval_world wrote them
+    "all3": ("all_attributes", "{:.3f}"),
+    "all2s": ("all_attributes", "{:.2f}"),
+    "per_attribute3": ("per_attribute", "{:.3f}"),
+    "background3": ("background", "{:.3f}"),
+    "erosion3": ("erosion", "{:.3f}"),
     "bg": ("bg_psnr_in_boxes", "{:.1f} dB"),
     "bg_db": ("bg_psnr_in_boxes", "{:.1f}"),
     "outside": ("psnr_outside", "{:.1f} dB"),
@@ -315,6 +321,71 @@ WORLD = {
 }
 
 
+def summary_table(header: list[str], where: list[str], columns: list[str], rows: list[tuple[str, str]]) -> str:
+    """A table from the summaries of results/world/world_eval.json (the seed 0 and seed 1 tuning, whose
+    per-case records were not kept): `where` leads to a dict of summaries, rows are (label, key)."""
+    data = json.loads((RECORDS / "world_eval.json").read_text())
+    for key in where:
+        data = data[key]
+    return table(header, [[label, *(cell(c, data[key]) for c in columns)] for label, key in rows])
+
+
+SEED0 = ["per_attribute3", "all3", "colour", "shape", "background3", "erosion3", "bg_db", "outside_db", "kept"]
+SEED0_HEADER = [
+    "per attribute",
+    "all attributes",
+    "colour",
+    "shape",
+    "background",
+    "erosion",
+    "bg PSNR in boxes (dB)",
+    "PSNR outside (dB)",
+    "preserved",
+]
+SUMMARIES = {
+    "tuning-seed0": (
+        ["method", *SEED0_HEADER, "s / edit"],
+        ["methods"],
+        [*SEED0, "seconds"],
+        [
+            ("dds (full prompt, guidance 12.5)", "dds"),
+            ("dds_7.5 (full prompt, guidance 7.5)", "dds_7.5"),
+            ("gas_reference (DESIGN.md constants)", "gas_reference"),
+            ("**gas** (batched)", "gas"),
+            ("gas_sequential", "gas_sequential"),
+        ],
+    ),
+    "tuning-seed0-previous": (
+        ["method (100 steps, constant lr 0.1)", *[h for h in SEED0_HEADER if h != "background"]],
+        ["previous", "methods"],
+        [c for c in SEED0 if c != "background3"],
+        [(m, m) for m in ("dds", "dds_7.5", "gas_reference", "gas", "gas_sequential")],
+    ),
+    "tuning-sweep": (
+        ["validation (seed 1, 20 cases)", "all attributes", "colour", "shape", "bg PSNR in boxes (dB)"],
+        ["validation", "sweep"],
+        ["all2s", "colour2", "shape2", "bg_db"],
+        [
+            (k.replace("12.5 / 7.5 / 0.3 (gas)", "**12.5 / 7.5 / 0.3** (gas)"), k)
+            for k in (
+                "3.5 / 2.5 / 0.1",
+                "5 / 3.5 / 0.1",
+                "7.5 / 5 / 0.1 (the previous model's settings)",
+                "10 / 5 / 0.1",
+                "11 / 6 / 0.3",
+                "12.5 / 5 / 0.1",
+                "12.5 / 7.5 / 0.1",
+                "12.5 / 7.5 / 0.3 (gas)",
+                "12.5 / 7.5 / 0.5",
+                "15 / 5 / 0.1",
+                "15 / 7.5 / 0.1",
+                "15 / 7.5 / 0.3",
+            )
+        ],
+    ),
+}
+
+
 def gpu_h200() -> str:
     """The H200 rows of which a benchmark JSON was kept (tools/bench/benchmark.py --json)."""
     rows = [
@@ -445,6 +516,7 @@ def cli_help() -> str:
 
 TABLES = {
     **{name: (lambda spec=spec: world_table(*spec)) for name, spec in WORLD.items()},
+    **{name: (lambda spec=spec: summary_table(*spec)) for name, spec in SUMMARIES.items()},
     "gpu-h200": gpu_h200,
     "stages": stages,
     "cli-help": cli_help,
