@@ -58,6 +58,7 @@ CELLS = {
     "kept2": ("preserved", "{:.2f}"),
     "complete": ("complete", "{:.3f}"),
     "all2": ("all_attributes_mean", "{:.2f}"),
+    "mean3": ("all_attributes_mean", "{:.3f}"),
     # the tuning summaries of world_eval.json name their numbers as eval_world wrote them
     "all3": ("all_attributes", "{:.3f}"),
     "all2s": ("all_attributes", "{:.2f}"),
@@ -77,6 +78,10 @@ def cell(column: str, r: dict) -> str:
         return seeds(r)
     if column == "mean_ci":
         return mean_ci(r)
+    if column == "spread":
+        return f"{r['all_attributes_seed_sd']:.3f}; {r['all_attributes_min_seed']:.2f}..{max(r['all_attributes_per_seed'].values()):.2f}"
+    if column == "ci":
+        return "{:.2f}-{:.2f}".format(*r["all_attributes_ci95"])
     if column == "mean_seeds":
         return f"{r['all_attributes_mean']:.3f} ({seeds(r)})"
     key, form = CELLS[column]
@@ -173,6 +178,23 @@ WORLD = {
         ],
         ["mean_seeds", "bg", "outside", "kept", "complete"],
         [("boxes (keep-aware `gas`)", MORE, "gas_keep_aware"), ("masks for kept objects and recolours", MORE, PRESET)],
+    ),
+    "world-100-102-first": (
+        [
+            "method",
+            "all attributes, seed 100 / 101 / 102",
+            "mean",
+            "spread between seeds (sd; min..max)",
+            "95% interval",
+            "colour",
+            "shape",
+            "bg PSNR in boxes (dB)",
+            "PSNR outside (dB)",
+            "untouched objects kept",
+            "all right and all kept",
+        ],
+        ["seeds", "mean3", "spread", "ci", "colour", "shape", "bg_db", "outside_db", "kept", "complete"],
+        [("**gas**", S100, "gas"), ("dds", S100, "dds")],
     ),
     "world-103-105": (
         ["test seeds 103-105, 150 cases", "all attributes, 103 / 104 / 105", "mean (95%)", *TEST_HEADER],
