@@ -1,15 +1,12 @@
 """Regions to latent-grid weights: boxes, painted masks and segmenter masks.
 
 Every subtask's region becomes an (h, w) weight in [0, 1] on the latent grid. A box covers
-whole cells, its edges rounded to the nearest cell edge (binary, as the reference). A mask is averaged over each cell's area, so an
-outline becomes fractional weights instead of stair-steps when a 512-pixel mask meets a
-64-cell grid. Where one region sits mostly inside another (a cup on a table), the larger
-region's weight is capped on the overlap at 1 - (1 - overlap_weight) * (the smaller region's
-weight): `overlap_weight` where the smaller one is whole, which is the reference's rule for
-boxes, and proportionally less where its edge is soft. A smaller region given as a mask can take
-its own `mask_overlap_weight`: a box hands the larger region's term cells around its object that
-are not the object's, a mask does not, so 0 there leaves the object's pixels to its own term alone.
-The whole-scene term is masked by the union (the maximum) of the subtask regions.
+whole cells, its edges rounded to the nearest cell edge (binary, as the reference). A mask is
+averaged over each cell's area, so an outline becomes fractional weights instead of stair-steps
+when a 512-pixel mask meets a 64-cell grid. Where one region sits mostly inside another (a cup on
+a table), the larger region's weight is capped on the overlap at 1 - (1 - overlap_weight) * (the
+smaller region's weight): `overlap_weight` where the smaller one is whole, which is the reference's
+rule for boxes, and proportionally less where its edge is soft. The whole-scene term is masked by the union (the maximum) of the subtask regions.
 
 A mask reaches a plan as a string: a PNG path, or a `data:image/png;base64,` URI for masks made
 in memory (a segmenter's, or a painted array), so plan.json records exactly what was used.
@@ -267,14 +264,10 @@ def check_plan_masks(plan: EditPlan, image_size: tuple[int, int] | None = None) 
 
 
 # the overlap rule and the union ---------------------------------------------------------------
-def apply_overlap(regions: torch.Tensor, overlap_weight: float | Sequence[float] = OVERLAP_WEIGHT) -> torch.Tensor:
-    """Cap region k on region j where j is the smaller share-holder of their overlap (see module doc).
-
-    `overlap_weight`: one value, or one per region (the weight used where that region is the smaller).
-    """
+def apply_overlap(regions: torch.Tensor, overlap_weight: float = OVERLAP_WEIGHT) -> torch.Tensor:
+    """Cap region k on region j where j is the smaller share-holder of their overlap (see module doc)."""
     areas = regions.sum(dim=(1, 2))
     n = regions.shape[0]
-    weights = [float(overlap_weight)] * n if isinstance(overlap_weight, (int, float)) else [float(v) for v in overlap_weight]
     out = regions.clone()
     for k in range(n):
         for j in range(n):
@@ -283,7 +276,7 @@ def apply_overlap(regions: torch.Tensor, overlap_weight: float | Sequence[float]
             inter = (regions[k] * regions[j]).sum()
             # region j lies mostly inside region k: the overlap is a larger share of j than of k.
             if inter > 0 and inter / areas[j] > inter / areas[k]:
-                out[k] = torch.minimum(out[k], 1.0 - (1.0 - weights[j]) * regions[j])
+                out[k] = torch.minimum(out[k], 1.0 - (1.0 - overlap_weight) * regions[j])
     return out
 
 
@@ -295,19 +288,11 @@ def region_grid(region: Region, height: int, width: int) -> torch.Tensor:
 
 def subtask_masks(
     regions: Sequence[Region], height: int, width: int, overlap_weight: float = OVERLAP_WEIGHT,
-    mask_overlap_weight: float | None = None,
 ) -> torch.Tensor:
     """(n, height, width) masks with the overlap rule applied; a missing region is the whole image."""
     if not regions:
         return torch.zeros(0, height, width)
-    return apply_overlap(torch.stack([region_grid(r, height, width) for r in regions]),
-                         _overlap_weights(regions, overlap_weight, mask_overlap_weight))
-
-
-def _overlap_weights(regions: Sequence[Region], overlap_weight: float, mask_overlap_weight: float | None) -> list[float]:
-    """Each region's overlap weight: `mask_overlap_weight` for a mask (a ready grid weight), if given."""
-    w_mask = overlap_weight if mask_overlap_weight is None else mask_overlap_weight
-    return [w_mask if isinstance(r, torch.Tensor) else overlap_weight for r in regions]
+    return apply_overlap(torch.stack([region_grid(r, height, width) for r in regions]), overlap_weight)
 
 
 def union_mask(masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -337,7 +322,6 @@ class EditMasks:
     def from_plan(
         cls, plan: EditPlan, height: int, width: int, overlap_weight: float = OVERLAP_WEIGHT,
         masks: Sequence[MaskLike | None] | None = None, image_size: tuple[int, int] | None = None,
-        mask_overlap_weight: float | None = None,
     ) -> "EditMasks":
         """`masks`: in-memory masks (PIL, numpy, tensor or path), one per subtask, None where the
         plan's own mask or box applies. `image_size` (width, height) enables the stretch warning."""
@@ -357,5 +341,5 @@ class EditMasks:
         regions = [r if r is not None else s.box for r, s in zip(soft, plan.subtasks)]
         raw = (torch.stack([region_grid(r, height, width) for r in regions]) if regions
                else torch.zeros(0, height, width))
-        subtasks = apply_overlap(raw, _overlap_weights(regions, overlap_weight, mask_overlap_weight))
+        subtasks = apply_overlap(raw, overlap_weight)
         return cls(subtasks=subtasks, full=union_mask(raw, height, width), regions=tuple(soft))

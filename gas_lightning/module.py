@@ -79,20 +79,13 @@ class GroundAScoreEdit(L.LightningModule):
     def on_fit_start(self) -> None:
         # The strategy has moved the registered tensors by now; the frozen networks and terms follow.
         self._move_frozen(self.device)
-        cfg = self.guidance.config
-        for needs, why in ((cfg.t_max_end is not None, "guidance.t_max_end anneals the timesteps"),
-                           (cfg.t_sampling == "stratified", "guidance.t_sampling stratified spreads the timesteps")):
-            if needs and self.trainer.max_steps < 1:
-                from gas_lightning.errors import GasError
-
-                raise GasError(f"{why} over trainer.max_steps: set --trainer.max_steps")
 
     def _move_frozen(self, device: torch.device) -> None:
         self.guidance.to(device)
         self.terms = [replace(t, src_emb=t.src_emb.to(device), tgt_emb=t.tgt_emb.to(device), mask=t.mask.to(device))
                       for t in self.terms]
 
-    def set_penalty(self, flags: Sequence[bool], coefficient: float, relative: bool = False) -> None:
+    def set_penalty(self, flags: Sequence[bool], coefficient: float) -> None:
         """Switch the null-text penalty per subtask term (the whole-scene term never has it)."""
         subtask_terms = [t for t in self.terms if not t.is_full]
         if len(flags) != len(subtask_terms):
@@ -100,7 +93,6 @@ class GroundAScoreEdit(L.LightningModule):
         it = iter(flags)
         self.terms = [t if t.is_full else replace(t, penalty=bool(next(it))) for t in self.terms]
         self.guidance.penalty_coefficient = float(coefficient)
-        self.guidance.penalty_relative = bool(relative)
 
     def configure_optimizers(self) -> Any:
         if self._optimizer_factory is None:
@@ -121,36 +113,12 @@ class GroundAScoreEdit(L.LightningModule):
     def active_terms(self) -> list[Term]:
         return [t for t in self.terms if t.weight > 0]
 
-    def _progress(self) -> float:
-        """How far the run is, 0 at the first step and 1 at the last (guidance.t_max_end)."""
-        max_steps = self._trainer.max_steps if self._trainer is not None else -1
-        return self.global_step / (max_steps - 1) if max_steps > 1 else 0.0
-
-    def _draw(self, gen: torch.Generator, term: Term | None = None) -> tuple[int, torch.Tensor]:
-        """A timestep and noise for `term` (None: one draw shared by every term)."""
+    def _draw(self, gen: torch.Generator) -> tuple[int, torch.Tensor]:
+        """A timestep in [t_min, t_max] (inclusive) and noise."""
         cfg = self.guidance.config
-        t_max = cfg.t_max_at(self._progress())
-        if term is not None and term.t_max is not None:
-            t_max = min(t_max, term.t_max)
-        if cfg.t_sampling == "stratified":
-            n = max(int(self._trainer.max_steps), 1) if self._trainer is not None else 1
-            width = (t_max - cfg.t_min + 1) / n
-            stream = 0 if term is None else next(i for i, tm in enumerate(self.terms) if tm is term)
-            k = int(self._strata(stream, n)[self.global_step % n])
-            t = cfg.t_min + min(int((k + float(torch.rand((), generator=gen))) * width), t_max - cfg.t_min)
-        else:
-            t = int(torch.randint(cfg.t_min, t_max + 1, (1,), generator=gen))
+        t = int(torch.randint(cfg.t_min, cfg.t_max + 1, (1,), generator=gen))
         eps = to_device(torch.randn(self.latent.shape, generator=gen), self.device)
         return t, eps
-
-    def _strata(self, stream: int, n: int) -> torch.Tensor:
-        """The order in which one stream of draws visits the run's n timestep slices: from the seed, the
-        rank and the stream only, so a resumed run replays it."""
-        cache = self.__dict__.setdefault("_strata_cache", {})
-        if (stream, n) not in cache:
-            state = np.random.SeedSequence([self.seed, self.global_rank, int(stream), 1]).generate_state(1, dtype=np.uint64)
-            cache[(stream, n)] = torch.randperm(n, generator=torch.Generator().manual_seed(int(state[0] % (2**63))))
-        return cache[(stream, n)]
 
     def _finite(self, grad: torch.Tensor, terms: Sequence[Term]) -> torch.Tensor:
         """The gradient with its NaN and infinite entries set to 0 (their count is logged per term).
@@ -187,7 +155,7 @@ class GroundAScoreEdit(L.LightningModule):
         if self.schedule == "batched":
             sampling = self.guidance.config.batched_noise
             if sampling != "shared":  # drawn in the sequential schedule's order
-                draws = [self._draw(gen, tm) for tm in terms]
+                draws = [self._draw(gen) for _ in terms]
                 if sampling == "keep_aware":
                     draws = [draws[shielded_term(terms, i)] if tm.keep else draws[i] for i, tm in enumerate(terms)]
                 t, eps = [d[0] for d in draws], [d[1] for d in draws]
@@ -198,7 +166,7 @@ class GroundAScoreEdit(L.LightningModule):
         else:
             logs = []
             for i, term in enumerate(terms):
-                t, eps = self._draw(gen, term)
+                t, eps = self._draw(gen)
                 grad, tlog = self.guidance.term_gradient(self.latent.detach(), self.z_src, term, t, eps, gen)
                 self._optimise(self._finite(grad, [term]), last=i == len(terms) - 1)
                 logs.append(tlog)

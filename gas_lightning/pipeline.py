@@ -21,7 +21,7 @@ from gas_lightning.backbone import Backbone
 from gas_lightning.errors import GasError
 from gas_lightning.guidance import GroundedScoreGuidance, GuidanceConfig, Term
 from gas_lightning.guidance.cds import check_preserve_form_boxes
-from gas_lightning.masks import EditMasks, MaskLike, region_grid
+from gas_lightning.masks import EditMasks, MaskLike
 from gas_lightning.module import GroundAScoreEdit, OptimizerFactory, SchedulerFactory
 from gas_lightning.plan import EditPlan
 
@@ -125,19 +125,6 @@ def term_name(index: int, phrase: str) -> str:
     return f"subtask{index}_{slug}"
 
 
-def _in_scope(s, cfg: GuidanceConfig, scope: str) -> bool:
-    """Whether an object-scoped option (local_t_max, reference_context) applies to this subtask: an object
-    (a box under wide_area), and with scope "same_outline" one that keeps its outline."""
-    return s.area < cfg.wide_area and (scope == "objects" or s.keeps_outline)
-
-
-def _context(s, region: torch.Tensor | None, size, cfg: GuidanceConfig, device) -> torch.Tensor | None:
-    """Term.context of an object subtask under reference_context "current": its own region (mask or box)."""
-    if cfg.reference_context != "current" or not _in_scope(s, cfg, cfg.reference_context_scope):
-        return None
-    return region_grid(region if region is not None else s.box, *size).to(device)
-
-
 def build_terms(backbone: Backbone, plan: EditPlan, masks: EditMasks, config: GuidanceConfig | None = None) -> list[Term]:
     """One text-encoder call for every phrase and both sentences; then one Term per subtask (+ whole scene)."""
     cfg = config or GuidanceConfig()
@@ -158,8 +145,6 @@ def build_terms(backbone: Backbone, plan: EditPlan, masks: EditMasks, config: Gu
             box=s.box,
             region=None if masks.regions[i] is None else masks.regions[i].to(emb.device),
             guidance_scale=wide if wide is not None and s.area >= cfg.wide_area else None,
-            t_max=cfg.local_t_max if _in_scope(s, cfg, cfg.local_t_scope) else None,
-            context=_context(s, masks.regions[i], masks.subtasks.shape[-2:], cfg, emb.device),
         )
         for i, s in enumerate(plan.subtasks)
     ]
@@ -193,25 +178,14 @@ def build_edit(
     size = working_size(*image.size, resolution or backbone.default_resolution, backbone.size_multiple)
     pixels = image_to_tensor(image, size).to(backbone.device)
     z_src = backbone.codec.encode(pixels)
-    for name in ("local_t_max", "t_max_end"):
-        value = getattr(cfg, name)
-        if value is not None and not cfg.t_min <= value <= cfg.t_max:
-            raise GasError(f"guidance.{name} must lie in [t_min, t_max] = [{cfg.t_min}, {cfg.t_max}], got {value}")
-    per_term_options = [name for name, on in (("local_t_max", cfg.local_t_max is not None),
-                                              ("reference_context current", cfg.reference_context == "current")) if on]
-    if per_term_options and schedule == "batched" and cfg.batched_noise == "shared":
-        raise GasError(f"guidance.{per_term_options[0]} needs a timestep per term: use guidance.batched_noise "
-                       "per_term or keep_aware (or schedule sequential); shared sampling draws one t for all terms")
-    for name in ("overlap_weight", "mask_overlap_weight"):
-        value = getattr(cfg, name)
-        if value is not None and not 0.0 <= value <= 1.0:
-            raise GasError(f"guidance.{name} must be in [0, 1], got {value}")
+    if not 0.0 <= cfg.overlap_weight <= 1.0:
+        raise GasError(f"guidance.overlap_weight must be in [0, 1], got {cfg.overlap_weight}")
     if not 0.0 < cfg.wide_area <= 1.0 or (cfg.wide_guidance_scale is not None and cfg.wide_guidance_scale < 0):
         raise GasError(f"guidance.wide_area must be in (0, 1] and guidance.wide_guidance_scale >= 0 (or null), "
                        f"got {cfg.wide_area} and {cfg.wide_guidance_scale}")
     check_preserve_form_boxes(plan, tuple(z_src.shape[-2:]), backbone.unet, backbone.codec.downscale)
     region_masks = EditMasks.from_plan(plan, z_src.shape[-2], z_src.shape[-1], overlap_weight=cfg.overlap_weight,
-                                       masks=masks, image_size=image.size, mask_overlap_weight=cfg.mask_overlap_weight)
+                                       masks=masks, image_size=image.size)
     terms = build_terms(backbone, plan, region_masks, config=cfg)
     guidance = GroundedScoreGuidance(backbone, cfg, null_embedding=backbone.null_embeddings(), loss_scale=loss_scale)
     module = GroundAScoreEdit(guidance, z_src, terms, plan, schedule=schedule, seed=seed, loss_scale=loss_scale,

@@ -17,17 +17,11 @@ class NullTextPenalty(Callback):
     Small objects are the ones a misread target prompt erodes, so by default a subtask gets
     the penalty when its box covers less than `area_threshold` of the image. `subtasks` adds
     chosen subtasks by index; a plan's per-subtask `penalty: true/false` overrides both.
-
-    `relative: true` measures the target text's gap against the source text's gap on the source in
-    the same region instead of against the constant c (then `coefficient` defaults to 1): the
-    reference's c = 5 is set for Stable Diffusion's latents and switches a small model's objects off.
     """
 
-    def __init__(self, area_threshold: float = 0.15, coefficient: float | None = None, subtasks: Sequence[int] = (),
-                 relative: bool = False):
+    def __init__(self, area_threshold: float = 0.15, coefficient: float = 5.0, subtasks: Sequence[int] = ()):
         self.area_threshold = float(area_threshold)
-        self.relative = bool(relative)
-        self.coefficient = (1.0 if self.relative else 5.0) if coefficient is None else float(coefficient)
+        self.coefficient = float(coefficient)
         if self.coefficient <= 0:
             raise ValueError(f"NullTextPenalty coefficient must be > 0 (got {self.coefficient})")
         self.subtasks = tuple(int(i) for i in subtasks)
@@ -41,7 +35,6 @@ class NullTextPenalty(Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         flags = self.flags(pl_module.plan)
-        pl_module.set_penalty(flags, self.coefficient, relative=self.relative)
+        pl_module.set_penalty(flags, self.coefficient)
         on = [s.source for s, f in zip(pl_module.plan.subtasks, flags) if f]
-        log.info("null-text penalty (%s, c=%g) on for: %s", "relative" if self.relative else "absolute", self.coefficient,
-                 ", ".join(on) if on else "no subtask")
+        log.info("null-text penalty (c=%g) on for: %s", self.coefficient, ", ".join(on) if on else "no subtask")

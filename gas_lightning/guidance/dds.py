@@ -17,10 +17,6 @@ does (`"per_term"`: 4n samples, still one call), which keeps the terms' noise in
 The preserve-form (CDS) gradient is returned in the same units as the DDS gradient, i.e.
 divided by the DDS loss scale unless `cds.loss_scaled`: the optimiser step multiplies the sum by
 the loss scale, so the CDS part enters unscaled, as in the reference.
-
-A term's reference branch is noised from the source latent (DDS), or, with
-`reference_context="current"`, from the source inside an object's own region and the current latent
-outside it (`Term.context`).
 """
 
 from __future__ import annotations
@@ -41,9 +37,6 @@ FULL_PROMPT_WEIGHTS = (0.5, 0.4, 0.3, 0.2, 0.1)
 # underflow; entries it pushes past 65504 / 1024 = 64 overflow and are counted as non-finite (module: nonfinite).
 CDS_HALF_LOSS_SCALE = 1024.0
 BATCHED_NOISE = ("shared", "per_term", "keep_aware")
-LOCAL_T_SCOPES = ("objects", "same_outline")
-REFERENCE_CONTEXTS = ("source", "current")
-T_SAMPLINGS = ("uniform", "stratified")
 
 
 @dataclass
@@ -57,52 +50,15 @@ class GuidanceConfig:
     wide_area: float = 0.5
     t_min: int = 50
     t_max: int = 948  # inclusive: the reference's torch.randint(50, 949) never draws 949
-    # the highest timestep drawn at the last step: the bound falls linearly from t_max to it over the run
-    # (threestudio's annealed max_step_percent); None: t_max throughout (the reference). Early steps keep the
-    # high noise that lays out new forms and colours; late steps, once the ground around an object has
-    # changed, no longer see the object only as noise. A term's own cap (local_t_max) still applies.
-    t_max_end: int | None = None
-    # how each term's timesteps are spread over the run: "uniform" (drawn afresh every step: the reference) or
-    # "stratified" (the run's max_steps draws of a term fall one in each of max_steps equal slices of
-    # [t_min, bound], in a random order). The same distribution of t without the chance spread in how often
-    # each noise range is drawn; on the bundled world it did not make verdicts depend less on the draw.
-    t_sampling: str = "uniform"
-    # highest timestep drawn for subtasks whose box covers less than `wide_area` (objects); None: t_max.
-    # At high noise a small object is invisible in z_t, the object's own prompt no longer places it, and
-    # its DDS term carries the background's change onto it. Needs per-term draws (not "shared" sampling).
-    local_t_max: int | None = None
-    # which object subtasks local_t_max caps: "objects" (all of them) or "same_outline" (only those that keep
-    # their outline: kept objects, recolours, preserve-form swaps; a shape change needs the high-noise steps
-    # that lay out the new form)
-    local_t_scope: str = "objects"
-    # what an object term's reference branch sees outside the object's own region: the source latent
-    # ("source": DDS and the reference), or the current latent ("current"). With "source", whatever the other
-    # terms changed around the object (a new ground) differs between the two branches, and at high noise,
-    # where the object is invisible in z_t, the object's term carries that change onto the object. With
-    # "current" both branches share everything outside the region, so only the object's own change is scored.
-    reference_context: str = "source"
-    # which object subtasks "current" applies to: "objects" (all), or "same_outline" (kept objects, recolours,
-    # preserve-form swaps: a shape change's old form must still turn into the new ground, which the source
-    # reference carries onto it)
-    reference_context_scope: str = "objects"
-    # an edit subtask's source-text guidance scaled down, per step, to the target text's strength in its region:
-    # w * min(1, sum|e0 - e_y| M / sum|e0_src - e_x| M) on the source branch, the target branch at w. Where the
-    # target text barely moves the current latent's prediction, plain DDS is mostly minus the source text's pull,
-    # which removes the object along with its old colour or form (the erasures traced in docs/world_eval.md);
-    # balanced, the two text effects cancel where the phrases agree. False: the reference (one w for both).
-    source_balance: bool = False
-    # the other way round: an edit subtask's target-text guidance raised, per step, to the source text's strength
-    # in its region: w * max(1, sum|e0_src - e_x| M / sum|e0 - e_y| M) on the target branch, the source branch at
-    # w. Keeps the pull away from the old colour or form that source_balance weakens, and makes the push towards
-    # the new one as strong where the target text barely moves the prediction. The text part's size in the region
-    # is then the source text's, so a weak target text is scaled up to it, not without bound. False: the reference.
+    # an edit subtask's target-text guidance raised, per step, to the source text's strength in its region:
+    # w * max(1, sum|e0_src - e_x| M / sum|e0 - e_y| M) on the target branch, the source branch at w. Where the
+    # target text barely moves the prediction, plain DDS is mostly minus the source text's pull, which erases the
+    # object into the ground; the text part's size in the region is then the source text's, so a weak target text
+    # is scaled up to it, not without bound. False: the reference (configs/shapes.yaml turns it on).
     target_balance: bool = False
     full_prompt: bool = True
     full_prompt_weights: tuple[float, ...] = FULL_PROMPT_WEIGHTS
-    overlap_weight: float = OVERLAP_WEIGHT  # a larger box's mask where a smaller box sits inside it
-    # the same where the smaller region is a mask (None: overlap_weight). A box lends the larger region's
-    # term the cells around its object; a mask has none, so 0 leaves the object's pixels to its own term.
-    mask_overlap_weight: float | None = None
+    overlap_weight: float = OVERLAP_WEIGHT  # a larger region's mask where a smaller one sits inside it
     # batched schedule: one t and noise for all terms ("shared", DESIGN.md), one per term ("per_term",
     # the sequential schedule's sampling inside the one UNet call), or one per term except that a keep
     # term takes the draw of the edit it overlaps most ("keep_aware"; see shielded_term)
@@ -112,25 +68,8 @@ class GuidanceConfig:
     def __post_init__(self) -> None:
         from gas_lightning.errors import GasError
 
-        for name in ("local_t_scope", "reference_context_scope"):
-            if getattr(self, name) not in LOCAL_T_SCOPES:
-                raise GasError(f"guidance.{name} must be one of {', '.join(LOCAL_T_SCOPES)}, got {getattr(self, name)!r}")
-        if self.reference_context not in REFERENCE_CONTEXTS:
-            raise GasError(f"guidance.reference_context must be one of {', '.join(REFERENCE_CONTEXTS)}, "
-                           f"got {self.reference_context!r}")
-        if self.t_sampling not in T_SAMPLINGS:
-            raise GasError(f"guidance.t_sampling must be one of {', '.join(T_SAMPLINGS)}, got {self.t_sampling!r}")
-        if self.source_balance and self.target_balance:
-            raise GasError("guidance.source_balance and guidance.target_balance balance the same two branches in "
-                           "opposite ways: set at most one of them")
         if self.batched_noise not in BATCHED_NOISE:
             raise GasError(f"guidance.batched_noise must be one of {', '.join(BATCHED_NOISE)}, got {self.batched_noise!r}")
-
-    def t_max_at(self, progress: float) -> int:
-        """The upper bound of the drawn timesteps at `progress` (0 at the first step, 1 at the last)."""
-        if self.t_max_end is None:
-            return self.t_max
-        return round(self.t_max + (self.t_max_end - self.t_max) * min(max(progress, 0.0), 1.0))
 
     def beta(self, t: int) -> float:
         """Whole-scene weight beta(t): 0.5 at low noise down to 0.1 at high noise, in buckets of 200 steps."""
@@ -152,11 +91,7 @@ class Term:
     keep: bool = False  # a keep subtask (source == target): it shields its object from the edits around it
     box: Box | None = None
     guidance_scale: float | None = None  # None: the config's guidance_scale
-    t_max: int | None = None  # None: the config's t_max
     region: torch.Tensor | None = None  # a masked subtask's own (h, w) weight (the CDS region); None: the box
-    # (h, w) weight where the reference branch sees the source latent, the current latent elsewhere
-    # (guidance.reference_context "current"); None: the source everywhere
-    context: torch.Tensor | None = None
 
 
 def _first_of(keys: Sequence) -> tuple[list[int], list[int]]:
@@ -238,7 +173,6 @@ class GroundedScoreGuidance:
         self.null = PromptEmbeddings.of(null_embedding) if null_embedding is not None else backbone.null_embeddings()
         self._capture: SelfAttentionCapture | None = None
         self.penalty_coefficient = 5.0
-        self.penalty_relative = False  # gamma against the source text's own gap, not against a constant
 
     @property
     def capture(self) -> SelfAttentionCapture:
@@ -256,34 +190,18 @@ class GroundedScoreGuidance:
         a, s = alpha_sigma(self.backbone.alphas_cumprod, t, z.ndim)
         return a * z + s * eps
 
-    @staticmethod
-    def _reference(z: torch.Tensor, z_src: torch.Tensor, term: Term) -> torch.Tensor:
-        """The latent the term's reference (source-prompt) branch is noised from."""
-        if term.context is None:
-            return z_src
-        return term.context * z_src + (1 - term.context) * z
-
     def _cfg(self, e0: torch.Tensor, ec: torch.Tensor, scale: float | None = None) -> torch.Tensor:
         return e0 + (self.config.guidance_scale if scale is None else scale) * (ec - e0)
 
     def _weight(self, term: Term, t: int) -> float:
         return term.weight * (self.config.beta(t) if term.is_full else 1.0)
 
-    def _gamma(self, term: Term, e0_src: torch.Tensor, e0_tgt: torch.Tensor, ec_src: torch.Tensor,
-               ec_tgt: torch.Tensor) -> torch.Tensor:
-        """Null-text penalty: small when the target text barely changes the prediction in the box.
-
-        Absolute (the reference): c times the target gap's mean over the whole tensor, a constant set
-        for Stable Diffusion's latents. Relative: c times the target gap over the source text's gap on
-        the source in the same region, so no model-specific constant: a term whose target text moves
-        the prediction far less than its source text moves the source's is mostly minus the source
-        text's pull, which pushes the object away from its old description, not towards the new one.
-        """
+    def _gamma(self, term: Term, e0_tgt: torch.Tensor, ec_tgt: torch.Tensor) -> torch.Tensor:
+        """Null-text penalty: small when the target text barely changes the prediction in the box
+        (c times the target gap's mean over the whole tensor, as the reference)."""
         if not term.penalty:
             return torch.ones((), device=e0_tgt.device)
-        if not self.penalty_relative:
-            return (self.penalty_coefficient * ((e0_tgt - ec_tgt).abs() * term.mask).mean()).clamp(0.0, 1.0)
-        return (self.penalty_coefficient * self._gap_ratio(term, e0_src, e0_tgt, ec_src, ec_tgt)).clamp(0.0, 1.0)
+        return (self.penalty_coefficient * ((e0_tgt - ec_tgt).abs() * term.mask).mean()).clamp(0.0, 1.0)
 
     @staticmethod
     def _gap(e0: torch.Tensor, ec: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -296,14 +214,12 @@ class GroundedScoreGuidance:
 
     def _dds(self, term: Term, t: int, e0_src, e0_tgt, ec_src, ec_tgt) -> tuple[torch.Tensor, TermLog]:
         h, w = e0_src.shape[-2:]
-        gamma = self._gamma(term, e0_src, e0_tgt, ec_src, ec_tgt)
+        gamma = self._gamma(term, e0_tgt, ec_tgt)
         source_scale = target_scale = self.config.guidance_scale if term.guidance_scale is None else term.guidance_scale
-        if (self.config.source_balance or self.config.target_balance) and not (term.keep or term.is_full):
+        if self.config.target_balance and not (term.keep or term.is_full):
             ratio = self._gap_ratio(term, e0_src, e0_tgt, ec_src, ec_tgt)
-            if self.config.source_balance:
-                source_scale = source_scale * ratio.clamp(max=1.0)
-            else:  # a zero target gap leaves nothing to scale up: the 1e-6 floor only keeps 0 * inf out
-                target_scale = target_scale / ratio.clamp(min=1e-6, max=1.0)
+            # a zero target gap leaves nothing to scale up: the 1e-6 floor only keeps 0 * inf out
+            target_scale = target_scale / ratio.clamp(min=1e-6, max=1.0)
         direction = self._cfg(e0_tgt, ec_tgt, target_scale) - self._cfg(e0_src, ec_src, source_scale)
         grad = self._weight(term, t) * gamma * term.mask * direction / (h * w)
         finite = torch.isfinite(grad)  # non-finite entries are counted here and left to the module (see nonfinite)
@@ -365,7 +281,7 @@ class GroundedScoreGuidance:
     ) -> tuple[torch.Tensor, TermLog]:
         """One term alone: [null src, null tgt, x src, y tgt] in one UNet call."""
         tt = to_device(torch.tensor([t]), z.device)
-        z_t_src, z_t_tgt = self._noisy(self._reference(z, z_src, term), tt, eps), self._noisy(z, tt, eps)
+        z_t_src, z_t_tgt = self._noisy(z_src, tt, eps), self._noisy(z, tt, eps)
         lat = torch.cat([z_t_src, z_t_tgt, z_t_src, z_t_tgt])
         emb = PromptEmbeddings.cat([self.null, self.null, term.src_emb, term.tgt_emb])
         e = self.backbone.predict_eps(lat, tt.expand(4), emb)
@@ -396,23 +312,19 @@ class GroundedScoreGuidance:
             raise ValueError(f"per-term sampling needs {n} timesteps and noises, got {len(ts)} and {len(eps)}")
         tt = to_device(torch.tensor(ts), z.device)
         noise = torch.cat(list(eps)) if per_term else eps.expand(n, -1, -1, -1)
-        if not per_term and any(tm.context is not None for tm in terms):
-            raise ValueError("reference_context 'current' gives each term its own reference: it needs per-term sampling")
-        refs = torch.cat([self._reference(z, z_src, tm) for tm in terms])
-        z_t_src, z_t_tgt = self._noisy(refs, tt, noise), self._noisy(z.expand(n, -1, -1, -1), tt, noise)
+        z_t_src, z_t_tgt = self._noisy(z_src.expand(n, -1, -1, -1), tt, noise), self._noisy(z.expand(n, -1, -1, -1), tt, noise)
         cond = [tm.src_emb for tm in terms] + [tm.tgt_emb for tm in terms]
-        if per_term:  # [null src x a, null tgt x b, x src x n, y tgt x n], a, b <= n
-            # Terms given the same draw (keep_aware: the same eps object) noise the same z, and unless their
-            # references differ the same z_src too, so their null-text predictions are the same samples: each
-            # is computed once. Without shared draws a = b = n, the sequential schedule's 4n samples.
-            src_first, src_slot = _first_of([(ts[i], id(eps[i]), id(tm.context)) for i, tm in enumerate(terms)])
-            tgt_first, tgt_slot = _first_of([(ts[i], id(eps[i])) for i in range(n)])
-            a, b = len(src_first), len(tgt_first)
-            lat = torch.cat([_rows(z_t_src, src_first), _rows(z_t_tgt, tgt_first), z_t_src, z_t_tgt])
-            emb = PromptEmbeddings.cat([self.null.expand(a + b)] + cond)
-            e = self.backbone.predict_eps(lat, torch.cat([_rows(tt, src_first), _rows(tt, tgt_first), tt, tt]), emb)
-            e0_src, e0_tgt = _rows(e[:a], src_slot), _rows(e[a : a + b], tgt_slot)
-            ec_src, ec_tgt = e[a + b : a + b + n], e[a + b + n :]
+        if per_term:  # [null src x a, null tgt x a, x src x n, y tgt x n], a <= n
+            # Terms given the same draw (keep_aware: the same eps object) noise the same z and z_src, so their
+            # null-text predictions are the same samples: each is computed once. Without shared draws a = n,
+            # the sequential schedule's 4n samples.
+            first, slot = _first_of([(ts[i], id(eps[i])) for i in range(n)])
+            a = len(first)
+            lat = torch.cat([_rows(z_t_src, first), _rows(z_t_tgt, first), z_t_src, z_t_tgt])
+            emb = PromptEmbeddings.cat([self.null.expand(2 * a)] + cond)
+            e = self.backbone.predict_eps(lat, torch.cat([_rows(tt, first), _rows(tt, first), tt, tt]), emb)
+            e0_src, e0_tgt = _rows(e[:a], slot), _rows(e[a : 2 * a], slot)
+            ec_src, ec_tgt = e[2 * a : 2 * a + n], e[2 * a + n :]
         else:  # [null src, null tgt, x src x n, y tgt x n]
             lat = torch.cat([z_t_src[:1], z_t_tgt[:1], z_t_src, z_t_tgt])
             emb = PromptEmbeddings.cat([self.null, self.null] + cond)
