@@ -163,6 +163,26 @@ def test_train_latent_world_both_stages_and_resume(tmp_path):
     assert float(z.std()) == pytest.approx(1.0, rel=1e-4)
 
 
+def test_decoder_only_keeps_the_latents(tmp_path):
+    """--decoder-only changes the decoder and leaves encoder, latents and scaling_factor as they were."""
+    from diffusers import AutoencoderKL
+
+    tl = _tool("train_latent_world")
+    start = tmp_path / "start"
+    lm.build_vae(scaling_factor=0.5).save_pretrained(start)
+    threads = torch.get_num_threads()
+    try:
+        tl.main(["vae", "--vae", str(start), "--decoder-only", "--steps", "2", "--batch-size", "2", "--held-out", "4",
+                 "--warmup", "1", "--ema", "0.5", "--save-every", "2", "--threads", "1", "--accelerator", "cpu",
+                 "--out", str(tmp_path / "run")])
+    finally:
+        torch.set_num_threads(threads)
+    before, after = AutoencoderKL.from_pretrained(start), AutoencoderKL.from_pretrained(tmp_path / "run" / "vae" / "ema-latest")
+    same = lambda a, b: all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))  # noqa: E731
+    assert same(before.encoder, after.encoder) and same(before.quant_conv, after.quant_conv)
+    assert not same(before.decoder, after.decoder)
+
+
 def test_eval_world_edits_latent_cases_at_the_models_size(tiny_latent, tmp_path):
     """Two steps of gas and the SD preset (whole-scene term, null-text penalty) through the VAE path."""
     ev = _tool("eval_world")

@@ -3,6 +3,7 @@
     nice -n 5 python tools/world/train_latent_world.py vae --out runs/latent_world --max-minutes 40
     nice -n 5 python tools/world/train_latent_world.py unet --out runs/latent_world --max-minutes 80
     python tools/world/train_latent_world.py unet --out runs/latent_world --resume runs/latent_world/unet/last.ckpt
+    python tools/world/train_latent_world.py vae --out runs/latent_world/decoder --vae MODEL/vae --decoder-only
 
 Stage `vae` trains the AutoencoderKL on 128 px scenes (L1 + MSE, SD's KL weight 1e-6); every
 --save-every steps its EMA weights, the held-out round-trip PSNR and the measured scaling_factor
@@ -11,6 +12,8 @@ freezes that VAE and trains the UNet (and fine-tunes the pixel world's CLIP text
 scaled latents; every --save-every steps the EMA weights are written as a complete SD 1.x-layout
 folder, OUT/unet/ema-latest, so a run stopped early still leaves a usable model. Both stages write
 Lightning checkpoints (OUT/STAGE/last.ckpt, EMA state included) that --resume continues from.
+--decoder-only improves a VAE's decoder after the UNet is trained: the encoder, and so the
+latents and the scaling_factor the UNet learnt, stay as they were.
 Data are generated on the fly (gas_lightning.worlds.scenes), so there is no dataset and no epoch.
 """
 
@@ -217,7 +220,11 @@ def build_stage(args):
 
     schedule = Schedule(args.warmup, args.steps, 60 * (args.max_minutes - 1.0))
     if args.stage == "vae":
-        return VaeStage(build_vae(), args.lr, schedule, crop=args.crop), None
+        vae = AutoencoderKL.from_pretrained(args.vae) if args.vae else build_vae()
+        if args.decoder_only:  # the latents, and so a UNet trained on them, stay valid
+            for part in (vae.encoder, vae.quant_conv):
+                part.requires_grad_(False)
+        return VaeStage(vae, args.lr, schedule, crop=args.crop), None
     vae = AutoencoderKL.from_pretrained(args.vae or str(Path(args.out) / "vae" / "ema-latest"))
     tok = CLIPTokenizer.from_pretrained(str(Path(args.text) / "tokenizer"))
     text = CLIPTextModel.from_pretrained(str(Path(args.text) / "text_encoder"))
@@ -243,7 +250,10 @@ def main(argv=None) -> None:
     ap.add_argument("--refresh", type=int, default=8, help="unet stage: new scenes encoded into the pool per step")
     ap.add_argument("--held-out", type=int, default=64, help="vae stage: scenes for the round-trip PSNR of each snapshot")
     ap.add_argument("--crop", type=int, default=64, help="vae stage: train on random crops this wide (a quarter of the cost)")
-    ap.add_argument("--vae", default=None, help="unet stage: the VAE folder (default OUT/vae/ema-latest)")
+    ap.add_argument("--vae", default=None, help="unet stage: the VAE folder (default OUT/vae/ema-latest); "
+                    "vae stage: start from this VAE instead of random weights")
+    ap.add_argument("--decoder-only", action="store_true",
+                    help="vae stage: train the decoder alone (with --vae), so a UNet trained on the latents stays valid")
     ap.add_argument("--text", default=str(MODEL_DIR), help="unet stage: the folder whose tokenizer/ and text_encoder/ start the run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
