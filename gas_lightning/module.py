@@ -120,19 +120,30 @@ class GroundAScoreEdit(L.LightningModule):
         eps = to_device(torch.randn(self.latent.shape, generator=gen), self.device)
         return t, eps
 
-    def _finite(self, grad: torch.Tensor, terms: Sequence[Term]) -> torch.Tensor:
+    def _finite(self, grad: torch.Tensor) -> torch.Tensor:
         """The gradient with its NaN and infinite entries set to 0 (their count is logged per term).
 
         The reference asserts a finite gradient; here a step with some non-finite entries goes on
-        without them, and a step with no finite entry at all stops the edit: it holds nothing to
-        step with, and a grad scaler would skip it without a word.
+        without them, and a step with no finite entry at all (its gradient is then all zero) stops the
+        edit at `check_gradient`. The first such step is kept on the device: reading it here would make
+        every step wait for the accelerator.
         """
         finite = torch.isfinite(grad)
-        if not bool(finite.any()):
-            raise NonFiniteLatentError(
-                f"the gradient became NaN or infinite at step {self.global_step + 1} in every entry (terms: "
-                f"{', '.join(t.name for t in terms)}), so the step was not taken")
+        failed = self.__dict__.get("_failed_at")
+        if failed is None:
+            failed = torch.zeros((), dtype=torch.long, device=grad.device)
+        step = torch.full((), self.global_step + 1, dtype=torch.long, device=grad.device)
+        self.__dict__["_failed_at"] = torch.where(~finite.any() & (failed == 0), step, failed)
         return torch.where(finite, grad, 0.0)
+
+    def check_gradient(self) -> None:
+        """Raise `NonFiniteLatentError` if a step so far had no finite gradient entry. Reads the device:
+        called on logging steps and by `NanGuard` after every step, where the host waits anyway."""
+        failed = self.__dict__.get("_failed_at")
+        if failed is not None and int(failed) > 0:
+            raise NonFiniteLatentError(
+                f"the gradient became NaN or infinite at step {int(failed)} in every entry (terms: "
+                f"{', '.join(t.name for t in self.active_terms)}), so that step did not move the latent")
 
     def _optimise(self, grad: torch.Tensor, last: bool) -> None:
         """Turn a gradient into an optimiser step through the surrogate loss scale * <z, grad>."""
@@ -162,13 +173,13 @@ class GroundAScoreEdit(L.LightningModule):
             else:
                 t, eps = self._draw(gen)
             grad, logs = self.guidance.batched_gradient(z, self.z_src, terms, t, eps, gen)
-            self._optimise(self._finite(grad, terms), last=True)
+            self._optimise(self._finite(grad), last=True)
         else:
             logs = []
             for i, term in enumerate(terms):
                 t, eps = self._draw(gen)
                 grad, tlog = self.guidance.term_gradient(self.latent.detach(), self.z_src, term, t, eps, gen)
-                self._optimise(self._finite(grad, [term]), last=i == len(terms) - 1)
+                self._optimise(self._finite(grad), last=i == len(terms) - 1)
                 logs.append(tlog)
         scheduler = self.lr_schedulers()
         if scheduler is not None:
@@ -192,6 +203,7 @@ class GroundAScoreEdit(L.LightningModule):
                 counts[term.name] = counts.get(term.name, 0) + tl.nonfinite_tensor
 
     def _log_terms(self, terms: Sequence[Term], logs: Sequence[TermLog]) -> None:
+        self.check_gradient()
         counts = self.__dict__.pop("_nonfinite", {})
         for term, tl in zip(terms, logs):
             values = {"t": float(tl.t), "gamma": tl.gamma_tensor, "grad_norm": tl.grad_norm_tensor}

@@ -84,23 +84,30 @@ def test_some_nonfinite_entries_are_counted_and_logged_and_the_step_goes_on(back
     assert logged["subtask0_a-dog/nonfinite"] == 3.0, logged  # the last logged step: three entries
 
 
-def test_a_step_with_no_finite_entry_stops_naming_the_last_good_checkpoint(backbone, monkeypatch, tmp_path):
+@pytest.mark.parametrize("guard", [True, False], ids=["nan_guard", "module_alone"])
+def test_a_step_with_no_finite_entry_stops_naming_the_last_good_checkpoint(backbone, monkeypatch, tmp_path, guard):
+    """With NanGuard the edit stops after that step, naming the checkpoint; without it, at the next logging
+    step (the module reads the flag only where the host waits anyway). Either way the latent did not move."""
+    from lightning.pytorch.loggers import CSVLogger
+
     module = _module(backbone, "batched")
     real = module.guidance.batched_gradient
-    calls = []
+    latents = []
 
-    def broken(*args, **kwargs):
-        grad, logs = real(*args, **kwargs)
-        calls.append(1)
-        return (torch.full_like(grad, float("nan")) if len(calls) == 2 else grad), logs
+    def broken(z, *args, **kwargs):
+        grad, logs = real(z, *args, **kwargs)
+        latents.append(z.clone())
+        return (torch.full_like(grad, float("nan")) if len(latents) == 2 else grad), logs
 
     monkeypatch.setattr(module.guidance, "batched_gradient", broken)
     (tmp_path / "step=1.ckpt").write_bytes(b"")
-    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[NanGuard(tmp_path)])
+    trainer = L.Trainer(max_steps=6, accelerator="cpu", logger=CSVLogger(tmp_path), log_every_n_steps=3,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[NanGuard(tmp_path)] if guard else [])
     with pytest.raises(NonFiniteLatentError) as info:
         trainer.fit(module)
     message = str(info.value)
     assert "gradient became NaN or infinite at step 2 in every entry" in message
-    assert f"--resume {tmp_path / 'step=1.ckpt'}" in message
-    assert torch.isfinite(module.latent).all() and trainer.global_step == 1
+    assert (f"--resume {tmp_path / 'step=1.ckpt'}" in message) == guard
+    assert len(latents) == (2 if guard else 3)  # NanGuard: right after step 2; alone: at logging step 3
+    assert torch.equal(latents[-1] if not guard else module.latent.detach(), latents[1])  # step 2 moved nothing

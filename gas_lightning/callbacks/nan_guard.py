@@ -29,8 +29,8 @@ class NanGuard(Callback):
 
     Raises:
         NonFiniteLatentError: at the start when the encoded source image is not finite, and
-            after any step that leaves the latent not finite; a step whose whole gradient is not finite
-            is stopped by the module, and its error gets the checkpoint to resume from here.
+            after any step that leaves the latent not finite or whose whole gradient was not finite
+            (the module's `check_gradient`); the message names the checkpoint to resume from.
     """
 
     def __init__(self, dirpath: str | Path):
@@ -56,12 +56,15 @@ class NanGuard(Callback):
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        check = getattr(pl_module, "check_gradient", None)
+        if check is not None:
+            check()  # its error gets the checkpoint to resume from in on_exception
         if torch.isfinite(pl_module.latent).all():
             return
         raise NonFiniteLatentError(f"the latent became NaN or infinite at step {trainer.global_step}; {self._resume()}")
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        """A step whose whole gradient was non-finite (the module stops it): say which checkpoint to resume from."""
+        """A step whose whole gradient was non-finite (the module's error): say which checkpoint to resume from."""
         if isinstance(exception, NonFiniteLatentError) and "checkpoint" not in str(exception):
             exception.args = (f"{exception.args[0]}; {self._resume()}", *exception.args[1:])
