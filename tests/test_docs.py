@@ -193,3 +193,14 @@ def test_the_import_graph_names_imports_against_the_flow(tmp_path):
     text = tables.imports(pkg)
     assert "against the flow): `plan` -> `api`." in text
     assert "Modules in no stage: `gas_lightning.extra`." in text
+
+
+def test_the_readme_is_a_short_door_into_the_docs():
+    """At most 300 lines, and every code block it shows is one the docs hold verbatim, where the
+    tests run it (tests/test_readme.py runs the docs pages' sections), so the two cannot drift apart."""
+    assert len(README.splitlines()) <= 300
+    docs = "\n".join(DOCS.values())
+    blocks = re.findall(r"```(?:bash|python)\n(.*?)```", README, re.S)
+    assert len(blocks) >= 6, blocks
+    for block in blocks:
+        assert block in docs, block

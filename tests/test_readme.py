@@ -167,7 +167,7 @@ def claim_of(command: str) -> str:
 
 def test_every_readme_command_is_run_somewhere():
     commands = fenced_commands()
-    assert len(commands) >= 25, commands
+    assert len(commands) >= 6, commands  # the README's own; the docs pages' are claimed in tests/test_docs.py
     claims = {command: claim_of(command) for command in commands}
     everywhere = commands + [c for text in DOCS.values() for c in fenced_commands(text)]
     unused = [pattern for pattern, _ in CLAIMS if not any(re.match(pattern, c) for c in everywhere)]
