@@ -215,7 +215,7 @@ def test_the_stable_diffusion_commands(workdir, tiny_sd, recwarn):
     # sd15.yaml's 16-mixed is CUDA autocast: on the CPU the edit runs in 32-true, not Lightning's bf16 swap
     assert not [w for w in recwarn if "precision" in str(w.message)], [str(w.message) for w in recwarn]
 
-    tensorboard = next(c for c in fenced_commands() if c.startswith("tensorboard "))
+    tensorboard = next(c for c in fenced_commands(section("Watching, stopping, resuming")) if c.startswith("tensorboard "))
     proc = subprocess.run([*shlex.split(tensorboard), "--inspect"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert re.search(r"^scalars\b", proc.stdout, re.M) and "subtask0_the-dog/grad_norm" in proc.stdout, proc.stdout[-2000:]
