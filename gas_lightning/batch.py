@@ -44,7 +44,7 @@ def build_parser():
     p = edit_parser(exit_on_error=False)
     p.prog = "gas-edit batch"
     p.description = "Run the edits of a jobs file (one JSON object per line), on one device or many."
-    p.add_argument("--jobs", type=Optional[str], default=None, help="the jobs file (JSON lines; README: Many edits)")
+    p.add_argument("--jobs", type=Optional[str], default=None, help="the jobs file (JSON lines; docs/guide/batch.md)")
     p.add_class_arguments(MetricsSpec, "metrics")
     p.set_defaults({"output_dir": "outputs/batch"})
     return p
@@ -73,7 +73,7 @@ def run(argv: list[str], debug=None) -> int:
         print(parser.dump(cfg, skip_validation=True), end="")
         return 0
     if cfg.jobs is None:
-        raise GasError("gas-edit batch needs --jobs FILE (one JSON object per line; README: Many edits)")
+        raise GasError("gas-edit batch needs --jobs FILE (one JSON object per line; docs/guide/batch.md)")
     if cfg.resume is not None or cfg.plan_only:
         raise GasError("gas-edit batch takes neither --resume nor --plan_only: a rerun of the same command skips "
                        "finished jobs and redoes the others")

@@ -67,7 +67,7 @@ def build_parser(exit_on_error: bool = True):
                         "(with --model_config), or gas-lightning:shapes-model (bundled)")
     p.add_argument("--model_config", type=Optional[str], default=None,
                    help="for a single-file --model: a local diffusers-layout folder with its family's configs and tokenizers")
-    p.add_argument("--image", type=Optional[str], default=None, help="image to edit (any size; see README: working size)")
+    p.add_argument("--image", type=Optional[str], default=None, help="image to edit (any size; see docs/guide/stable-diffusion.md, Working size)")
     p.add_argument("--output_dir", type=str, default="outputs/edit",
                    help="the edit's folder: edited.png, comparison.png, plan.json, config.yaml, checkpoints/")
     p.add_argument("--seed", type=int, default=0, help="the edit's timesteps and noise")
@@ -292,7 +292,7 @@ def make_writable_dir(out: Path) -> None:
 
 def cpu_precision(trainer_kwargs: dict) -> None:
     """16-mixed is CUDA's fp16 autocast. On the CPU Lightning swaps in bf16-mixed, which rounds the
-    small differences DDS follows 8x more coarsely (README: mixed precision): run 32-true there."""
+    small differences DDS follows 8x more coarsely (docs/configuration.md, mixed precision): run 32-true there."""
     import torch
 
     accelerator = trainer_kwargs.get("accelerator") or "auto"

@@ -279,7 +279,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--wide_guidance_scale", type=float, default=None,
                    help="override the background-sized boxes' scale of the methods that have one")
     p.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu",
-                   help="gpu: for wide validation sweeps; the README's numbers are CPU runs (float results differ slightly)")
+                   help="gpu: for wide validation sweeps; the published numbers are CPU runs (float results differ slightly)")
     p.add_argument("--json", type=Path, default=None, help="write the results object here ('-' for stdout)")
     p.add_argument("--progress", type=Path, default=None,
                    help="append each case's scores to this JSON-lines file as soon as it is done")
