@@ -93,12 +93,12 @@ def test_an_image_in_memory_is_saved_and_named_in_the_config(tiny_sd, image_file
 
 def test_a_loaded_model_is_reused_not_reloaded(tiny_sd, image_file, tmp_path, monkeypatch):
     model = load_model(tiny_sd, device="cpu")
-    import gas_lightning.backbone as backbone_module
+    import gas_lightning.loading as loading_module
 
     def no_loading(*a, **k):
         raise AssertionError("edit() loaded the model again")
 
-    monkeypatch.setattr(backbone_module, "load_backbone", no_loading)
+    monkeypatch.setattr(loading_module, "load_backbone", no_loading)
     first = quick(image=image_file, request=REQUEST, boxes=BOXES, model=model, output_dir=tmp_path / "a")
     second = quick(image=image_file, request=REQUEST, boxes=BOXES, model=model, output_dir=tmp_path / "b")
     torch.testing.assert_close(first.latent, second.latent, rtol=0, atol=0)
