@@ -15,8 +15,9 @@ user cannot act on are off during the call only, and the logging configuration i
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from gas_lightning.errors import GasError
 from gas_lightning.runner import EditResult
@@ -30,14 +31,33 @@ if TYPE_CHECKING:
 
 BUNDLED_MODEL = "gas-lightning:shapes-model"
 BUNDLED_PRESET = "gas-lightning:shapes.yaml"  # configs/shapes.yaml is a link to it
-EDIT_KEYS = ("request", "source", "target", "plan", "sources", "targets", "source_prompt", "target_prompt",
-             "preserve_form", "intensities", "boxes", "keep", "masks")
+EDIT_KEYS = (
+    "request",
+    "source",
+    "target",
+    "plan",
+    "sources",
+    "targets",
+    "source_prompt",
+    "target_prompt",
+    "preserve_form",
+    "intensities",
+    "boxes",
+    "keep",
+    "masks",
+)
 
 __all__ = ["edit", "plan_edit", "load_model", "EditResult"]
 
 
-def load_model(model: str = BUNDLED_MODEL, device: str = "auto", dtype: str = "auto", attention: str = "auto",
-               allow_pickle_weights: bool = False, model_config: str | None = None) -> "Backbone":
+def load_model(
+    model: str = BUNDLED_MODEL,
+    device: str = "auto",
+    dtype: str = "auto",
+    attention: str = "auto",
+    allow_pickle_weights: bool = False,
+    model_config: str | None = None,
+) -> Backbone:
     """Load a model once and pass it as `edit(model=...)` to many edits (`device="auto"`: CUDA if present).
     A single-file checkpoint needs `model_config`, the local folder of its family's configs and tokenizers."""
     import torch
@@ -48,22 +68,28 @@ def load_model(model: str = BUNDLED_MODEL, device: str = "auto", dtype: str = "a
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     with library_noise_off():
-        return load_backbone(resolve_bundled(model), device=device, dtype=dtype, attention=attention,
-                             allow_pickle_weights=allow_pickle_weights, model_config=model_config)
+        return load_backbone(
+            resolve_bundled(model),
+            device=device,
+            dtype=dtype,
+            attention=attention,
+            allow_pickle_weights=allow_pickle_weights,
+            model_config=model_config,
+        )
 
 
 def edit(
-    image: "str | Path | Image.Image",
+    image: str | Path | Image.Image,
     request: str | None = None,
     *,
     source: str | None = None,
     target: str | None = None,
-    plan: "str | Path | EditPlan | None" = None,
+    plan: str | Path | EditPlan | None = None,
     sources: Sequence[str] | None = None,
     targets: Sequence[str] | None = None,
     boxes: Sequence[Sequence[float] | None] | None = None,
-    masks: "str | Path | Sequence[Any] | None" = None,
-    model: "str | Backbone | None" = None,
+    masks: str | Path | Sequence[Any] | None = None,
+    model: str | Backbone | None = None,
     steps: int | None = None,
     seed: int = 0,
     output_dir: str | Path | None = None,
@@ -91,28 +117,47 @@ def edit(
     backbone = model if _is_backbone(model) else None
     painted = masks is not None and not isinstance(masks, (str, Path)) and any(_in_memory(m) for m in masks)
     if masks is not None and not painted:
-        options = {**options, "masks": str(masks) if isinstance(masks, (str, Path)) else
-                   [None if m is None else str(m) for m in masks]}
-    cfg = _config(parser, config, model, output_dir, steps, seed, trainer_kwargs, backbone, options,
-                  request=request, source=source, target=target, sources=sources, targets=targets, boxes=boxes,
-                  plan=None if plan is None or _is_plan(plan) else str(plan), replace_edit=_is_plan(plan))
+        options = {
+            **options,
+            "masks": str(masks) if isinstance(masks, (str, Path)) else [None if m is None else str(m) for m in masks],
+        }
+    cfg = _config(
+        parser,
+        config,
+        model,
+        output_dir,
+        steps,
+        seed,
+        trainer_kwargs,
+        backbone,
+        options,
+        request=request,
+        source=source,
+        target=target,
+        sources=sources,
+        targets=targets,
+        boxes=boxes,
+        plan=None if plan is None or _is_plan(plan) else str(plan),
+        replace_edit=_is_plan(plan),
+    )
     pil = _in_memory_image(image, cfg)
     if painted:
         cfg.masks = _saved_masks(masks, Path(cfg.output_dir))
     if not any(isinstance(c, ProgressBar) for c in callbacks):  # the step bar, not Lightning's "Epoch 0/-2"
         callbacks = [*callbacks, *step_progress_bar(cfg.trainer)]
     with library_noise_off():  # as quiet as gas-edit, the caller's logging and warnings left as they were
-        return run_edit(cfg, parser, image=pil, backbone=backbone, callbacks=callbacks,
-                        plan=plan if _is_plan(plan) else None)
+        return run_edit(
+            cfg, parser, image=pil, backbone=backbone, callbacks=callbacks, plan=plan if _is_plan(plan) else None
+        )
 
 
 def plan_edit(
-    image: "str | Path | Image.Image",
+    image: str | Path | Image.Image,
     request: str | None = None,
     *,
     config: str | Path | None = None,
     **options: Any,
-) -> "EditPlan":
+) -> EditPlan:
     """The plan an edit would follow, with its boxes (detected where none were given), without editing:
     for showing the boxes to a user before the edit, as the app does."""
     from gas_lightning.pipeline import load_image
@@ -126,8 +171,9 @@ def plan_edit(
         return resolve_plan(cfg, pil)
 
 
-def _config(parser, config, model, output_dir, steps, seed, trainer_kwargs, backbone, options, replace_edit=False,
-            **plan_form):
+def _config(
+    parser, config, model, output_dir, steps, seed, trainer_kwargs, backbone, options, replace_edit=False, **plan_form
+):
     """Parser defaults (or a config file, or the bundled preset), then the call's keywords on top."""
     from jsonargparse import ArgumentError
 
@@ -137,8 +183,11 @@ def _config(parser, config, model, output_dir, steps, seed, trainer_kwargs, back
     preset = config is None and model is None
     forms = {k: v for k, v in plan_form.items() if k != "boxes" and v is not None}
     try:
-        cfg = parser.parse_path(resolve_bundled(BUNDLED_PRESET) if preset else str(config)) if preset or config \
+        cfg = (
+            parser.parse_path(resolve_bundled(BUNDLED_PRESET) if preset else str(config))
+            if preset or config
             else parser.get_defaults()
+        )
         previous_steps = cfg.trainer.max_steps
         # An edit given in the call replaces the config's whole description of one (its request, boxes,
         # whole-scene sentences), which belonged to another edit.
@@ -186,7 +235,7 @@ def _trainer_on(backbone) -> dict[str, Any]:
     return {"accelerator": device.type, "devices": 1}
 
 
-def _in_memory_image(image, cfg) -> "Image.Image | None":
+def _in_memory_image(image, cfg) -> Image.Image | None:
     """A path goes into the config as `image` (so config.yaml repeats the edit); a picture in memory
     is saved as source.png in the output folder and named there, for the same reason."""
     from gas_lightning.io import atomic_write

@@ -15,9 +15,10 @@ import logging
 import queue
 import tempfile
 import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.callbacks import Callback
 
@@ -42,7 +43,7 @@ class EditStopped(Exception):
 class PageHooks(Callback):
     """Connects one running edit to the page: previews from EditPreviews, the step count, the Stop button."""
 
-    def __init__(self, events: "queue.Queue", stop: threading.Event):
+    def __init__(self, events: queue.Queue, stop: threading.Event):
         self.events = events
         self.stop = stop
 
@@ -59,7 +60,7 @@ class PageHooks(Callback):
             raise EditStopped(f"stopped at step {trainer.global_step}")
 
 
-def load_upload(path: str | None) -> "Image.Image":
+def load_upload(path: str | None) -> Image.Image:
     """An uploaded file, checked as `--image` is (format, size), with its own name in the message."""
     from gas_lightning.pipeline import load_image
 
@@ -71,7 +72,7 @@ def load_upload(path: str | None) -> "Image.Image":
         raise GasError(str(e).replace(str(path), Path(path).name)) from None
 
 
-def annotation(image: "Image.Image", plan: EditPlan) -> dict[str, Any]:
+def annotation(image: Image.Image, plan: EditPlan) -> dict[str, Any]:
     """The plan's boxes in the pixel coordinates the box editor uses, labelled with their objects.
     A whole-image box (a background's) is left out: drawn, it would tint the whole picture, and a
     subtask without a box edits the whole image anyway (plan_with_boxes)."""
@@ -83,8 +84,16 @@ def annotation(image: "Image.Image", plan: EditPlan) -> dict[str, Any]:
         if (s.box or WHOLE_IMAGE) == WHOLE_IMAGE:
             continue
         x0, y0, x1, y1 = s.box
-        boxes.append({"xmin": round(x0 * w), "ymin": round(y0 * h), "xmax": round(x1 * w), "ymax": round(y1 * h),
-                      "label": s.source, "color": _COLOURS[i % len(_COLOURS)]})
+        boxes.append(
+            {
+                "xmin": round(x0 * w),
+                "ymin": round(y0 * h),
+                "xmax": round(x1 * w),
+                "ymax": round(y1 * h),
+                "label": s.source,
+                "color": _COLOURS[i % len(_COLOURS)],
+            }
+        )
     return {"image": image, "boxes": boxes}
 
 
@@ -118,7 +127,7 @@ def plan_with_boxes(plan: EditPlan, boxes: Sequence[dict], size: tuple[int, int]
         drawn.setdefault(label, []).append(b)
     new: list = [WHOLE_IMAGE] * len(plan.subtasks)
     for label, found in drawn.items():
-        for i, b in zip(slots[label], found[:len(slots[label])]):  # the newest boxes of each label
+        for i, b in zip(slots[label], found[: len(slots[label])]):  # the newest boxes of each label
             pixels = (b["xmin"], b["ymin"], b["xmax"], b["ymax"])
             scaled = [min(max(float(v) / d, 0.0), 1.0) for v, d in zip(pixels, (w, h, w, h))]
             new[i] = check_box(scaled, f"the box of {plan.subtasks[i].source!r}")
@@ -136,8 +145,13 @@ class EditApp:
         device: where the model runs ("auto": CUDA when present).
     """
 
-    def __init__(self, model: str = BUNDLED_MODEL, config: str | None = None, output_dir: str = "outputs/app",
-                 device: str = "auto"):
+    def __init__(
+        self,
+        model: str = BUNDLED_MODEL,
+        config: str | None = None,
+        output_dir: str = "outputs/app",
+        device: str = "auto",
+    ):
         from jsonargparse import ArgumentError
 
         from gas_lightning.callbacks.progress import step_progress_bar
@@ -164,7 +178,7 @@ class EditApp:
             self._backbone = load_model(self.model, device=self.device)
         return self._backbone
 
-    def find_boxes(self, image: "Image.Image", request: str) -> tuple[EditPlan, str]:
+    def find_boxes(self, image: Image.Image, request: str) -> tuple[EditPlan, str]:
         """The plan of `request` with detected boxes, and a note for the page; objects the detector
         cannot find, or all when the config names no detector, get the whole image, for the user to draw."""
         from gas_lightning.grounding.base import GroundingMiss
@@ -173,11 +187,17 @@ class EditApp:
         if not (request or "").strip():
             raise GasError("the request is empty: write one 'change A into B.' sentence per object")
         if self._cfg.detector is None and self._cfg.detector_backend == "transformers":
-            spec = PlanSpec(request=request, planner=self._cfg.planner, llm_model=self._cfg.llm_model,
-                            llm_base_url=self._cfg.llm_base_url)
+            spec = PlanSpec(
+                request=request,
+                planner=self._cfg.planner,
+                llm_model=self._cfg.llm_model,
+                llm_base_url=self._cfg.llm_base_url,
+            )
             plan = make_plan(spec, image)
-            return (plan.with_boxes([WHOLE_IMAGE] * len(plan.subtasks)),
-                    "no detector is configured (--config names none): draw each object's box")
+            return (
+                plan.with_boxes([WHOLE_IMAGE] * len(plan.subtasks)),
+                "no detector is configured (--config names none): draw each object's box",
+            )
         try:
             return plan_edit(image, request, config=self.config), ""
         except GroundingMiss as miss:
@@ -192,8 +212,16 @@ class EditApp:
         event.set()
         return True
 
-    def run(self, session: str, image: "Image.Image", plan: EditPlan, steps: int, seed: int = 0,
-            resume_dir: str | Path | None = None, **options: Any) -> Iterator[tuple]:
+    def run(
+        self,
+        session: str,
+        image: Image.Image,
+        plan: EditPlan,
+        steps: int,
+        seed: int = 0,
+        resume_dir: str | Path | None = None,
+        **options: Any,
+    ) -> Iterator[tuple]:
         """Edit in a background thread and yield ("step", n, total), ("preview", image, n) as they come,
         then ("done", EditResult) or ("stopped", output_dir, "stopped at step N"). `resume_dir`: continue a stopped edit
         there from its interrupted.ckpt. `options` are `edit()` keywords (tests shorten previews)."""
@@ -217,8 +245,22 @@ class EditApp:
 
         def work() -> None:
             try:
-                events.put(("done", edit(image, plan=out / "plan.json", model=backbone, config=self.config, steps=steps,
-                                         seed=seed, output_dir=out, callbacks=hooks, **options)))
+                events.put(
+                    (
+                        "done",
+                        edit(
+                            image,
+                            plan=out / "plan.json",
+                            model=backbone,
+                            config=self.config,
+                            steps=steps,
+                            seed=seed,
+                            output_dir=out,
+                            callbacks=hooks,
+                            **options,
+                        ),
+                    )
+                )
             except EditStopped as e:
                 events.put(("stopped", out, str(e)))
             except BaseException as e:  # handed to the page's thread, raised there

@@ -22,7 +22,14 @@ import gradio as gr  # noqa: E402
 from gradio_image_annotation import image_annotator  # noqa: E402
 
 from gas_lightning.app import (  # noqa: E402
-    BUNDLED_MODEL, DOWNLOADS, EXAMPLE_IMAGE, EditApp, annotation, label_colours, load_upload, plan_with_boxes,
+    BUNDLED_MODEL,
+    DOWNLOADS,
+    EXAMPLE_IMAGE,
+    EditApp,
+    annotation,
+    label_colours,
+    load_upload,
+    plan_with_boxes,
 )
 from gas_lightning.errors import GasError  # noqa: E402
 from gas_lightning.plan import EditPlan  # noqa: E402
@@ -43,6 +50,7 @@ INTRO = """# gas-lightning
 
 def _page_errors(fn):
     """GasError -> gr.Error (the message in the page); anything else is logged and shown in one line."""
+
     def show(e: Exception):
         if isinstance(e, (GasError, gr.Error)):
             return e if isinstance(e, gr.Error) else gr.Error(str(e))
@@ -50,12 +58,14 @@ def _page_errors(fn):
         return gr.Error(f"internal error: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
 
     if inspect.isgeneratorfunction(fn):
+
         @functools.wraps(fn)
         def gen(*args, **kwargs):
             try:
                 yield from fn(*args, **kwargs)
             except Exception as e:
                 raise show(e) from None
+
         return gen
 
     @functools.wraps(fn)
@@ -64,6 +74,7 @@ def _page_errors(fn):
             return fn(*args, **kwargs)
         except Exception as e:
             raise show(e) from None
+
     return call
 
 
@@ -85,8 +96,11 @@ def build_ui(app: EditApp) -> gr.Blocks:
         colours = label_colours(plan)
         value = annotation(state["image"], plan)
         status = note or f"{len(plan.subtasks)} objects found; correct their boxes, then press Edit."
-        return (image_annotator(value=value, label_list=list(colours), label_colors=list(colours.values())), status,
-                {**state, "plan": plan.to_dict(), "request": request})
+        return (
+            image_annotator(value=value, label_list=list(colours), label_colors=list(colours.values())),
+            status,
+            {**state, "plan": plan.to_dict(), "request": request},
+        )
 
     def outputs_of(event):
         kind = event[0]
@@ -96,12 +110,20 @@ def build_ui(app: EditApp) -> gr.Blocks:
             return event[1], f"step {event[2]}: preview", gr.skip(), gr.skip()
         if kind == "stopped":
             out = event[1]
-            return (gr.skip(), f"{event[2]}; the checkpoint is kept in {out / 'checkpoints'}: Continue resumes it.",
-                    gr.skip(), [str(out / n) for n in DOWNLOADS[1:]])
+            return (
+                gr.skip(),
+                f"{event[2]}; the checkpoint is kept in {out / 'checkpoints'}: Continue resumes it.",
+                gr.skip(),
+                [str(out / n) for n in DOWNLOADS[1:]],
+            )
         result = event[1]
         out = result.output_dir
-        return (gr.skip(), f"done: {result.steps} steps; the edit is in {out}", str(out / "edited.png"),
-                [str(out / n) for n in DOWNLOADS])
+        return (
+            gr.skip(),
+            f"done: {result.steps} steps; the edit is in {out}",
+            str(out / "edited.png"),
+            [str(out / n) for n in DOWNLOADS],
+        )
 
     def run_events(state, events):
         for event in events:
@@ -119,8 +141,7 @@ def build_ui(app: EditApp) -> gr.Blocks:
             raise GasError("the request changed since the boxes were found; press Find the boxes again")
         if boxes and boxes.get("orientation"):
             raise GasError("the image was rotated in the box editor; rotate it back (the edit uses it as uploaded)")
-        plan = plan_with_boxes(EditPlan.from_dict(state["plan"]), (boxes or {}).get("boxes") or [],
-                               state["image"].size)
+        plan = plan_with_boxes(EditPlan.from_dict(state["plan"]), (boxes or {}).get("boxes") or [], state["image"].size)
         state = {**state, "run_plan": plan.to_dict(), "steps": steps, "seed": seed, "stopped": None}
         yield None, "starting", None, None, state
         yield from run_events(state, app.run(req.session_hash, state["image"], plan, steps, seed))
@@ -131,8 +152,10 @@ def build_ui(app: EditApp) -> gr.Blocks:
             raise GasError("nothing to continue: Continue resumes an edit you stopped")
         plan = EditPlan.from_dict(state["run_plan"])
         yield gr.skip(), "continuing", gr.skip(), gr.skip(), state
-        yield from run_events(state, app.run(req.session_hash, state["image"], plan, state["steps"], state["seed"],
-                                             resume_dir=state["stopped"]))
+        yield from run_events(
+            state,
+            app.run(req.session_hash, state["image"], plan, state["steps"], state["seed"], resume_dir=state["stopped"]),
+        )
 
     def stop(req: gr.Request):
         return "stopping after this step..." if app.stop(req.session_hash) else "no edit is running"
@@ -148,8 +171,9 @@ def build_ui(app: EditApp) -> gr.Blocks:
                 find = gr.Button("Find the boxes", elem_id="find")
                 # the title above the editor, not over it: a box at the picture's top edge keeps its label in view
                 gr.Markdown("Boxes (draw to redo one, hand tool to move)", elem_id="boxes-title")
-                boxes = image_annotator(show_label=False, sources=[], image_type="pil", show_clear_button=False,
-                                        height=420, elem_id="boxes")
+                boxes = image_annotator(
+                    show_label=False, sources=[], image_type="pil", show_clear_button=False, height=420, elem_id="boxes"
+                )
             with gr.Column():
                 with gr.Row():
                     steps = gr.Number(label="Steps", value=app.default_steps, precision=0, minimum=1, elem_id="steps")
@@ -162,8 +186,12 @@ def build_ui(app: EditApp) -> gr.Blocks:
                 with gr.Row():
                     preview = gr.Image(label="Preview", type="pil", interactive=False, height=300, elem_id="preview")
                     edited = gr.Image(label="Edited", type="filepath", interactive=False, height=300, elem_id="edited")
-                downloads = gr.File(label="Downloads: edited.png, plan.json, config.yaml", file_count="multiple",
-                                    interactive=False, elem_id="downloads")
+                downloads = gr.File(
+                    label="Downloads: edited.png, plan.json, config.yaml",
+                    file_count="multiple",
+                    interactive=False,
+                    elem_id="downloads",
+                )
 
         found = dict(fn=find_boxes, inputs=[request, state], outputs=[boxes, status, state])
         upload.upload(take_image, [upload], [boxes, state]).success(**found)
@@ -171,8 +199,9 @@ def build_ui(app: EditApp) -> gr.Blocks:
         find.click(**found)
         request.submit(**found)
         edit_outputs = [preview, status, edited, downloads, state]
-        run.click(start, [request, boxes, steps, seed, state], edit_outputs, concurrency_limit=1,
-                  concurrency_id="device")
+        run.click(
+            start, [request, boxes, steps, seed, state], edit_outputs, concurrency_limit=1, concurrency_id="device"
+        )
         cont.click(resume, [state], edit_outputs, concurrency_limit=1, concurrency_id="device")
         halt.click(stop, None, status, queue=False)
     return demo
@@ -209,15 +238,27 @@ def serve(app: EditApp, host: str = "127.0.0.1", port: int = 7860, block: bool =
     _quiet_gradio()
     app.output_dir.mkdir(parents=True, exist_ok=True)
     demo = build_ui(app).queue(default_concurrency_limit=1)
-    system_fonts = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                                     font_mono=["ui-monospace", "monospace"])  # no font CDN: works offline
+    system_fonts = gr.themes.Default(
+        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
+    )  # no font CDN: works offline
     try:
-        demo.launch(server_name=host, server_port=port, share=False, quiet=True, show_error=True,
-                    prevent_thread_lock=not block,
-                    # the edits, and the example's file, which the Image box shows after "Use the bundled example"
-                    allowed_paths=[str(app.output_dir.resolve()), str(Path(resolve_bundled(EXAMPLE_IMAGE)).resolve())],
-                    max_file_size="64mb", ssr_mode=False, pwa=False, mcp_server=False, enable_monitoring=False,
-                    theme=system_fonts, css=CSS)
+        demo.launch(
+            server_name=host,
+            server_port=port,
+            share=False,
+            quiet=True,
+            show_error=True,
+            prevent_thread_lock=not block,
+            # the edits, and the example's file, which the Image box shows after "Use the bundled example"
+            allowed_paths=[str(app.output_dir.resolve()), str(Path(resolve_bundled(EXAMPLE_IMAGE)).resolve())],
+            max_file_size="64mb",
+            ssr_mode=False,
+            pwa=False,
+            mcp_server=False,
+            enable_monitoring=False,
+            theme=system_fonts,
+            css=CSS,
+        )
     except OSError as e:
         raise GasError(f"cannot listen on {host}:{port} ({e}); choose another --port") from None
     return demo

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,8 +23,14 @@ from gas_lightning.errors import ModelLoadError
 log = logging.getLogger(__name__)
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "xformers")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 @contextmanager
@@ -111,12 +118,12 @@ class PromptEmbeddings:
     pooled: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, value: "PromptEmbeddings | torch.Tensor") -> "PromptEmbeddings":
+    def of(cls, value: PromptEmbeddings | torch.Tensor) -> PromptEmbeddings:
         """A bare (B, L, D) tensor is an SD-style conditioning without pooled embeddings."""
         return value if isinstance(value, PromptEmbeddings) else cls(value)
 
     @classmethod
-    def cat(cls, items: Sequence["PromptEmbeddings | torch.Tensor"]) -> "PromptEmbeddings":
+    def cat(cls, items: Sequence[PromptEmbeddings | torch.Tensor]) -> PromptEmbeddings:
         items = [cls.of(x) for x in items]
         pooled = [x.pooled for x in items]
         if any(p is None for p in pooled) and not all(p is None for p in pooled):
@@ -126,22 +133,27 @@ class PromptEmbeddings:
     def __len__(self) -> int:
         return int(self.hidden.shape[0])
 
-    def __getitem__(self, index: int | slice | Sequence[int] | torch.Tensor) -> "PromptEmbeddings":
+    def __getitem__(self, index: int | slice | Sequence[int] | torch.Tensor) -> PromptEmbeddings:
         """Rows of the batch; an integer keeps the batch axis (one prompt is a batch of one)."""
         if isinstance(index, int):
             index = slice(index, index + 1 if index != -1 else None)
         return PromptEmbeddings(self.hidden[index], None if self.pooled is None else self.pooled[index])
 
-    def expand(self, n: int) -> "PromptEmbeddings":
+    def expand(self, n: int) -> PromptEmbeddings:
         """A batch of one repeated n times (a view, no copy)."""
-        return PromptEmbeddings(self.hidden.expand(n, -1, -1), None if self.pooled is None else self.pooled.expand(n, -1))
+        return PromptEmbeddings(
+            self.hidden.expand(n, -1, -1), None if self.pooled is None else self.pooled.expand(n, -1)
+        )
 
-    def to(self, *args: Any, **kwargs: Any) -> "PromptEmbeddings":
-        return PromptEmbeddings(self.hidden.to(*args, **kwargs),
-                                None if self.pooled is None else self.pooled.to(*args, **kwargs))
+    def to(self, *args: Any, **kwargs: Any) -> PromptEmbeddings:
+        return PromptEmbeddings(
+            self.hidden.to(*args, **kwargs), None if self.pooled is None else self.pooled.to(*args, **kwargs)
+        )
 
-    def zeros_like(self) -> "PromptEmbeddings":
-        return PromptEmbeddings(torch.zeros_like(self.hidden), None if self.pooled is None else torch.zeros_like(self.pooled))
+    def zeros_like(self) -> PromptEmbeddings:
+        return PromptEmbeddings(
+            torch.zeros_like(self.hidden), None if self.pooled is None else torch.zeros_like(self.pooled)
+        )
 
     @property
     def device(self) -> torch.device:
@@ -196,7 +208,7 @@ class Backbone:
     def frozen_networks(self) -> list[nn.Module]:
         return [self.unet, self.text_encoder, self.codec]
 
-    def to(self, device: torch.device | str) -> "Backbone":
+    def to(self, device: torch.device | str) -> Backbone:
         self.unet.to(device)
         for net in self.frozen_networks():
             if net is not self.unet:
@@ -204,8 +216,13 @@ class Backbone:
         self.alphas_cumprod = self.alphas_cumprod.to(device)
         return self
 
-    def tune(self, compile: bool = False, low_memory: bool = False, micro_batch: int | None = None,
-             channels_last: bool = False) -> "Backbone":
+    def tune(
+        self,
+        compile: bool = False,
+        low_memory: bool = False,
+        micro_batch: int | None = None,
+        channels_last: bool = False,
+    ) -> Backbone:
         """Speed and memory switches that leave the results unchanged (up to float rounding).
 
         `low_memory`: UNet calls of at most `micro_batch` (default 4, the sequential schedule's call
@@ -234,7 +251,9 @@ class Backbone:
             n = len(tokenizer(p, truncation=False).input_ids)
             if n > max_len:
                 log.warning("prompt %r is %d tokens; the text encoder keeps only %d", p, n, max_len)
-        tokens = tokenizer(list(prompts), padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
+        tokens = tokenizer(
+            list(prompts), padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
+        )
         return tokens.input_ids.to(self.device)
 
     @torch.no_grad()
@@ -267,10 +286,14 @@ class Backbone:
             z, c = z_t[start : start + k], cond[start : start + k]
             extra = self.added_cond_kwargs(c, z)
             kwargs = {} if extra is None else {"added_cond_kwargs": extra}
-            parts.append(self.unet(z.to(self.dtype), t[start : start + k], encoder_hidden_states=c.hidden, **kwargs).sample)
+            parts.append(
+                self.unet(z.to(self.dtype), t[start : start + k], encoder_hidden_states=c.hidden, **kwargs).sample
+            )
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def predict_eps(self, z_t: torch.Tensor, t: torch.Tensor, embeddings: PromptEmbeddings | torch.Tensor) -> torch.Tensor:
+    def predict_eps(
+        self, z_t: torch.Tensor, t: torch.Tensor, embeddings: PromptEmbeddings | torch.Tensor
+    ) -> torch.Tensor:
         """Noise prediction in float32, converting v-prediction models (eps = a v + s z_t)."""
         out = self.denoise(z_t, t, embeddings).float()
         if self.prediction_type == "epsilon":

@@ -17,10 +17,11 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from gas_lightning.errors import GasError
 from gas_lightning.records import OUTPUTS, finished, read_record, settings_hash, write_record
@@ -29,8 +30,19 @@ from gas_lightning.usage import parse_or_explain, short_help
 log = logging.getLogger("gas_lightning")
 GATHER_TIMEOUT = timedelta(days=7)  # a rank done early waits this long for the others at the end
 # What makes Lightning see a cluster; the per-job Trainer must see none of it.
-CLUSTER_VARS = ("LOCAL_RANK", "NODE_RANK", "RANK", "GROUP_RANK", "ROLE_RANK", "LOCAL_WORLD_SIZE", "WORLD_SIZE",
-                "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "KUBERNETES_PORT")
+CLUSTER_VARS = (
+    "LOCAL_RANK",
+    "NODE_RANK",
+    "RANK",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "LOCAL_WORLD_SIZE",
+    "WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "KUBERNETES_PORT",
+)
 CLUSTER_PREFIXES = ("SLURM_", "LSB_", "JSM_", "OMPI_COMM_WORLD_", "PMI_")
 
 
@@ -65,7 +77,9 @@ def run(argv: list[str], debug=None) -> int:
         print(short_help(parser, prog="gas-edit batch"), end="")
         return 0
     printing = [a for a in argv if a == "--print_config" or a.startswith("--print_config=")]
-    cfg = parse_or_explain(parser, [a for a in argv if a not in printing], prog="gas-edit batch")  # checked, then printed
+    cfg = parse_or_explain(
+        parser, [a for a in argv if a not in printing], prog="gas-edit batch"
+    )  # checked, then printed
     if debug is not None:
         debug.set(bool(cfg.debug))
     check_base_url(cfg.llm_base_url)
@@ -75,10 +89,14 @@ def run(argv: list[str], debug=None) -> int:
     if cfg.jobs is None:
         raise GasError("gas-edit batch needs --jobs FILE (one JSON object per line; docs/guide/batch.md)")
     if cfg.resume is not None or cfg.plan_only:
-        raise GasError("gas-edit batch takes neither --resume nor --plan_only: a rerun of the same command skips "
-                       "finished jobs and redoes the others")
+        raise GasError(
+            "gas-edit batch takes neither --resume nor --plan_only: a rerun of the same command skips "
+            "finished jobs and redoes the others"
+        )
     if cfg.model is None:
-        raise GasError("no model given: pass --model HUB_ID_OR_FOLDER, or gas-lightning:shapes-model for the bundled one")
+        raise GasError(
+            "no model given: pass --model HUB_ID_OR_FOLDER, or gas-lightning:shapes-model for the bundled one"
+        )
     spec = MetricsSpec(**vars(cfg.metrics))
     base = cfg.clone()  # the gas-edit config every job starts from
     for key in ("jobs", "metrics", "config"):
@@ -90,8 +108,15 @@ def run(argv: list[str], debug=None) -> int:
     fabric.launch()
     rank, world = fabric.global_rank, fabric.world_size
     root = Path(cfg.output_dir)
-    runner = _Runner(base, edit_parser(exit_on_error=False), root, fabric.device, EditMetrics(spec, fabric.device),
-                     spec, overwrite=bool(cfg.overwrite))
+    runner = _Runner(
+        base,
+        edit_parser(exit_on_error=False),
+        root,
+        fabric.device,
+        EditMetrics(spec, fabric.device),
+        spec,
+        overwrite=bool(cfg.overwrite),
+    )
     mine = jobs[rank::world]
     records = runner.run_all(mine, label=f"rank {rank}/{world}" if world > 1 else "jobs", position=fabric.local_rank)
     if world > 1:
@@ -123,13 +148,17 @@ def _fabric(trainer, argv: list[str]):
             strategy = DDPStrategy(process_group_backend="gloo", timeout=GATHER_TIMEOUT)
             fabric = Fabric(**kwargs, strategy=strategy)
     except (ValueError, RuntimeError, TypeError) as e:
-        raise GasError(f"the batch cannot run on --trainer.accelerator {trainer.accelerator} --trainer.devices "
-                       f"{trainer.devices} --trainer.num_nodes {trainer.num_nodes}: {' '.join(str(e).split())[:300]}") from None
+        raise GasError(
+            f"the batch cannot run on --trainer.accelerator {trainer.accelerator} --trainer.devices "
+            f"{trainer.devices} --trainer.num_nodes {trainer.num_nodes}: {' '.join(str(e).split())[:300]}"
+        ) from None
     strategy = fabric.strategy
     local_launch = strategy.launcher is not None and not strategy.cluster_environment.creates_processes_externally
     if local_launch and sys.argv[1:] != ["batch", *argv]:
-        raise GasError("several devices start new processes that run the command line again; run gas-edit batch "
-                       "(or python -m gas_lightning.cli batch) from a shell, or use one device from Python")
+        raise GasError(
+            "several devices start new processes that run the command line again; run gas-edit batch "
+            "(or python -m gas_lightning.cli batch) from a shell, or use one device from Python"
+        )
     return fabric
 
 
@@ -153,15 +182,26 @@ class _Runner:
             for job in jobs:
                 records.append(self.run_one(job))
                 failed += records[-1]["status"] != "ok"
-                bar.set_postfix_str(f"done {len(records) - failed}, failed {failed}, left {len(jobs) - len(records)}",
-                                    refresh=False)
+                bar.set_postfix_str(
+                    f"done {len(records) - failed}, failed {failed}, left {len(jobs) - len(records)}", refresh=False
+                )
                 bar.update(1)
         return records
 
     def run_one(self, job) -> dict:
         out = self.root / job.name
-        record = {"job": job.name, "line": job.line, "status": "failed", "seconds": 0.0, "output": str(out),
-                  "metrics": {}, "error": None, "settings": None, "metrics_spec": self.spec, "reused": False}
+        record = {
+            "job": job.name,
+            "line": job.line,
+            "status": "failed",
+            "seconds": 0.0,
+            "output": str(out),
+            "metrics": {},
+            "error": None,
+            "settings": None,
+            "metrics_spec": self.spec,
+            "reused": False,
+        }
         start = time.perf_counter()
         try:
             cfg = self.config(job)
@@ -199,8 +239,13 @@ class _Runner:
         overrides["output_dir"] = str(self.root / job.name)
         overrides["overwrite"] = True  # the batch owns DIR/<name>; an unfinished job starts again
         trainer = dict(overrides.get("trainer") or {})
-        trainer.update(enable_progress_bar=False, enable_model_summary=False, num_nodes=1, strategy="auto",
-                       **_one_device(self.device))
+        trainer.update(
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_nodes=1,
+            strategy="auto",
+            **_one_device(self.device),
+        )
         overrides["trainer"] = trainer
         try:
             return self.parser.parse_object(overrides, namespace=self.base.clone())
@@ -214,8 +259,13 @@ class _Runner:
             from gas_lightning.loading import load_backbone
             from gas_lightning.resolve import resolve_bundled
 
-            self.backbone = load_backbone(resolve_bundled(cfg.model), device=str(self.device), dtype=cfg.dtype,
-                                          attention=cfg.attention, allow_pickle_weights=cfg.allow_pickle_weights)
+            self.backbone = load_backbone(
+                resolve_bundled(cfg.model),
+                device=str(self.device),
+                dtype=cfg.dtype,
+                attention=cfg.attention,
+                allow_pickle_weights=cfg.allow_pickle_weights,
+            )
         with single_process(), _quiet():
             return run_edit(cfg, self.parser, backbone=self.backbone)
 

@@ -51,8 +51,10 @@ def run(argv: list[str] | None = None) -> int:
     if cfg.plan_only:
         print(f"plan: {out / 'plan.json'}\ngrounding: {out / 'grounding.png'}")
     elif result.image is not None:  # rank zero
-        print(f"edited: {out / 'edited.png'}  (comparison.png, plan.json, config.yaml, checkpoints/ beside it; "
-              f"attention={result.attention}; tensorboard --logdir {out})")
+        print(
+            f"edited: {out / 'edited.png'}  (comparison.png, plan.json, config.yaml, checkpoints/ beside it; "
+            f"attention={result.attention}; tensorboard --logdir {out})"
+        )
     return 0
 
 
@@ -62,8 +64,10 @@ def main(argv: list[str] | None = None) -> None:
         try:  # Gradio is an extra: imported only for the app
             from gas_lightning.app_ui import main as app_main
         except ImportError as e:
-            print(f"gas-edit app: error: the app needs Gradio ({e.name} is missing): pip install 'gas-lightning[app]'",
-                  file=sys.stderr)
+            print(
+                f"gas-edit app: error: the app needs Gradio ({e.name} is missing): pip install 'gas-lightning[app]'",
+                file=sys.stderr,
+            )
             sys.exit(2)
         sys.exit(app_main(argv[1:]))
     setup_terminal()
@@ -71,8 +75,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = run(argv)
     except KeyboardInterrupt as stop:
-        print("gas-edit batch: stopped; the same command again skips the finished jobs" if argv[:1] == ["batch"]
-              else _stopped(stop), file=sys.stderr)
+        print(
+            "gas-edit batch: stopped; the same command again skips the finished jobs"
+            if argv[:1] == ["batch"]
+            else _stopped(stop),
+            file=sys.stderr,
+        )
         code = 130
     except Exception as e:
         if _DEBUG.get():
@@ -84,8 +92,10 @@ def main(argv: list[str] | None = None) -> None:
 def _stopped(stop: KeyboardInterrupt) -> str:
     """Where the steps of a stopped edit are kept, and the command that continues it."""
     if isinstance(stop, EditInterrupted) and stop.checkpoint is not None:
-        return (f"gas-edit: stopped at step {stop.step}; kept in {stop.checkpoint}\n"
-                f"  continue with: gas-edit --config {stop.output_dir / 'config.yaml'} --resume last")
+        return (
+            f"gas-edit: stopped at step {stop.step}; kept in {stop.checkpoint}\n"
+            f"  continue with: gas-edit --config {stop.output_dir / 'config.yaml'} --resume last"
+        )
     return "gas-edit: interrupted before the first step; nothing to continue"
 
 
@@ -96,11 +106,16 @@ def _report(error: Exception) -> int:
         print(f"gas-edit: error: {error}", file=sys.stderr)
         return 1 if isinstance(error, RunError) else 2
     if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
-        print(f"gas-edit: error: out of memory ({first}); lower --resolution, use --trainer.precision 16-mixed, "
-              "or close what else uses the memory", file=sys.stderr)
+        print(
+            f"gas-edit: error: out of memory ({first}); lower --resolution, use --trainer.precision 16-mixed, "
+            "or close what else uses the memory",
+            file=sys.stderr,
+        )
         return 1
-    print(f"gas-edit: internal error: {type(error).__name__}: {first} (run with --debug true for the traceback)",
-          file=sys.stderr)
+    print(
+        f"gas-edit: internal error: {type(error).__name__}: {first} (run with --debug true for the traceback)",
+        file=sys.stderr,
+    )
     return 1
 
 

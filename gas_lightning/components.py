@@ -14,8 +14,10 @@ from torch import nn
 
 from gas_lightning.errors import ModelLoadError
 
-SUPPORTED = ("gas-lightning loads Stable Diffusion 1.x/2.x and SDXL base models (a UNet with CLIP text encoders, "
-             "epsilon or v-prediction)")
+SUPPORTED = (
+    "gas-lightning loads Stable Diffusion 1.x/2.x and SDXL base models (a UNet with CLIP text encoders, "
+    "epsilon or v-prediction)"
+)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 CLIP_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection")
@@ -47,12 +49,15 @@ def model_family(source: str, index: dict) -> str:
         why = "it has no unet/"
     elif "text_encoder" not in present:
         why = "no first text encoder (the SDXL refiner and image-conditioned models are not text-to-image base models)"
-    elif index["text_encoder"][1] not in CLIP_ENCODERS or ("text_encoder_2" in present
-                                                          and index["text_encoder_2"][1] not in CLIP_ENCODERS):
+    elif index["text_encoder"][1] not in CLIP_ENCODERS or (
+        "text_encoder_2" in present and index["text_encoder_2"][1] not in CLIP_ENCODERS
+    ):
         why = "its text encoder is not CLIP"
     if why is not None:
-        raise ModelLoadError(f"{source!r} ({name}) is not supported: {why}. {SUPPORTED}; pass one of "
-                             "those with --model (a diffusers folder, a hub id, or a .safetensors file with --model_config)")
+        raise ModelLoadError(
+            f"{source!r} ({name}) is not supported: {why}. {SUPPORTED}; pass one of "
+            "those with --model (a diffusers folder, a hub id, or a .safetensors file with --model_config)"
+        )
     return "sdxl" if "text_encoder_2" in present else "sd"
 
 

@@ -23,13 +23,26 @@ MAX_JOBS = 1_000_000
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 RESERVED_NAMES = {"summary.json", "summary.csv"}
 PLAN_FORMS = (("request",), ("source", "target"), ("plan",), ("sources", "targets"))
-BATCH_KEYS = {"model": "--model", "dtype": "--dtype", "attention": "--attention",
-              "allow_pickle_weights": "--allow_pickle_weights", "output_dir": "--output_dir", "resume": None,
-              "overwrite": "--overwrite", "plan_only": None, "config": "--config", "debug": "--debug", "jobs": None,
-              "metrics": "--metrics.*", "print_config": None}
+BATCH_KEYS = {
+    "model": "--model",
+    "dtype": "--dtype",
+    "attention": "--attention",
+    "allow_pickle_weights": "--allow_pickle_weights",
+    "output_dir": "--output_dir",
+    "resume": None,
+    "overwrite": "--overwrite",
+    "plan_only": None,
+    "config": "--config",
+    "debug": "--debug",
+    "jobs": None,
+    "metrics": "--metrics.*",
+    "print_config": None,
+}
 BATCH_TRAINER_KEYS = ("accelerator", "devices", "num_nodes", "strategy")
-FORMAT = ('each line is one JSON object such as {"name": "dog1", "image": "dog.png", "request": '
-          '"change the dog into a cat.", "boxes": [[0.3, 0.4, 0.7, 0.9]], "seed": 0}')
+FORMAT = (
+    'each line is one JSON object such as {"name": "dog1", "image": "dog.png", "request": '
+    '"change the dog into a cat.", "boxes": [[0.3, 0.4, 0.7, 0.9]], "seed": 0}'
+)
 
 
 @dataclass(frozen=True)
@@ -58,8 +71,10 @@ def read_jobs(path: str | Path, known: Any = None) -> list[Job]:
             number += 1
             where = f"{path}, line {number}"
             if len(raw) > MAX_LINE_BYTES:
-                raise GasError(f"{where} is longer than {MAX_LINE_BYTES // 1024} KiB; {FORMAT} (a plan goes in a "
-                               "plan.json file named by \"plan\")")
+                raise GasError(
+                    f"{where} is longer than {MAX_LINE_BYTES // 1024} KiB; {FORMAT} (a plan goes in a "
+                    'plan.json file named by "plan")'
+                )
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -69,8 +84,10 @@ def read_jobs(path: str | Path, known: Any = None) -> list[Job]:
             job = _parse_line(text, number, where, path.parent, known)
             first = names.setdefault(job.name.casefold(), number)
             if first != number:
-                raise GasError(f"{where}: the name {job.name!r} is already used on line {first} (names are output "
-                               "folders, compared without case); give every job its own name")
+                raise GasError(
+                    f"{where}: the name {job.name!r} is already used on line {first} (names are output "
+                    "folders, compared without case); give every job its own name"
+                )
             jobs.append(job)
             if len(jobs) > MAX_JOBS:
                 raise GasError(f"{path} holds more than {MAX_JOBS} jobs; split it into several files")
@@ -91,40 +108,48 @@ def _parse_line(text: str, number: int, where: str, folder: Path, known: Any) ->
     settings = dict(obj)
     name = settings.pop("name", None)
     if not isinstance(name, str) or not NAME.fullmatch(name) or name in RESERVED_NAMES:
-        raise GasError(f"{where}: \"name\" must be a folder name of letters, digits, '.', '_' or '-' (at most 128, "
-                       f"starting with a letter or digit, not summary.json/summary.csv), got {name!r}")
+        raise GasError(
+            f"{where}: \"name\" must be a folder name of letters, digits, '.', '_' or '-' (at most 128, "
+            f"starting with a letter or digit, not summary.json/summary.csv), got {name!r}"
+        )
     for key, flag in BATCH_KEYS.items():
         if key in settings:
             how = f"set it for the whole batch with {flag}" if flag else "it has no meaning in a batch"
             raise GasError(f"{where}: {key!r} cannot be set per job; {how}")
     trainer = settings.get("trainer", {})
     if not isinstance(trainer, dict):
-        raise GasError(f"{where}: \"trainer\" must be an object of Trainer settings, got {trainer!r}")
+        raise GasError(f'{where}: "trainer" must be an object of Trainer settings, got {trainer!r}')
     for key in BATCH_TRAINER_KEYS:
         if key in trainer:
-            raise GasError(f"{where}: trainer.{key} cannot be set per job; each process edits on its own device "
-                           "(set --trainer.devices / --trainer.num_nodes for the whole batch)")
+            raise GasError(
+                f"{where}: trainer.{key} cannot be set per job; each process edits on its own device "
+                "(set --trainer.devices / --trainer.num_nodes for the whole batch)"
+            )
     image = settings.get("image")
     if not isinstance(image, str) or not image.strip():
-        raise GasError(f"{where}: \"image\" must name the image file to edit, got {image!r}")
+        raise GasError(f'{where}: "image" must name the image file to edit, got {image!r}')
     forms = [form for form in PLAN_FORMS if any(k in settings and settings[k] is not None for k in form)]
     if len(forms) != 1:
         given = " and ".join("+".join(f) for f in forms) or "no edit"
-        raise GasError(f"{where}: {given} given; give exactly one of \"request\", \"source\"+\"target\", \"plan\" "
-                       "(a plan.json path) or \"sources\"+\"targets\"")
+        raise GasError(
+            f'{where}: {given} given; give exactly one of "request", "source"+"target", "plan" '
+            '(a plan.json path) or "sources"+"targets"'
+        )
     missing = [k for k in forms[0] if not settings.get(k)]
     if missing:
         raise GasError(f"{where}: {'+'.join(forms[0])} go together; {missing[0]!r} is missing or empty")
     if "seed" in settings and (not isinstance(settings["seed"], int) or isinstance(settings["seed"], bool)):
-        raise GasError(f"{where}: \"seed\" must be an integer, got {settings['seed']!r}")
+        raise GasError(f'{where}: "seed" must be an integer, got {settings["seed"]!r}')
     for key in ("image", "plan"):
         if isinstance(settings.get(key), str):
             settings[key] = _beside(settings[key], folder)
     if known is not None:
         unknown = _unknown_keys(settings, known)
         if unknown:
-            raise GasError(f"{where}: unknown key {unknown!r}; a job sets name, image, the edit, boxes, seed and any "
-                           "gas-edit key (see gas-edit --print_config)")
+            raise GasError(
+                f"{where}: unknown key {unknown!r}; a job sets name, image, the edit, boxes, seed and any "
+                "gas-edit key (see gas-edit --print_config)"
+            )
     return Job(name=name, line=number, settings=settings)
 
 

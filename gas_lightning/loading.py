@@ -55,7 +55,7 @@ def _without_accelerate() -> dict[str, bool]:
 def _from_pretrained(cls: Any, source: str, subfolder: str, **kwargs: Any) -> Any:
     try:
         return cls.from_pretrained(source, subfolder=subfolder, **kwargs)
-    except (OSError, ValueError, EnvironmentError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         first = " ".join(str(e).split())[:300]
         if isinstance(e, RuntimeError) and "size mismatch" not in str(e):
             raise  # not a loading problem the user can fix
@@ -69,8 +69,10 @@ def _from_pretrained(cls: Any, source: str, subfolder: str, **kwargs: Any) -> An
 
 
 def _corrupted(source: str, subfolder: str, why: str) -> str:
-    return (f"the weights in '{Path(source) / subfolder}' are corrupted or incomplete ({why}); "
-            "download the model again (an interrupted copy leaves a truncated .safetensors file)")
+    return (
+        f"the weights in '{Path(source) / subfolder}' are corrupted or incomplete ({why}); "
+        "download the model again (an interrupted copy leaves a truncated .safetensors file)"
+    )
 
 
 def _load_failure(source: str, subfolder: str, kwargs: dict, e: Exception, first: str) -> str:
@@ -78,17 +80,23 @@ def _load_failure(source: str, subfolder: str, kwargs: dict, e: Exception, first
     weights, a damaged file, a missing component, or a hub id that cannot be reached."""
     folder = Path(source) / subfolder
     if not Path(source).exists():
-        return (f"could not load {source!r} from the Hugging Face hub (offline, or no such model); "
-                f"download the model once and pass the local folder with --model /path/to/model ({first})")
+        return (
+            f"could not load {source!r} from the Hugging Face hub (offline, or no such model); "
+            f"download the model once and pass the local folder with --model /path/to/model ({first})"
+        )
     if isinstance(e, RuntimeError):
         mismatch = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), first)
-        return (f"the weights in '{folder}' do not fit its config.json ({mismatch[:300]}); the config was edited "
-                "or belongs to another model: restore the config.json saved with these weights")
+        return (
+            f"the weights in '{folder}' do not fit its config.json ({mismatch[:300]}); the config was edited "
+            "or belongs to another model: restore the config.json saved with these weights"
+        )
     pickles = sorted(f.name for f in folder.glob("*") if f.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
     if kwargs.get("use_safetensors") and pickles:
-        return (f"'{folder}' holds only pickle weights ({', '.join(pickles)}); gas-edit loads .safetensors only, "
-                "because loading a pickle can run code. Convert the model to safetensors (save_pretrained), "
-                "or pass --allow_pickle_weights true if you trust where it came from")
+        return (
+            f"'{folder}' holds only pickle weights ({', '.join(pickles)}); gas-edit loads .safetensors only, "
+            "because loading a pickle can run code. Convert the model to safetensors (save_pretrained), "
+            "or pass --allow_pickle_weights true if you trust where it came from"
+        )
     if "Unable to load weights" in first or "header" in first.lower():
         return _corrupted(source, subfolder, first)
     return f"the folder {source!r} has no loadable '{subfolder}/' component ({type(e).__name__}: {first})"
@@ -99,7 +107,7 @@ def _model_index(source: str, local_files_only: bool) -> dict:
 
     try:
         return DiffusionPipeline.load_config(source, local_files_only=local_files_only)
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:
         if Path(source).exists():
             raise ModelLoadError(
                 f"{source!r} is not a diffusers model folder (no readable model_index.json); "
@@ -123,12 +131,14 @@ def _check_world_vae(model: str, index: dict) -> None:
     if index.get("gas_world") and config.is_file() and "scaling_factor" not in json.loads(config.read_text()):
         raise ModelLoadError(
             f"the world model {model!r} has no scaling_factor in vae/config.json; add the one measured on the world's "
-            "images (\"scaling_factor\": 1 / std of the VAE latents; tools/world/train_latent_world.py vae writes it), "
-            "or copy the shipped folder again")
+            'images ("scaling_factor": 1 / std of the VAE latents; tools/world/train_latent_world.py vae writes it), '
+            "or copy the shipped folder again"
+        )
 
 
-def _load_folder(model: str, index: dict, family: str, torch_dtype: torch.dtype, local_files_only: bool,
-                 allow_pickle_weights: bool) -> Components:
+def _load_folder(
+    model: str, index: dict, family: str, torch_dtype: torch.dtype, local_files_only: bool, allow_pickle_weights: bool
+) -> Components:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -145,7 +155,9 @@ def _load_folder(model: str, index: dict, family: str, torch_dtype: torch.dtype,
         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
     )
     if family == "sdxl":
-        parts.text_encoder_2 = _from_pretrained(CLIPTextModelWithProjection, model, "text_encoder_2", dtype=torch_dtype, **weights)
+        parts.text_encoder_2 = _from_pretrained(
+            CLIPTextModelWithProjection, model, "text_encoder_2", dtype=torch_dtype, **weights
+        )
         parts.tokenizer_2 = _from_pretrained(AutoTokenizer, model, "tokenizer_2", **kw)
     if (index.get("vae") or [None])[0] is not None:
         _check_world_vae(model, index)
@@ -178,17 +190,21 @@ def load_backbone(
         local_files_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
     resolve_dtype(dtype, device)  # an unknown dtype fails here, before any file is read
     if Path(model).is_file():
-        parts = load_single_file(model, model_config, lambda family: resolve_dtype(dtype, device, family),
-                                 allow_pickle_weights)
+        parts = load_single_file(
+            model, model_config, lambda family: resolve_dtype(dtype, device, family), allow_pickle_weights
+        )
     else:
         if model_config is not None:
-            raise ModelLoadError(f"--model_config is for a single-file checkpoint (--model FILE.safetensors); --model "
-                                 f"{model!r} is a folder or hub id with its own configs: drop --model_config")
+            raise ModelLoadError(
+                f"--model_config is for a single-file checkpoint (--model FILE.safetensors); --model "
+                f"{model!r} is a folder or hub id with its own configs: drop --model_config"
+            )
         index = _model_index(model, local_files_only)
         family = model_family(model, index)
         check_components(model, index)
-        parts = _load_folder(model, index, family, resolve_dtype(dtype, device, family), local_files_only,
-                             allow_pickle_weights)
+        parts = _load_folder(
+            model, index, family, resolve_dtype(dtype, device, family), local_files_only, allow_pickle_weights
+        )
     backbone = _assemble(parts, model, device, attention)
     backbone.config_source = model_config
     return backbone.tune(compile=compile, low_memory=low_memory, micro_batch=micro_batch)
@@ -197,24 +213,45 @@ def load_backbone(
 def _assemble(parts: Components, source: str, device: str | torch.device, attention: str) -> Backbone:
     unet_in, unet_out = parts.unet.config.in_channels, parts.unet.config.out_channels
     if unet_in != unet_out:
-        raise ModelLoadError(f"{source!r} is not supported: its UNet takes {unet_in} input channels for {unet_out} output "
-                             f"channels (an inpainting, depth or instruction model, not a text-to-image base model). {SUPPORTED}")
+        raise ModelLoadError(
+            f"{source!r} is not supported: its UNet takes {unet_in} input channels for {unet_out} output "
+            f"channels (an inpainting, depth or instruction model, not a text-to-image base model). {SUPPORTED}"
+        )
     codec: LatentCodec = VaeCodec(parts.vae) if parts.vae is not None else IdentityCodec()
     prediction_type = parts.scheduler.config.prediction_type
     if prediction_type not in ("epsilon", "v_prediction"):
-        raise ModelLoadError(f"{source!r} uses prediction_type={prediction_type!r}; only epsilon and v_prediction are supported")
-    common = dict(unet=parts.unet, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, codec=codec,
-                  alphas_cumprod=parts.scheduler.alphas_cumprod.float().clone(), prediction_type=prediction_type,
-                  attention="sdpa", source=source)
+        raise ModelLoadError(
+            f"{source!r} uses prediction_type={prediction_type!r}; only epsilon and v_prediction are supported"
+        )
+    common = dict(
+        unet=parts.unet,
+        text_encoder=parts.text_encoder,
+        tokenizer=parts.tokenizer,
+        codec=codec,
+        alphas_cumprod=parts.scheduler.alphas_cumprod.float().clone(),
+        prediction_type=prediction_type,
+        attention="sdpa",
+        source=source,
+    )
     if parts.family == "sdxl":
-        backbone: Backbone = SDXLBackbone(**common, text_encoder_2=parts.text_encoder_2, tokenizer_2=parts.tokenizer_2,
-                                          force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt)
+        backbone: Backbone = SDXLBackbone(
+            **common,
+            text_encoder_2=parts.text_encoder_2,
+            tokenizer_2=parts.tokenizer_2,
+            force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt,
+        )
     else:
         backbone = Backbone(**common)
     for net in backbone.frozen_networks():
         net.requires_grad_(False).eval()
     backbone.to(device)
     backbone.attention = set_attention(parts.unet, attention)
-    log.info("loaded %s (%s, %s, %s, attention=%s)", source, backbone.family, prediction_type, backbone.dtype,
-             backbone.attention)
+    log.info(
+        "loaded %s (%s, %s, %s, attention=%s)",
+        source,
+        backbone.family,
+        prediction_type,
+        backbone.dtype,
+        backbone.attention,
+    )
     return backbone

@@ -19,9 +19,10 @@ import binascii
 import io
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Union
 
 import numpy as np
 import torch
@@ -84,7 +85,7 @@ def _open(source: str, what: str) -> Image.Image:
         if not source.startswith(DATA_URI):
             raise PlanError(f"{what} is a data URI but not '{DATA_URI}...'; give a PNG path or a base64 PNG")
         try:
-            raw = base64.b64decode(source[len(DATA_URI):], validate=True)
+            raw = base64.b64decode(source[len(DATA_URI) :], validate=True)
             with Image.open(io.BytesIO(raw)) as im:
                 im.load()
                 return im.copy()
@@ -92,8 +93,11 @@ def _open(source: str, what: str) -> Image.Image:
             raise PlanError(f"{what}: the data URI does not hold a readable PNG") from None
     p = Path(source)
     if not p.is_file():
-        raise PlanError(f"{what} {source!r} " + ("is a folder" if p.is_dir() else "does not exist")
-                        + f"; pass an existing PNG ({_HOW})")
+        raise PlanError(
+            f"{what} {source!r} "
+            + ("is a folder" if p.is_dir() else "does not exist")
+            + f"; pass an existing PNG ({_HOW})"
+        )
     try:
         with Image.open(p) as im:
             im.load()
@@ -119,8 +123,10 @@ def _grey(image: Image.Image) -> np.ndarray:
 def _labels(image: Image.Image, what: str) -> np.ndarray:
     """Raw pixel values of a label map (palette indices for a palette PNG)."""
     if image.mode not in ("L", "P", "I", "1") and not image.mode.startswith("I;16"):
-        raise PlanError(f"{what} is a {image.mode} image, but a label map must have one channel (grey or palette) "
-                        "whose value k marks subtask k (0: no subtask)")
+        raise PlanError(
+            f"{what} is a {image.mode} image, but a label map must have one channel (grey or palette) "
+            "whose value k marks subtask k (0: no subtask)"
+        )
     return np.asarray(image).astype(np.int64)
 
 
@@ -139,7 +145,9 @@ def read_mask(source: MaskLike, label: int | None = None, what: str = "mask") ->
     elif isinstance(source, (np.ndarray, torch.Tensor)):
         arr = _array(source.detach().cpu().numpy() if isinstance(source, torch.Tensor) else source, label, what)
     else:
-        raise PlanError(f"{what} must be a PNG path, a PIL image, a numpy array or a tensor, got {type(source).__name__}")
+        raise PlanError(
+            f"{what} must be a PNG path, a PIL image, a numpy array or a tensor, got {type(source).__name__}"
+        )
     if arr.ndim != 2 or min(arr.shape) < 1:
         raise PlanError(f"{what} must be one (height, width) plane, got shape {tuple(arr.shape)}")
     if not arr.max() > 0:
@@ -193,8 +201,15 @@ def check_aspect(mask_size: tuple[int, int], image_size: tuple[int, int], what: 
     """Masks of another size are resized; warn only when that stretches them (the aspect differs)."""
     (mw, mh), (iw, ih) = mask_size, image_size
     if abs((mw / mh) / (iw / ih) - 1.0) > ASPECT_TOLERANCE:
-        log.warning("%s is %dx%d but the image is %dx%d: a different aspect, so the mask is stretched to the image; "
-                    "paint masks at the image's size", what, mw, mh, iw, ih)
+        log.warning(
+            "%s is %dx%d but the image is %dx%d: a different aspect, so the mask is stretched to the image; "
+            "paint masks at the image's size",
+            what,
+            mw,
+            mh,
+            iw,
+            ih,
+        )
 
 
 def _area_matrix(n_in: int, n_out: int) -> torch.Tensor:
@@ -216,8 +231,9 @@ def area_resize(weights: torch.Tensor, height: int, width: int) -> torch.Tensor:
     if (mh, mw) == (height, width):
         return weights.float()
     if mh < height or mw < width:
-        return F.interpolate(weights.float()[None, None], size=(height, width), mode="bilinear",
-                             align_corners=False)[0, 0].clamp(0.0, 1.0)
+        return F.interpolate(weights.float()[None, None], size=(height, width), mode="bilinear", align_corners=False)[
+            0, 0
+        ].clamp(0.0, 1.0)
     rows, cols = _area_matrix(mh, height).to(weights.device), _area_matrix(mw, width).to(weights.device)
     return rows @ weights.float() @ cols.T
 
@@ -234,9 +250,11 @@ def attach_masks(plan: EditPlan, masks: Sequence[MaskLike | None]) -> EditPlan:
     if isinstance(masks, (str, Path, Image.Image, np.ndarray, torch.Tensor)):
         masks = [masks]
     if len(masks) != len(plan.subtasks):
-        raise PlanError(f"{len(masks)} masks for {len(plan.subtasks)} subtasks "
-                        f"({', '.join(repr(s.source) for s in plan.subtasks)}): give one per subtask, in order "
-                        "(null/None for a subtask that keeps its box)")
+        raise PlanError(
+            f"{len(masks)} masks for {len(plan.subtasks)} subtasks "
+            f"({', '.join(repr(s.source) for s in plan.subtasks)}): give one per subtask, in order "
+            "(null/None for a subtask that keeps its box)"
+        )
     out = []
     for s, m in zip(plan.subtasks, masks):
         if m is None:
@@ -287,7 +305,10 @@ def region_grid(region: Region, height: int, width: int) -> torch.Tensor:
 
 
 def subtask_masks(
-    regions: Sequence[Region], height: int, width: int, overlap_weight: float = OVERLAP_WEIGHT,
+    regions: Sequence[Region],
+    height: int,
+    width: int,
+    overlap_weight: float = OVERLAP_WEIGHT,
 ) -> torch.Tensor:
     """(n, height, width) masks with the overlap rule applied; a missing region is the whole image."""
     if not regions:
@@ -320,13 +341,20 @@ class EditMasks:
 
     @classmethod
     def from_plan(
-        cls, plan: EditPlan, height: int, width: int, overlap_weight: float = OVERLAP_WEIGHT,
-        masks: Sequence[MaskLike | None] | None = None, image_size: tuple[int, int] | None = None,
-    ) -> "EditMasks":
+        cls,
+        plan: EditPlan,
+        height: int,
+        width: int,
+        overlap_weight: float = OVERLAP_WEIGHT,
+        masks: Sequence[MaskLike | None] | None = None,
+        image_size: tuple[int, int] | None = None,
+    ) -> EditMasks:
         """`masks`: in-memory masks (PIL, numpy, tensor or path), one per subtask, None where the
         plan's own mask or box applies. `image_size` (width, height) enables the stretch warning."""
         if masks is not None and len(masks) != len(plan.subtasks):
-            raise PlanError(f"{len(masks)} masks for {len(plan.subtasks)} subtasks: give one per subtask (None: its box)")
+            raise PlanError(
+                f"{len(masks)} masks for {len(plan.subtasks)} subtasks: give one per subtask (None: its box)"
+            )
         soft: list[torch.Tensor | None] = []
         for i, s in enumerate(plan.subtasks):
             given = masks[i] if masks is not None else None
@@ -339,7 +367,8 @@ class EditMasks:
                 check_aspect((weights.shape[1], weights.shape[0]), image_size, what)
             soft.append(mask_to_grid(weights, height, width))
         regions = [r if r is not None else s.box for r, s in zip(soft, plan.subtasks)]
-        raw = (torch.stack([region_grid(r, height, width) for r in regions]) if regions
-               else torch.zeros(0, height, width))
+        raw = (
+            torch.stack([region_grid(r, height, width) for r in regions]) if regions else torch.zeros(0, height, width)
+        )
         subtasks = apply_overlap(raw, overlap_weight)
         return cls(subtasks=subtasks, full=union_mask(raw, height, width), regions=tuple(soft))

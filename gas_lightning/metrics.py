@@ -24,10 +24,11 @@ computes them in each of its processes at different times.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -58,13 +59,13 @@ class MetricsSpec:
             raise GasError(f"--metrics.lpips_net must be one of {', '.join(LPIPS_WEIGHTS)}, got {self.lpips_net!r}")
 
 
-def to_tensor(image: "Image.Image") -> torch.Tensor:
+def to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL -> (1, 3, H, W) float in [0, 1]."""
     arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous()
 
 
-def edited_boxes(plan: "EditPlan") -> list:
+def edited_boxes(plan: EditPlan) -> list:
     """The boxes of the subtasks that change something (a missing box is the whole image)."""
     return [s.box if s.box is not None else WHOLE_IMAGE for s in plan.subtasks if not s.keep and s.intensity > 0]
 
@@ -91,8 +92,9 @@ def ssim_outside(source: torch.Tensor, edited: torch.Tensor, outside: torch.Tens
 
     if not outside.any() or min(source.shape[-2:]) < 6:  # the window's reflect padding needs 6 pixels a side
         return None
-    _, full = structural_similarity_index_measure(edited.double(), source.double(), data_range=1.0,
-                                                   return_full_image=True)
+    _, full = structural_similarity_index_measure(
+        edited.double(), source.double(), data_range=1.0, return_full_image=True
+    )
     return float(full[:, :, outside].mean())
 
 
@@ -118,7 +120,7 @@ class EditMetrics:
         self.clip = load_clip_score(self.spec.clip, self.device) if self.spec.clip else None
         self.lpips = load_lpips(self.spec.lpips, self.spec.lpips_net, self.device) if self.spec.lpips else None
 
-    def __call__(self, source: "Image.Image", edited: "Image.Image", plan: "EditPlan") -> dict[str, Any]:
+    def __call__(self, source: Image.Image, edited: Image.Image, plan: EditPlan) -> dict[str, Any]:
         """`source` is resized (Lanczos, as the edit saw it) to the edited image's working size."""
         from PIL import Image
 
@@ -170,16 +172,20 @@ def load_clip_score(path: str, device: torch.device):
 
     folder = Path(path).expanduser()
     if not (folder / "config.json").is_file():
-        raise GasError(f"--metrics.clip {path!r}: no CLIP model there (no config.json); pass a local folder holding a "
-                       "CLIPModel and its CLIPProcessor, e.g. one saved with save_pretrained or downloaded with "
-                       "`huggingface-cli download openai/clip-vit-large-patch14 --local-dir DIR` on a machine with internet")
+        raise GasError(
+            f"--metrics.clip {path!r}: no CLIP model there (no config.json); pass a local folder holding a "
+            "CLIPModel and its CLIPProcessor, e.g. one saved with save_pretrained or downloaded with "
+            "`huggingface-cli download openai/clip-vit-large-patch14 --local-dir DIR` on a machine with internet"
+        )
     try:
         model = CLIPModel.from_pretrained(folder, local_files_only=True).eval().to(device)
         processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, TypeError) as e:
-        raise GasError(f"--metrics.clip {path!r}: could not load a CLIP model and processor from it "
-                       f"({' '.join(str(e).split())[:200]}); it needs config.json, the weights, the tokenizer "
-                       "files and preprocessor_config.json") from None
+        raise GasError(
+            f"--metrics.clip {path!r}: could not load a CLIP model and processor from it "
+            f"({' '.join(str(e).split())[:200]}); it needs config.json, the weights, the tokenizer "
+            "files and preprocessor_config.json"
+        ) from None
     return CLIPScore(model_name_or_path=lambda: (_ClipFeatures(model), processor), sync_on_compute=False).to(device)
 
 
@@ -201,22 +207,28 @@ def load_lpips(path: str, net: str, device: torch.device):
     if given.is_dir() and not weights.is_file():
         weights = given / "checkpoints" / expected  # a torch hub folder (TORCH_HOME/hub)
     if not weights.is_file():
-        raise GasError(f"--metrics.lpips {path!r}: no {expected} there; LPIPS ({net}) needs torchvision's ImageNet "
-                       f"backbone weights: fetch {getattr(torchvision.models, LPIPS_WEIGHTS[net]).DEFAULT.url} "
-                       "on a machine with internet and pass the file")
+        raise GasError(
+            f"--metrics.lpips {path!r}: no {expected} there; LPIPS ({net}) needs torchvision's ImageNet "
+            f"backbone weights: fetch {getattr(torchvision.models, LPIPS_WEIGHTS[net]).DEFAULT.url} "
+            "on a machine with internet and pass the file"
+        )
     try:
         torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise GasError(f"--metrics.lpips {str(weights)!r} is not a readable weights file holding tensors only "
-                       f"({type(e).__name__}); pass torchvision's {expected}") from None
+        raise GasError(
+            f"--metrics.lpips {str(weights)!r} is not a readable weights file holding tensors only "
+            f"({type(e).__name__}); pass torchvision's {expected}"
+        ) from None
     with tempfile.TemporaryDirectory(prefix="gas-lpips-") as hub, _hub_dir(hub):
         (Path(hub) / "checkpoints").mkdir()
         (Path(hub) / "checkpoints" / expected).symlink_to(weights.resolve())
         try:
             metric = LearnedPerceptualImagePatchSimilarity(net_type=net, normalize=True, sync_on_compute=False)
         except RuntimeError as e:  # state-dict keys or shapes of another network
-            raise GasError(f"--metrics.lpips {str(weights)!r} does not fit torchvision's {net} backbone "
-                           f"({' '.join(str(e).split())[:160]}); pass its {expected}") from None
+            raise GasError(
+                f"--metrics.lpips {str(weights)!r} does not fit torchvision's {net} backbone "
+                f"({' '.join(str(e).split())[:160]}); pass its {expected}"
+            ) from None
     return metric.to(device)
 
 

@@ -10,8 +10,9 @@ takes one optimiser step per term inside a single Trainer step.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -82,8 +83,10 @@ class GroundAScoreEdit(L.LightningModule):
 
     def _move_frozen(self, device: torch.device) -> None:
         self.guidance.to(device)
-        self.terms = [replace(t, src_emb=t.src_emb.to(device), tgt_emb=t.tgt_emb.to(device), mask=t.mask.to(device))
-                      for t in self.terms]
+        self.terms = [
+            replace(t, src_emb=t.src_emb.to(device), tgt_emb=t.tgt_emb.to(device), mask=t.mask.to(device))
+            for t in self.terms
+        ]
 
     def set_penalty(self, flags: Sequence[bool], coefficient: float) -> None:
         """Switch the null-text penalty per subtask term (the whole-scene term never has it)."""
@@ -143,7 +146,8 @@ class GroundAScoreEdit(L.LightningModule):
         if failed is not None and int(failed) > 0:
             raise NonFiniteLatentError(
                 f"the gradient became NaN or infinite at step {int(failed)} in every entry (terms: "
-                f"{', '.join(t.name for t in self.active_terms)}), so that step did not move the latent")
+                f"{', '.join(t.name for t in self.active_terms)}), so that step did not move the latent"
+            )
 
     def _optimise(self, grad: torch.Tensor, last: bool) -> None:
         """Turn a gradient into an optimiser step through the surrogate loss scale * <z, grad>."""
@@ -235,8 +239,15 @@ class GroundAScoreEdit(L.LightningModule):
         from gas_lightning.errors import GasError
 
         if meta["plan"] != self.plan.to_dict():
-            raise GasError("the checkpoint was made for a different edit plan; resume with the same --plan/--request/boxes "
-                           "(its plan.json is next to the checkpoints) or start a new run without --resume")
+            raise GasError(
+                "the checkpoint was made for a different edit plan; resume with the same --plan/--request/boxes "
+                "(its plan.json is next to the checkpoints) or start a new run without --resume"
+            )
         if meta["seed"] != self.seed or meta["schedule"] != self.schedule:
-            log.warning("resuming with seed/schedule %s/%s; the checkpoint used %s/%s",
-                        self.seed, self.schedule, meta["seed"], meta["schedule"])
+            log.warning(
+                "resuming with seed/schedule %s/%s; the checkpoint used %s/%s",
+                self.seed,
+                self.schedule,
+                meta["seed"],
+                meta["schedule"],
+            )

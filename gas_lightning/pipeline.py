@@ -10,8 +10,8 @@ import logging
 import math
 import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -46,7 +46,9 @@ def load_image(path: str | Path) -> Image.Image:
         raise GasError(f"image {str(p)!r} does not exist; pass an existing file with --image")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # between 1x and 2x the limit: reduced below
+            warnings.simplefilter(
+                "ignore", Image.DecompressionBombWarning
+            )  # between 1x and 2x the limit: reduced below
             with Image.open(p) as im:
                 width, height = im.size
                 if max(width, height) > MAX_SIDE:
@@ -54,18 +56,23 @@ def load_image(path: str | Path) -> Image.Image:
                     im.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
                 image = to_rgb(_reduce(ImageOps.exif_transpose(im)))
     except Image.DecompressionBombError as e:
-        raise GasError(f"image {str(p)!r} is too large to edit safely ({e}); downscale it first, "
-                       f"e.g. to {MAX_SIDE} pixels on the long side") from None
+        raise GasError(
+            f"image {str(p)!r} is too large to edit safely ({e}); downscale it first, "
+            f"e.g. to {MAX_SIDE} pixels on the long side"
+        ) from None
     except PermissionError:
-        raise GasError(f"image {str(p)!r} cannot be read: permission denied; make it readable (chmod a+r) "
-                       "or copy it somewhere you can read") from None
+        raise GasError(
+            f"image {str(p)!r} cannot be read: permission denied; make it readable (chmod a+r) "
+            "or copy it somewhere you can read"
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise GasError(f"could not read image {str(p)!r} ({e}); use a complete PNG or JPEG file") from None
     if image.size != (width, height):
         log.info("image %s is %dx%d; reduced to %dx%d on load", p, width, height, *image.size)
     if min(image.size) < SMALL_SIDE:
-        log.warning("image %s is only %dx%d pixels; it is upscaled to the working size, so expect a blurry edit",
-                    p, *image.size)
+        log.warning(
+            "image %s is only %dx%d pixels; it is upscaled to the working size, so expect a blurry edit", p, *image.size
+        )
     return image
 
 
@@ -125,7 +132,9 @@ def term_name(index: int, phrase: str) -> str:
     return f"subtask{index}_{slug}"
 
 
-def build_terms(backbone: Backbone, plan: EditPlan, masks: EditMasks, config: GuidanceConfig | None = None) -> list[Term]:
+def build_terms(
+    backbone: Backbone, plan: EditPlan, masks: EditMasks, config: GuidanceConfig | None = None
+) -> list[Term]:
     """One text-encoder call for every phrase and both sentences; then one Term per subtask (+ whole scene)."""
     cfg = config or GuidanceConfig()
     wide = cfg.wide_guidance_scale
@@ -149,8 +158,16 @@ def build_terms(backbone: Backbone, plan: EditPlan, masks: EditMasks, config: Gu
         for i, s in enumerate(plan.subtasks)
     ]
     if cfg.full_prompt or n == 0:
-        terms.append(Term(name="full", src_emb=emb[2 * n], tgt_emb=emb[2 * n + 1],
-                          mask=masks.full.to(emb.device), weight=1.0, is_full=True))
+        terms.append(
+            Term(
+                name="full",
+                src_emb=emb[2 * n],
+                tgt_emb=emb[2 * n + 1],
+                mask=masks.full.to(emb.device),
+                weight=1.0,
+                is_full=True,
+            )
+        )
     return terms
 
 
@@ -174,21 +191,35 @@ def build_edit(
     """
     cfg = guidance_config or GuidanceConfig()
     if not 0 <= cfg.t_min <= cfg.t_max < backbone.num_train_timesteps:
-        raise GasError(f"guidance t range [{cfg.t_min}, {cfg.t_max}] must lie in [0, {backbone.num_train_timesteps - 1}]")
+        raise GasError(
+            f"guidance t range [{cfg.t_min}, {cfg.t_max}] must lie in [0, {backbone.num_train_timesteps - 1}]"
+        )
     size = working_size(*image.size, resolution or backbone.default_resolution, backbone.size_multiple)
     pixels = image_to_tensor(image, size).to(backbone.device)
     z_src = backbone.codec.encode(pixels)
     if not 0.0 <= cfg.overlap_weight <= 1.0:
         raise GasError(f"guidance.overlap_weight must be in [0, 1], got {cfg.overlap_weight}")
     if not 0.0 < cfg.wide_area <= 1.0 or (cfg.wide_guidance_scale is not None and cfg.wide_guidance_scale < 0):
-        raise GasError(f"guidance.wide_area must be in (0, 1] and guidance.wide_guidance_scale >= 0 (or null), "
-                       f"got {cfg.wide_area} and {cfg.wide_guidance_scale}")
+        raise GasError(
+            f"guidance.wide_area must be in (0, 1] and guidance.wide_guidance_scale >= 0 (or null), "
+            f"got {cfg.wide_area} and {cfg.wide_guidance_scale}"
+        )
     check_preserve_form_boxes(plan, tuple(z_src.shape[-2:]), backbone.unet, backbone.codec.downscale)
-    region_masks = EditMasks.from_plan(plan, z_src.shape[-2], z_src.shape[-1], overlap_weight=cfg.overlap_weight,
-                                       masks=masks, image_size=image.size)
+    region_masks = EditMasks.from_plan(
+        plan, z_src.shape[-2], z_src.shape[-1], overlap_weight=cfg.overlap_weight, masks=masks, image_size=image.size
+    )
     terms = build_terms(backbone, plan, region_masks, config=cfg)
     guidance = GroundedScoreGuidance(backbone, cfg, null_embedding=backbone.null_embeddings(), loss_scale=loss_scale)
-    module = GroundAScoreEdit(guidance, z_src, terms, plan, schedule=schedule, seed=seed, loss_scale=loss_scale,
-                              optimizer=optimizer, lr_scheduler=lr_scheduler)
+    module = GroundAScoreEdit(
+        guidance,
+        z_src,
+        terms,
+        plan,
+        schedule=schedule,
+        seed=seed,
+        loss_scale=loss_scale,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+    )
     module.masks = region_masks
     return module

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from gas_lightning.errors import PlanError
 
@@ -89,7 +90,9 @@ class Subtask:
             if self.preserve_form in (0, 1):
                 object.__setattr__(self, "preserve_form", bool(self.preserve_form))
             else:
-                raise PlanError(f"preserve_form of '{self.source}' must be true/false (or 0/1), got {self.preserve_form!r}")
+                raise PlanError(
+                    f"preserve_form of '{self.source}' must be true/false (or 0/1), got {self.preserve_form!r}"
+                )
         try:
             intensity = float(self.intensity)
         except (TypeError, ValueError):
@@ -102,9 +105,15 @@ class Subtask:
         if self.mask is not None and (not isinstance(self.mask, str) or not self.mask.strip()):
             raise PlanError(f"mask of '{self.source}' must be a PNG path (or a PNG data URI), got {self.mask!r}")
         if self.mask_label is not None:
-            if isinstance(self.mask_label, bool) or not isinstance(self.mask_label, int) or not 1 <= self.mask_label <= 65535:
-                raise PlanError(f"mask_label of '{self.source}' must be an integer in 1..65535 (the pixel value that "
-                                f"marks it in a label map; 0 marks no subtask), got {self.mask_label!r}")
+            if (
+                isinstance(self.mask_label, bool)
+                or not isinstance(self.mask_label, int)
+                or not 1 <= self.mask_label <= 65535
+            ):
+                raise PlanError(
+                    f"mask_label of '{self.source}' must be an integer in 1..65535 (the pixel value that "
+                    f"marks it in a label map; 0 marks no subtask), got {self.mask_label!r}"
+                )
             if self.mask is None:
                 raise PlanError(f"mask_label of '{self.source}' needs a mask: the label map's path")
 
@@ -163,13 +172,18 @@ class EditPlan:
         boxes: Sequence[Sequence[float]] | None = None,
         preserve_form: Sequence[bool | int] | None = None,
         intensities: Sequence[float] | None = None,
-    ) -> "EditPlan":
+    ) -> EditPlan:
         """Build a plan from parallel lists, the form configs and LLM replies use."""
         for name, values in (("sources", sources), ("targets", targets), ("preserve_form", preserve_form)):
             if isinstance(values, str):
                 raise PlanError(f"{name} must be a list (one entry per subtask), got the string {values!r}")
         n = len(sources)
-        for name, values in (("targets", targets), ("boxes", boxes), ("preserve_form", preserve_form), ("intensities", intensities)):
+        for name, values in (
+            ("targets", targets),
+            ("boxes", boxes),
+            ("preserve_form", preserve_form),
+            ("intensities", intensities),
+        ):
             if values is not None and len(values) != n:
                 raise PlanError(
                     f"{len(values)} {name} for {n} source phrases: give one per subtask, in the same order."
@@ -188,7 +202,7 @@ class EditPlan:
         tgt = target_prompt if target_prompt is not None else join_phrases([s.target for s in subtasks])
         return cls(source_prompt=src, target_prompt=tgt, subtasks=subtasks)
 
-    def with_boxes(self, boxes: Sequence[Sequence[float] | None]) -> "EditPlan":
+    def with_boxes(self, boxes: Sequence[Sequence[float] | None]) -> EditPlan:
         """Return a copy whose subtasks carry `boxes` (one per subtask, in order)."""
         if len(boxes) != len(self.subtasks):
             raise PlanError(
@@ -197,17 +211,19 @@ class EditPlan:
             )
         return replace(self, subtasks=tuple(replace(s, box=b) for s, b in zip(self.subtasks, boxes)))
 
-    def with_keep(self, phrases: Sequence[str], boxes: Sequence[Sequence[float] | None] | None = None) -> "EditPlan":
+    def with_keep(self, phrases: Sequence[str], boxes: Sequence[Sequence[float] | None] | None = None) -> EditPlan:
         """Append one keep subtask (phrase -> itself, no null-text penalty) per phrase."""
         if isinstance(phrases, str):
             raise PlanError(f"keep must be a list of phrases, got the string {phrases!r}")
         if boxes is not None and len(boxes) != len(phrases):
             raise PlanError(f"{len(boxes)} boxes for {len(phrases)} keep phrases: give one per phrase, in order.")
-        keep = [Subtask(source=p, target=p, box=None if boxes is None else boxes[i], penalty=False)
-                for i, p in enumerate(phrases)]
+        keep = [
+            Subtask(source=p, target=p, box=None if boxes is None else boxes[i], penalty=False)
+            for i, p in enumerate(phrases)
+        ]
         return self.replace_subtasks(list(self.subtasks) + keep)
 
-    def with_masks(self, masks: Sequence[str | None], labels: Sequence[int | None] | None = None) -> "EditPlan":
+    def with_masks(self, masks: Sequence[str | None], labels: Sequence[int | None] | None = None) -> EditPlan:
         """Return a copy whose subtasks carry `masks` (PNG paths, in order); None keeps a subtask's region."""
         if isinstance(masks, str):
             raise PlanError(f"masks must be a list (one PNG per subtask), got the string {masks!r}")
@@ -218,10 +234,15 @@ class EditPlan:
                 "(null for a subtask that keeps its box), or one label-map PNG."
             )
         labels = labels if labels is not None else [None] * len(masks)
-        return replace(self, subtasks=tuple(s if m is None else replace(s, mask=m, mask_label=lab)
-                                            for s, m, lab in zip(self.subtasks, masks, labels)))
+        return replace(
+            self,
+            subtasks=tuple(
+                s if m is None else replace(s, mask=m, mask_label=lab)
+                for s, m, lab in zip(self.subtasks, masks, labels)
+            ),
+        )
 
-    def replace_subtasks(self, subtasks: Sequence[Subtask]) -> "EditPlan":
+    def replace_subtasks(self, subtasks: Sequence[Subtask]) -> EditPlan:
         return replace(self, subtasks=tuple(subtasks))
 
     @property
@@ -240,15 +261,17 @@ class EditPlan:
         return out
 
     @classmethod
-    def from_dict(cls, data: Any) -> "EditPlan":
+    def from_dict(cls, data: Any) -> EditPlan:
         if not isinstance(data, dict):
             raise PlanError(f"a plan must be a JSON object, got {type(data).__name__}")
         unknown = set(data) - {"source_prompt", "target_prompt", "subtasks"}
         if unknown:
             raise PlanError(f"unknown plan keys {sorted(unknown)}; expected source_prompt, target_prompt, subtasks.")
         if "subtasks" not in data:
-            raise PlanError("the plan has no 'subtasks' list; give one object per edited object "
-                            '({"source": ..., "target": ..., "box": ...}), or [] for a whole-image edit.')
+            raise PlanError(
+                "the plan has no 'subtasks' list; give one object per edited object "
+                '({"source": ..., "target": ..., "box": ...}), or [] for a whole-image edit.'
+            )
         raw = data["subtasks"]
         if not isinstance(raw, list):
             raise PlanError("plan 'subtasks' must be a list of objects")
@@ -274,7 +297,7 @@ class EditPlan:
             f.write(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "EditPlan":
+    def load(cls, path: str | Path) -> EditPlan:
         p = Path(path)
         if not p.is_file():
             raise PlanError(f"plan file {str(p)!r} " + ("is a directory" if p.is_dir() else "does not exist"))
@@ -283,13 +306,21 @@ class EditPlan:
         except json.JSONDecodeError as e:
             raise PlanError(f"plan file {str(p)!r} is not valid JSON: {e}") from None
         except UnicodeDecodeError:
-            raise PlanError(f"plan file {str(p)!r} is not text (UTF-8 JSON); pass the plan.json an edit wrote") from None
+            raise PlanError(
+                f"plan file {str(p)!r} is not text (UTF-8 JSON); pass the plan.json an edit wrote"
+            ) from None
         except PlanError as e:
             raise PlanError(f"plan file {str(p)!r}: {e}") from None
         plan = cls.from_dict(data)
         # a relative mask path means "beside the plan file", wherever the edit is run from
-        return plan.replace_subtasks([s if s.mask is None or s.mask.startswith("data:") or Path(s.mask).is_absolute()
-                                      else replace(s, mask=str(p.parent / s.mask)) for s in plan.subtasks])
+        return plan.replace_subtasks(
+            [
+                s
+                if s.mask is None or s.mask.startswith("data:") or Path(s.mask).is_absolute()
+                else replace(s, mask=str(p.parent / s.mask))
+                for s in plan.subtasks
+            ]
+        )
 
 
 def _refuse_constant(name: str) -> float:

@@ -38,8 +38,12 @@ def settings_hash(parser, cfg) -> str:
 
 
 def finished(record: dict | None, digest: str, out: Path) -> bool:
-    return (record is not None and record.get("status") == "ok" and record.get("settings") == digest
-            and all((out / name).is_file() for name in OUTPUTS))
+    return (
+        record is not None
+        and record.get("status") == "ok"
+        and record.get("settings") == digest
+        and all((out / name).is_file() for name in OUTPUTS)
+    )
 
 
 def read_record(out: Path) -> dict | None:
@@ -67,8 +71,17 @@ def write_summary(records: list[dict], root: Path) -> None:
     """summary.json holds every record as written; summary.csv one column per metric."""
     rows = [{k: r.get(k) for k in (*COLUMNS, "metrics", "error", "line")} for r in records]
     with atomic_write(root / "summary.json", "w") as f:
-        f.write(json.dumps({"jobs": rows, "ok": sum(r["status"] == "ok" for r in rows),
-                            "failed": sum(r["status"] != "ok" for r in rows)}, indent=2) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "jobs": rows,
+                    "ok": sum(r["status"] == "ok" for r in rows),
+                    "failed": sum(r["status"] != "ok" for r in rows),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     names = metric_names(records)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -95,8 +108,10 @@ def print_table(records: list[dict], root: Path) -> None:
         print("  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip())
     ok = sum(r["status"] == "ok" for r in records)
     reused = sum(bool(r.get("reused")) for r in records)
-    print(f"{len(records)} jobs: {ok} ok ({reused} from an earlier run), {len(records) - ok} failed; "
-          f"{root / 'summary.json'}, {root / 'summary.csv'}")
+    print(
+        f"{len(records)} jobs: {ok} ok ({reused} from an earlier run), {len(records) - ok} failed; "
+        f"{root / 'summary.json'}, {root / 'summary.csv'}"
+    )
 
 
 def _fmt(value) -> str:

@@ -7,8 +7,9 @@ same way `gas-edit` does.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, Sequence, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from PIL import Image
 
@@ -111,7 +112,7 @@ def resolve_bundled(path: str | None) -> str | None:
         return path
     from gas_lightning.worlds import ASSETS_DIR
 
-    name = str(path)[len(BUNDLED_PREFIX):]
+    name = str(path)[len(BUNDLED_PREFIX) :]
     target = ASSETS_DIR / BUNDLED_ALIASES.get(name, name)
     if not target.exists():
         raise GasError(f"{path!r} is not shipped with this installation (looked in {ASSETS_DIR})")
@@ -123,12 +124,16 @@ def make_plan(spec: PlanSpec, image: Image.Image | None = None) -> EditPlan:
     from gas_lightning.planners import diff_sentences, is_structured_request, parse_request
     from gas_lightning.planners.request import strip_quotes
 
-    given = [name for name, used in (
-        ("--request", spec.request is not None),
-        ("--source/--target", spec.source is not None or spec.target is not None),
-        ("--plan", spec.plan is not None),
-        ("--sources/--targets", spec.sources is not None or spec.targets is not None),
-    ) if used]
+    given = [
+        name
+        for name, used in (
+            ("--request", spec.request is not None),
+            ("--source/--target", spec.source is not None or spec.target is not None),
+            ("--plan", spec.plan is not None),
+            ("--sources/--targets", spec.sources is not None or spec.targets is not None),
+        )
+        if used
+    ]
     if len(given) != 1:
         what = "no edit was given" if not given else f"{' and '.join(given)} were both given"
         raise PlannerError(f"{what}; {PLAN_FORMS}")
@@ -140,14 +145,22 @@ def make_plan(spec: PlanSpec, image: Image.Image | None = None) -> EditPlan:
     elif spec.sources is not None or spec.targets is not None:
         if spec.sources is None or spec.targets is None:
             raise PlannerError("--sources and --targets go together (one target phrase per source phrase)")
-        plan = EditPlan.from_lists(spec.sources, spec.targets, spec.source_prompt, spec.target_prompt,
-                                   preserve_form=spec.preserve_form, intensities=spec.intensities)
+        plan = EditPlan.from_lists(
+            spec.sources,
+            spec.targets,
+            spec.source_prompt,
+            spec.target_prompt,
+            preserve_form=spec.preserve_form,
+            intensities=spec.intensities,
+        )
     elif spec.source is not None or spec.target is not None:
         if spec.source is None or spec.target is None:
             raise PlannerError("--source and --target go together: the whole-scene sentence before and after the edit")
         plan = diff_sentences(spec.source, spec.target)
     else:
-        use_llm = spec.planner == "llm" or (spec.planner == "auto" and spec.llm_model and not is_structured_request(spec.request))
+        use_llm = spec.planner == "llm" or (
+            spec.planner == "auto" and spec.llm_model and not is_structured_request(spec.request)
+        )
         if use_llm:
             plan = _llm_plan(spec, image)
         elif is_structured_request(spec.request) or spec.planner == "rules":
@@ -164,8 +177,11 @@ def make_plan(spec: PlanSpec, image: Image.Image | None = None) -> EditPlan:
     if spec.sources is None and (spec.source_prompt or spec.target_prompt):
         from dataclasses import replace
 
-        plan = replace(plan, source_prompt=spec.source_prompt or plan.source_prompt,
-                       target_prompt=spec.target_prompt or plan.target_prompt)
+        plan = replace(
+            plan,
+            source_prompt=spec.source_prompt or plan.source_prompt,
+            target_prompt=spec.target_prompt or plan.target_prompt,
+        )
     if spec.keep:
         plan = plan.with_keep([strip_quotes(k) for k in spec.keep])
     if spec.boxes is not None:
@@ -185,9 +201,11 @@ def _apply_masks(plan: EditPlan, masks: list[str | None] | str) -> EditPlan:
     n = len(plan.subtasks)
     extra = [v for v in label_values(masks, "--masks label map") if v > n]
     if extra:
-        raise PlannerError(f"--masks label map {masks!r} has the labels {extra} but the plan has {n} subtasks "
-                           "(pixel value k marks subtask k, 1 = the first; 0 = none); relabel it, or pass "
-                           "one PNG per subtask as a list: --masks '[a.png, b.png]'")
+        raise PlannerError(
+            f"--masks label map {masks!r} has the labels {extra} but the plan has {n} subtasks "
+            "(pixel value k marks subtask k, 1 = the first; 0 = none); relabel it, or pass "
+            "one PNG per subtask as a list: --masks '[a.png, b.png]'"
+        )
     return plan.with_masks([_absolute(masks)] * n, labels=list(range(1, n + 1)))
 
 
@@ -226,9 +244,14 @@ def make_grounder(spec: GroundingSpec):
     from gas_lightning.grounding import build_grounder
 
     return build_grounder(
-        backend=spec.detector_backend, detector=spec.detector, config=spec.detector_config,
-        checkpoint=spec.detector_checkpoint, device=spec.detector_device, box_threshold=spec.box_threshold,
-        text_threshold=spec.text_threshold, text_encoder=spec.detector_text_encoder,
+        backend=spec.detector_backend,
+        detector=spec.detector,
+        config=spec.detector_config,
+        checkpoint=spec.detector_checkpoint,
+        device=spec.detector_device,
+        box_threshold=spec.box_threshold,
+        text_threshold=spec.text_threshold,
+        text_encoder=spec.detector_text_encoder,
     )
 
 
@@ -293,6 +316,8 @@ def keep_unmentioned(plan: EditPlan, objects: Sequence[tuple[str, Box]]) -> Edit
     extra = [(p, b) for p, b in objects if all(_iou(b, n) < 0.5 for n in named)]
     if not extra:
         return plan
-    log.info("keeping what the request does not name: %s (--keep_unmentioned false edits without them)",
-             ", ".join(p for p, _ in extra))
+    log.info(
+        "keeping what the request does not name: %s (--keep_unmentioned false edits without them)",
+        ", ".join(p for p, _ in extra),
+    )
     return plan.with_keep([p for p, _ in extra], [b for _, b in extra])

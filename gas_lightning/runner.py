@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
 from jsonargparse import ActionConfigFile, Namespace
 
@@ -29,7 +30,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("gas_lightning")
 
 DEFAULT_CALLBACKS = [
-    Namespace(class_path="gas_lightning.callbacks.NullTextPenalty", init_args=Namespace(area_threshold=0.15, coefficient=5.0)),
+    Namespace(
+        class_path="gas_lightning.callbacks.NullTextPenalty", init_args=Namespace(area_threshold=0.15, coefficient=5.0)
+    ),
     Namespace(class_path="gas_lightning.callbacks.EditPreviews", init_args=Namespace(every_n_steps=50)),
 ]
 CHECKPOINT_EVERY = 50
@@ -40,11 +43,11 @@ class EditResult:
     """What an edit gives back: the edited picture at the working size, the plan it followed (with
     its boxes), the optimised latent and the folder holding edited.png, plan.json, config.yaml."""
 
-    image: Optional["Image.Image"]  # None for a plan-only run
-    plan: "EditPlan"
-    latent: Optional["torch.Tensor"]
+    image: Image.Image | None  # None for a plan-only run
+    plan: EditPlan
+    latent: torch.Tensor | None
     output_dir: Path
-    attention: Optional[str] = None
+    attention: str | None = None
     steps: int = 0
 
 
@@ -62,46 +65,102 @@ def build_parser(exit_on_error: bool = True):
         exit_on_error=exit_on_error,
     )
     p.add_argument("--config", action=ActionConfigFile, help="YAML config file(s); later flags override them")
-    p.add_argument("--model", type=Optional[str], default=None,
-                   help="SD 1.x/2.x or SDXL model: hub id, local diffusers folder, a single-file .safetensors checkpoint "
-                        "(with --model_config), or gas-lightning:shapes-model (bundled)")
-    p.add_argument("--model_config", type=Optional[str], default=None,
-                   help="for a single-file --model: a local diffusers-layout folder with its family's configs and tokenizers")
-    p.add_argument("--image", type=Optional[str], default=None, help="image to edit (any size; see docs/guide/stable-diffusion.md, Working size)")
-    p.add_argument("--output_dir", type=str, default="outputs/edit",
-                   help="the edit's folder: edited.png, comparison.png, plan.json, config.yaml, checkpoints/")
+    p.add_argument(
+        "--model",
+        type=Optional[str],
+        default=None,
+        help="SD 1.x/2.x or SDXL model: hub id, local diffusers folder, a single-file .safetensors checkpoint "
+        "(with --model_config), or gas-lightning:shapes-model (bundled)",
+    )
+    p.add_argument(
+        "--model_config",
+        type=Optional[str],
+        default=None,
+        help="for a single-file --model: a local diffusers-layout folder with its family's configs and tokenizers",
+    )
+    p.add_argument(
+        "--image",
+        type=Optional[str],
+        default=None,
+        help="image to edit (any size; see docs/guide/stable-diffusion.md, Working size)",
+    )
+    p.add_argument(
+        "--output_dir",
+        type=str,
+        default="outputs/edit",
+        help="the edit's folder: edited.png, comparison.png, plan.json, config.yaml, checkpoints/",
+    )
     p.add_argument("--seed", type=int, default=0, help="the edit's timesteps and noise")
-    p.add_argument("--schedule", type=Literal["batched", "sequential"], default="batched",
-                   help="batched: all subtasks in one UNet call per step; sequential: the reference's one step per subtask")
+    p.add_argument(
+        "--schedule",
+        type=Literal["batched", "sequential"],
+        default="batched",
+        help="batched: all subtasks in one UNet call per step; sequential: the reference's one step per subtask",
+    )
     p.add_argument("--resume", type=Optional[str], default=None, help="checkpoint to continue from, or 'last'")
-    p.add_argument("--overwrite", type=bool, default=False,
-                   help="replace an earlier edit in output_dir (without it, a folder holding an edit is refused)")
+    p.add_argument(
+        "--overwrite",
+        type=bool,
+        default=False,
+        help="replace an earlier edit in output_dir (without it, a folder holding an edit is refused)",
+    )
     p.add_argument("--plan_only", type=bool, default=False, help="write plan.json and grounding.png, then stop")
-    p.add_argument("--resolution", type=Optional[int], default=None, help="short side of the working size (default: the model's)")
-    p.add_argument("--dtype", type=Literal["auto", "float32", "float16", "bfloat16"], default="auto",
-                   help="the model's weights (auto: float16 on a GPU, float32 on the CPU)")
+    p.add_argument(
+        "--resolution", type=Optional[int], default=None, help="short side of the working size (default: the model's)"
+    )
+    p.add_argument(
+        "--dtype",
+        type=Literal["auto", "float32", "float16", "bfloat16"],
+        default="auto",
+        help="the model's weights (auto: float16 on a GPU, float32 on the CPU)",
+    )
     p.add_argument("--attention", type=Literal["auto", "sdpa", "xformers"], default="auto")
-    p.add_argument("--low_memory", type=bool, default=False,
-                   help="UNet calls of at most --micro_batch samples; text encoder and VAE on the CPU between uses")
-    p.add_argument("--micro_batch", type=Optional[int], default=None,
-                   help="most samples per UNet call (default: all in one; 4 with --low_memory)")
+    p.add_argument(
+        "--low_memory",
+        type=bool,
+        default=False,
+        help="UNet calls of at most --micro_batch samples; text encoder and VAE on the CPU between uses",
+    )
+    p.add_argument(
+        "--micro_batch",
+        type=Optional[int],
+        default=None,
+        help="most samples per UNet call (default: all in one; 4 with --low_memory)",
+    )
     p.add_argument("--compile", type=bool, default=False, help="torch.compile the UNet (minutes before the first step)")
-    p.add_argument("--allow_pickle_weights", type=bool, default=False,
-                   help="also load .bin/.pth model weights (a pickle can run code); default: .safetensors only")
+    p.add_argument(
+        "--allow_pickle_weights",
+        type=bool,
+        default=False,
+        help="also load .bin/.pth model weights (a pickle can run code); default: .safetensors only",
+    )
     p.add_argument("--debug", type=bool, default=False, help="show the traceback of an error instead of one line")
     p.add_argument("--loss_scale", type=float, default=2000.0)
     p.add_argument("--checkpoint_every", type=int, default=CHECKPOINT_EVERY, help="steps between kept checkpoints")
-    p.add_argument("--optimizer", type=OptimizerCallable,
-                   default=Namespace(class_path="torch.optim.SGD", init_args=Namespace(lr=0.1)))
-    p.add_argument("--lr_scheduler", type=Optional[LRSchedulerCallable], default=None,
-                   help="a torch.optim.lr_scheduler class stepped once per Trainer step, e.g. CosineAnnealingLR "
-                        "with T_max = trainer.max_steps (configs/shapes.yaml)")
+    p.add_argument(
+        "--optimizer",
+        type=OptimizerCallable,
+        default=Namespace(class_path="torch.optim.SGD", init_args=Namespace(lr=0.1)),
+    )
+    p.add_argument(
+        "--lr_scheduler",
+        type=Optional[LRSchedulerCallable],
+        default=None,
+        help="a torch.optim.lr_scheduler class stepped once per Trainer step, e.g. CosineAnnealingLR "
+        "with T_max = trainer.max_steps (configs/shapes.yaml)",
+    )
     p.add_class_arguments(PlanSpec, nested_key=None, as_group=True, fail_untyped=True)
     p.add_class_arguments(GroundingSpec, nested_key=None, as_group=True)
     p.add_class_arguments(GuidanceConfig, "guidance")
     p.add_lightning_class_args(Trainer, "trainer")
-    p.set_defaults({"trainer.max_steps": 500, "trainer.max_epochs": -1, "trainer.log_every_n_steps": 1,
-                    "trainer.callbacks": DEFAULT_CALLBACKS})
+    p.set_defaults(
+        {
+            "trainer.max_steps": 500,
+            "trainer.max_epochs": -1,
+            "trainer.log_every_n_steps": 1,
+            "trainer.callbacks": DEFAULT_CALLBACKS,
+        }
+    )
     return p
 
 
@@ -114,7 +173,7 @@ def is_child_rank() -> bool:
     return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
 
 
-def resolve_plan(cfg: Namespace, image: "Image.Image", plan: "EditPlan | None" = None) -> "EditPlan":
+def resolve_plan(cfg: Namespace, image: Image.Image, plan: EditPlan | None = None) -> EditPlan:
     """The request in whichever form the config holds (or `plan`), grounded: boxes from --boxes or the detector."""
     from gas_lightning.resolve import GroundingSpec, PlanSpec, ground, make_plan
 
@@ -126,10 +185,10 @@ def resolve_plan(cfg: Namespace, image: "Image.Image", plan: "EditPlan | None" =
 def run_edit(
     cfg: Namespace,
     parser,
-    image: "Image.Image | None" = None,
-    backbone: "Backbone | None" = None,
+    image: Image.Image | None = None,
+    backbone: Backbone | None = None,
     callbacks: Sequence[Any] = (),
-    plan: "EditPlan | None" = None,
+    plan: EditPlan | None = None,
 ) -> EditResult:
     """Plan, ground, fit and write the outputs of one edit.
 
@@ -154,21 +213,29 @@ def run_edit(
 
     if image is None:
         if cfg.image is None:
-            raise GasError("no image given: pass --image PATH (or --config configs/shapes.yaml for the bundled example)")
+            raise GasError(
+                "no image given: pass --image PATH (or --config configs/shapes.yaml for the bundled example)"
+            )
         image = load_image(resolve_bundled(cfg.image))
 
     resume = cfg.resume
     if resume == "last":
         resume = str(newest_checkpoint(ckpt_dir))
     if cfg.resume == "last" and not Path(resume).is_file():
-        raise GasError(f"--resume last: {ckpt_dir} holds no checkpoint yet (an edit saves one every --checkpoint_every "
-                       "steps, at its end and when stopped); start the edit without --resume")
+        raise GasError(
+            f"--resume last: {ckpt_dir} holds no checkpoint yet (an edit saves one every --checkpoint_every "
+            "steps, at its end and when stopped); start the edit without --resume"
+        )
     if resume is not None and not Path(resume).is_file():
-        raise GasError(f"--resume {cfg.resume!r}: no checkpoint at {resume}; checkpoints of an edit are in OUTPUT_DIR/checkpoints/")
+        raise GasError(
+            f"--resume {cfg.resume!r}: no checkpoint at {resume}; checkpoints of an edit are in OUTPUT_DIR/checkpoints/"
+        )
     holds_edit = any(ckpt_dir.glob("*.ckpt")) or (out / "edited.png").is_file()
     if not child and resume is None and not cfg.plan_only and not cfg.overwrite and holds_edit:
-        raise GasError(f"{out} already holds an earlier edit; continue it with --resume last, "
-                       "replace it with --overwrite true, or choose another --output_dir")
+        raise GasError(
+            f"{out} already holds an earlier edit; continue it with --resume last, "
+            "replace it with --overwrite true, or choose another --output_dir"
+        )
 
     given_plan = plan is not None
     if child and (out / "plan.json").is_file():
@@ -180,11 +247,21 @@ def run_edit(
     make_writable_dir(out)
     if not child and cfg.overwrite and resume is None:
         for old in [*ckpt_dir.glob("*.ckpt"), out / "edited.png"]:  # else Lightning would version names and
-            old.unlink(missing_ok=True)                               # "last" would be stale
+            old.unlink(missing_ok=True)  # "last" would be stale
     if not child:
         plan.save(out / "plan.json")
         if given_plan:  # a plan held in memory: config.yaml names the saved one, so it repeats the edit
-            for key in ("request", "source", "target", "sources", "targets", "boxes", "keep", "preserve_form", "intensities"):
+            for key in (
+                "request",
+                "source",
+                "target",
+                "sources",
+                "targets",
+                "boxes",
+                "keep",
+                "preserve_form",
+                "intensities",
+            ):
                 cfg[key] = None
             cfg.plan = str(out / "plan.json")
         with atomic_write(out / "config.yaml", "w") as f:
@@ -195,20 +272,32 @@ def run_edit(
         draw_grounding(image, plan, out / "grounding.png")
         return EditResult(image=None, plan=plan, latent=None, output_dir=out)
     if cfg.model is None and backbone is None:
-        raise GasError("no model given: pass --model HUB_ID_OR_FOLDER (a diffusers SD 1.x/2.x or SDXL layout), "
-                       "or gas-lightning:shapes-model for the bundled one")
+        raise GasError(
+            "no model given: pass --model HUB_ID_OR_FOLDER (a diffusers SD 1.x/2.x or SDXL layout), "
+            "or gas-lightning:shapes-model for the bundled one"
+        )
     if is_bundled_model(backbone.source if backbone is not None else resolve_bundled(cfg.model)):
-        check_known([p for s in plan.subtasks for p in (s.source, s.target)]
-                    + ([plan.source_prompt, plan.target_prompt] if cfg.guidance.full_prompt else []))
+        check_known(
+            [p for s in plan.subtasks for p in (s.source, s.target)]
+            + ([plan.source_prompt, plan.target_prompt] if cfg.guidance.full_prompt else [])
+        )
 
     init = parser.instantiate(cfg)
     check_lr_scheduler(init.lr_scheduler, cfg.trainer.max_steps)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     all_callbacks = list(init.trainer.callbacks or []) + list(callbacks)
     if not any(isinstance(c, ModelCheckpoint) for c in all_callbacks):
-        all_callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
-                                             every_n_train_steps=cfg.checkpoint_every, save_top_k=-1, save_last=True,
-                                             enable_version_counter=False))
+        all_callbacks.append(
+            ModelCheckpoint(
+                dirpath=ckpt_dir,
+                filename="step{step:06d}",
+                auto_insert_metric_name=False,
+                every_n_train_steps=cfg.checkpoint_every,
+                save_top_k=-1,
+                save_last=True,
+                enable_version_counter=False,
+            )
+        )
     final = FinalCheckpoint(ckpt_dir)
     all_callbacks += [NanGuard(ckpt_dir), final, EditOutputs(out)]
     trainer_kwargs = {k: v for k, v in vars(init.trainer).items() if k != "callbacks"}
@@ -228,17 +317,38 @@ def run_edit(
     if backbone is None:
         from gas_lightning.loading import load_backbone
 
-        backbone = load_backbone(resolve_bundled(cfg.model), device=device, dtype=cfg.dtype, attention=cfg.attention,
-                                 allow_pickle_weights=cfg.allow_pickle_weights, model_config=cfg.model_config,
-                                 compile=cfg.compile, low_memory=cfg.low_memory, micro_batch=cfg.micro_batch)
+        backbone = load_backbone(
+            resolve_bundled(cfg.model),
+            device=device,
+            dtype=cfg.dtype,
+            attention=cfg.attention,
+            allow_pickle_weights=cfg.allow_pickle_weights,
+            model_config=cfg.model_config,
+            compile=cfg.compile,
+            low_memory=cfg.low_memory,
+            micro_batch=cfg.micro_batch,
+        )
     elif str(backbone.device) != device:
-        raise GasError(f"the model is on {backbone.device} but the Trainer runs on {device}; load the model on the "
-                       "Trainer's device (load_model(device=...)) or set trainer accelerator/devices to match")
-    elif cfg.compile or cfg.low_memory or cfg.micro_batch is not None:  # asked for this edit: applied to the given model
+        raise GasError(
+            f"the model is on {backbone.device} but the Trainer runs on {device}; load the model on the "
+            "Trainer's device (load_model(device=...)) or set trainer accelerator/devices to match"
+        )
+    elif (
+        cfg.compile or cfg.low_memory or cfg.micro_batch is not None
+    ):  # asked for this edit: applied to the given model
         backbone.tune(compile=cfg.compile, low_memory=cfg.low_memory, micro_batch=cfg.micro_batch)
-    module = build_edit(backbone, image, plan, guidance_config=init.guidance, resolution=cfg.resolution,
-                        schedule=cfg.schedule, seed=cfg.seed, loss_scale=cfg.loss_scale, optimizer=init.optimizer,
-                        lr_scheduler=init.lr_scheduler)
+    module = build_edit(
+        backbone,
+        image,
+        plan,
+        guidance_config=init.guidance,
+        resolution=cfg.resolution,
+        schedule=cfg.schedule,
+        seed=cfg.seed,
+        loss_scale=cfg.loss_scale,
+        optimizer=init.optimizer,
+        lr_scheduler=init.lr_scheduler,
+    )
     try:
         trainer.fit(module, ckpt_path=resume, weights_only=True)
     except SystemExit:  # Lightning answers Ctrl-C with sys.exit(1) after its callbacks saved the state
@@ -246,8 +356,14 @@ def run_edit(
             raise EditInterrupted(trainer.global_step, final.interrupted, out) from None
         raise
     edited = tensor_to_image(module.decode().cpu()) if trainer.is_global_zero else None
-    return EditResult(image=edited, plan=plan, latent=module.latent.detach().cpu(), output_dir=out,
-                      attention=backbone.attention, steps=trainer.global_step)
+    return EditResult(
+        image=edited,
+        plan=plan,
+        latent=module.latent.detach().cpu(),
+        output_dir=out,
+        attention=backbone.attention,
+        steps=trainer.global_step,
+    )
 
 
 def newest_checkpoint(ckpt_dir: Path) -> Path:
@@ -261,9 +377,12 @@ def newest_checkpoint(ckpt_dir: Path) -> Path:
 
     def step(path: Path) -> tuple[int, int]:
         try:
-            return int(torch.load(path, map_location="cpu", weights_only=True).get("global_step", -1)), path.stat().st_mtime_ns
+            return int(
+                torch.load(path, map_location="cpu", weights_only=True).get("global_step", -1)
+            ), path.stat().st_mtime_ns
         except Exception:  # an unreadable file loses to a readable one; check_resume explains it if chosen
             return -1, 0
+
     return max(found, key=step)
 
 
@@ -272,8 +391,10 @@ def refuse_file_in_path(out: Path) -> None:
     for folder in (out, *out.parents):
         if folder.exists():
             if not folder.is_dir():
-                raise GasError(f"--output_dir {str(out)!r} cannot be created: {str(folder)!r} is a file, not a folder; "
-                               "choose another --output_dir")
+                raise GasError(
+                    f"--output_dir {str(out)!r} cannot be created: {str(folder)!r} is a file, not a folder; "
+                    "choose another --output_dir"
+                )
             return
 
 
@@ -286,8 +407,10 @@ def make_writable_dir(out: Path) -> None:
             pass
         probe.unlink()
     except OSError as e:
-        raise GasError(f"--output_dir {str(out)!r} is not writable ({e.strerror or e}); "
-                       "choose a folder you can write to, or fix its permissions") from None
+        raise GasError(
+            f"--output_dir {str(out)!r} is not writable ({e.strerror or e}); "
+            "choose a folder you can write to, or fix its permissions"
+        ) from None
 
 
 def cpu_precision(trainer_kwargs: dict) -> None:
@@ -296,8 +419,9 @@ def cpu_precision(trainer_kwargs: dict) -> None:
     import torch
 
     accelerator = trainer_kwargs.get("accelerator") or "auto"
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()
-                                      and not torch.backends.mps.is_available())
+    on_cpu = accelerator == "cpu" or (
+        accelerator == "auto" and not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    )
     if on_cpu and str(trainer_kwargs.get("precision")) in ("16-mixed", "16"):
         log.info("precision 16-mixed needs a GPU; on the CPU this edit runs in 32-true")
         trainer_kwargs["precision"] = "32-true"
@@ -313,16 +437,22 @@ def check_resume(path: str, plan) -> None:
     except GasError:
         raise
     except Exception as e:  # truncated, empty or not a torch file at all
-        raise GasError(f"--resume {path}: the file cannot be read as a checkpoint ({type(e).__name__}: "
-                       f"{' '.join(str(e).split())[:160]}); it may be truncated. Resume from another file in "
-                       "OUTPUT_DIR/checkpoints/ or start a new run without --resume") from None
+        raise GasError(
+            f"--resume {path}: the file cannot be read as a checkpoint ({type(e).__name__}: "
+            f"{' '.join(str(e).split())[:160]}); it may be truncated. Resume from another file in "
+            "OUTPUT_DIR/checkpoints/ or start a new run without --resume"
+        ) from None
     meta = ckpt.get("gas_lightning") if isinstance(ckpt, dict) else None
     if not isinstance(meta, dict) or "plan" not in meta or "state_dict" not in ckpt:
-        raise GasError(f"--resume {path}: not a checkpoint written by gas-edit (no edit plan or latent in it); "
-                       "resume from OUTPUT_DIR/checkpoints/last.ckpt of an earlier edit")
+        raise GasError(
+            f"--resume {path}: not a checkpoint written by gas-edit (no edit plan or latent in it); "
+            "resume from OUTPUT_DIR/checkpoints/last.ckpt of an earlier edit"
+        )
     if meta["plan"] != plan.to_dict():
-        raise GasError("the checkpoint was made for a different edit plan; resume with the same --plan/--request/boxes "
-                       "(its plan.json is next to the checkpoints) or start a new run without --resume")
+        raise GasError(
+            "the checkpoint was made for a different edit plan; resume with the same --plan/--request/boxes "
+            "(its plan.json is next to the checkpoints) or start a new run without --resume"
+        )
 
 
 def check_lr_scheduler(factory, max_steps: int) -> None:
@@ -338,14 +468,25 @@ def check_lr_scheduler(factory, max_steps: int) -> None:
         raise GasError(f"--lr_scheduler could not be built: {e}") from None
     name = type(probe).__name__
     if isinstance(probe, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        raise GasError("--lr_scheduler ReduceLROnPlateau needs a validation metric and an edit has none; "
-                       "use a step-based scheduler such as torch.optim.lr_scheduler.CosineAnnealingLR")
+        raise GasError(
+            "--lr_scheduler ReduceLROnPlateau needs a validation metric and an edit has none; "
+            "use a step-based scheduler such as torch.optim.lr_scheduler.CosineAnnealingLR"
+        )
     if isinstance(probe, torch.optim.lr_scheduler.OneCycleLR) and 0 < probe.total_steps < max_steps:
         # OneCycleLR raises once stepped past its end, which would stop the edit part-way.
-        raise GasError(f"--lr_scheduler OneCycleLR has total_steps {probe.total_steps} < trainer.max_steps {max_steps}; "
-                       f"set --lr_scheduler.total_steps {max_steps}")
+        raise GasError(
+            f"--lr_scheduler OneCycleLR has total_steps {probe.total_steps} < trainer.max_steps {max_steps}; "
+            f"set --lr_scheduler.total_steps {max_steps}"
+        )
     key = next((k for k in ("T_max", "total_iters", "total_steps") if getattr(probe, k, None)), None)
     length = getattr(probe, key) if key else None
     if length is not None and max_steps > 0 and length != max_steps:
-        log.warning("the lr schedule %s spans %d steps but --trainer.max_steps is %d; add --lr_scheduler.%s %d "
-                    "(also when raising max_steps to continue an edit)", name, length, max_steps, key, max_steps)
+        log.warning(
+            "the lr schedule %s spans %d steps but --trainer.max_steps is %d; add --lr_scheduler.%s %d "
+            "(also when raising max_steps to continue an edit)",
+            name,
+            length,
+            max_steps,
+            key,
+            max_steps,
+        )

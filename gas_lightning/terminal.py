@@ -12,15 +12,20 @@ import contextlib
 import logging
 import sys
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 log = logging.getLogger("gas_lightning")
 
 # Library messages a user cannot act on, by the logger that emits them. The device is said once by
 # StepProgressBar; the end of the run by the "edited:" line; a stop by the line naming its checkpoint.
 _NOISE = {
-    "lightning.pytorch.utilities.rank_zero": ("GPU available:", "TPU available:", "\U0001f4a1 Tip:", "`Trainer.fit` stopped:",
-                                              "\nDetected KeyboardInterrupt"),
+    "lightning.pytorch.utilities.rank_zero": (
+        "GPU available:",
+        "TPU available:",
+        "\U0001f4a1 Tip:",
+        "`Trainer.fit` stopped:",
+        "\nDetected KeyboardInterrupt",
+    ),
     "lightning.fabric.utilities.rank_zero": ("GPU available:", "TPU available:", "\U0001f4a1 Tip:"),
     "lightning.pytorch.accelerators.cuda": ("LOCAL_RANK:",),
     # accelerate only speeds up loading; the edit does not need it

@@ -48,8 +48,15 @@ def build_tiny_sd(
     write_char_clip_tokenizer(folder / "tokenizer", max_length)
     vocab_size = len(json.loads((folder / "tokenizer" / "vocab.json").read_text()))
     text_cfg = CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=max_length, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=max_length,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
     )
     CLIPTextModel(text_cfg).save_pretrained(folder / "text_encoder")
     latent_channels = 4 if with_vae else 3
@@ -69,7 +76,10 @@ def build_tiny_sd(
     )
     unet.save_pretrained(folder / "unet")
     DDPMScheduler(
-        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
         prediction_type=prediction_type,
     ).save_pretrained(folder / "scheduler")
     index = {
@@ -92,9 +102,15 @@ def _tiny_vae(**config):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=8, sample_size=TINY_RESOLUTION, **config,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8,
+        sample_size=TINY_RESOLUTION,
+        **config,
     )
 
 
@@ -117,23 +133,45 @@ def build_tiny_sdxl(folder: str | Path, prediction_type: str = "epsilon", seed: 
     for name in ("tokenizer", "tokenizer_2"):
         write_char_clip_tokenizer(folder / name, max_length)
     vocab_size = len(json.loads((folder / "tokenizer" / "vocab.json").read_text()))
-    text = dict(vocab_size=vocab_size, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=max_length,
-                bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    text = dict(
+        vocab_size=vocab_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=max_length,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, **text)).save_pretrained(folder / "text_encoder")
-    CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=48, intermediate_size=96, projection_dim=24, **text)
-                                ).save_pretrained(folder / "text_encoder_2")
+    CLIPTextModelWithProjection(
+        CLIPTextConfig(hidden_size=48, intermediate_size=96, projection_dim=24, **text)
+    ).save_pretrained(folder / "text_encoder_2")
     time_embed_dim = 8
     UNet2DConditionModel(
-        sample_size=TINY_RESOLUTION // 2, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2), cross_attention_dim=32 + 48, attention_head_dim=(2, 4),
-        use_linear_projection=True, norm_num_groups=8,
-        addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
+        sample_size=TINY_RESOLUTION // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        cross_attention_dim=32 + 48,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        norm_num_groups=8,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
         projection_class_embeddings_input_dim=24 + 6 * time_embed_dim,  # pooled + 6 time ids
     ).save_pretrained(folder / "unet")
     EulerDiscreteScheduler(
-        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-        prediction_type=prediction_type, timestep_spacing="leading", steps_offset=1,
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=prediction_type,
+        timestep_spacing="leading",
+        steps_offset=1,
     ).save_pretrained(folder / "scheduler")
     _tiny_vae(scaling_factor=0.13025, force_upcast=True).save_pretrained(folder / "vae")
     index = {
@@ -156,43 +194,94 @@ def build_tiny_sdxl(folder: str | Path, prediction_type: str = "epsilon", seed: 
 # Published Stable Diffusion architectures, built with random weights (no download): enough for
 # timing, memory and arithmetic checks (tools/bench/benchmark.py, tools/bench/precision_check.py), not for edits.
 SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8,
+    cross_attention_dim=768,
+    attention_head_dim=8,
 )
 SD_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    layers_per_block=2,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    norm_num_groups=32,
     scaling_factor=0.18215,
 )
 ARCHITECTURES = {
     "sd15": {  # CLIP ViT-L/14 text encoder, epsilon prediction, 512 px
-        "unet": SD15_UNET, "vae": {**SD_VAE, "sample_size": 512}, "prediction_type": "epsilon",
-        "text": dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-                     hidden_act="quick_gelu"),
+        "unet": SD15_UNET,
+        "vae": {**SD_VAE, "sample_size": 512},
+        "prediction_type": "epsilon",
+        "text": dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            num_hidden_layers=12,
+            hidden_act="quick_gelu",
+        ),
     },
     "sd21": {  # OpenCLIP ViT-H text encoder, v-prediction, 768 px
-        "unet": {**SD15_UNET, "sample_size": 96, "cross_attention_dim": 1024, "attention_head_dim": (5, 10, 20, 20),
-                 "use_linear_projection": True, "upcast_attention": True},
-        "vae": {**SD_VAE, "sample_size": 768}, "prediction_type": "v_prediction",
-        "text": dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
-                     hidden_act="gelu", projection_dim=512),
+        "unet": {
+            **SD15_UNET,
+            "sample_size": 96,
+            "cross_attention_dim": 1024,
+            "attention_head_dim": (5, 10, 20, 20),
+            "use_linear_projection": True,
+            "upcast_attention": True,
+        },
+        "vae": {**SD_VAE, "sample_size": 768},
+        "prediction_type": "v_prediction",
+        "text": dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_attention_heads=16,
+            num_hidden_layers=23,
+            hidden_act="gelu",
+            projection_dim=512,
+        ),
     },
     "sdxl": {  # SDXL base 1.0: CLIP ViT-L + OpenCLIP bigG (pooled, projected), size/crop conditioning, 1024 px
-        "unet": dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-                     block_out_channels=(320, 640, 1280),
-                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                     transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-                     use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-                     projection_class_embeddings_input_dim=1280 + 6 * 256),
+        "unet": dict(
+            sample_size=128,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=2,
+            block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=1280 + 6 * 256,
+        ),
         "vae": {**SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
         "prediction_type": "epsilon",
-        "text": dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-                     hidden_act="quick_gelu"),
-        "text_2": dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
-                       hidden_act="gelu", projection_dim=1280),
+        "text": dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            num_hidden_layers=12,
+            hidden_act="quick_gelu",
+        ),
+        "text_2": dict(
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_attention_heads=20,
+            num_hidden_layers=32,
+            hidden_act="gelu",
+            projection_dim=1280,
+        ),
     },
 }
 GROUPS = 32  # the SD norm_num_groups: every scaled width stays a multiple of it
@@ -208,8 +297,13 @@ def _scaled_heads(heads: int | tuple[int, ...], channels: tuple[int, ...]) -> tu
     return tuple(h if c % h == 0 else max(1, c // 64) for h, c in zip(heads, channels))
 
 
-def build_arch_backbone(arch: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                        width_mult: float = 1.0, seed: int = 0):
+def build_arch_backbone(
+    arch: str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    width_mult: float = 1.0,
+    seed: int = 0,
+):
     """A Backbone with a published architecture's UNet, VAE and text encoder(s), random weights.
 
     `width_mult` < 1 narrows the UNet and VAE channels (multiples of 32, same depth, blocks and
@@ -249,11 +343,23 @@ def build_arch_backbone(arch: str, device: str | torch.device = "cpu", dtype: to
     for net in (unet, vae, text, text_2):
         if net is not None:
             net.to(dtype).requires_grad_(False).eval()
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                          prediction_type=spec["prediction_type"])
-    common = dict(unet=unet, text_encoder=text, tokenizer=tokenizer, codec=VaeCodec(vae),
-                  alphas_cumprod=sched.alphas_cumprod.float().clone(), prediction_type=spec["prediction_type"],
-                  attention="sdpa", source=f"{arch} architecture x{width_mult:g} (random weights)")
+    sched = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=spec["prediction_type"],
+    )
+    common = dict(
+        unet=unet,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        codec=VaeCodec(vae),
+        alphas_cumprod=sched.alphas_cumprod.float().clone(),
+        prediction_type=spec["prediction_type"],
+        attention="sdpa",
+        source=f"{arch} architecture x{width_mult:g} (random weights)",
+    )
     if text_2 is None:
         backbone = Backbone(**common)
     else:

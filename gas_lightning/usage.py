@@ -15,24 +15,55 @@ from gas_lightning.errors import GasError
 METHOD_DOC = "docs/method.md"  # the method, in the project's docs
 # What a user sets, grouped; every other option is in --help-all.
 GROUPS = {
-    "what to edit": ("--jobs", "--image", "--request", "--boxes", "--keep", "--keep_unmentioned", "--source", "--target",
-                     "--plan", "--detector", "--segmenter"),
+    "what to edit": (
+        "--jobs",
+        "--image",
+        "--request",
+        "--boxes",
+        "--keep",
+        "--keep_unmentioned",
+        "--source",
+        "--target",
+        "--plan",
+        "--detector",
+        "--segmenter",
+    ),
     "model": ("--model", "--config", "--resolution", "--dtype"),
     "output": ("--output_dir", "--overwrite", "--plan_only"),
-    "run": ("--trainer.max_steps", "--trainer.accelerator", "--seed", "--schedule", "--guidance.guidance_scale",
-            "--resume", "--print_config", "--debug"),
+    "run": (
+        "--trainer.max_steps",
+        "--trainer.accelerator",
+        "--seed",
+        "--schedule",
+        "--guidance.guidance_scale",
+        "--resume",
+        "--print_config",
+        "--debug",
+    ),
 }
 # Shorter words than the libraries' own for the options above that come from them.
-TEXT = {"--trainer.max_steps": "optimisation steps (the bundled preset: 150; the reference: 500)",
-        "--trainer.accelerator": "cpu, gpu or auto",
-        "--guidance.guidance_scale": "classifier-free guidance scale (the reference: 7.5)",
-        "--print_config": "print the whole config as YAML (a file for --config) and stop",
-        "--keep_unmentioned": "keep every object the detector lists that the request does not name (default true)"}
+TEXT = {
+    "--trainer.max_steps": "optimisation steps (the bundled preset: 150; the reference: 500)",
+    "--trainer.accelerator": "cpu, gpu or auto",
+    "--guidance.guidance_scale": "classifier-free guidance scale (the reference: 7.5)",
+    "--print_config": "print the whole config as YAML (a file for --config) and stop",
+    "--keep_unmentioned": "keep every object the detector lists that the request does not name (default true)",
+}
 # Names users try that gas-edit spells otherwise.
-ALIASES = {"--steps": "--trainer.max_steps", "--iterations": "--trainer.max_steps", "--lr": "--optimizer.lr",
-           "--learning_rate": "--optimizer.lr", "--prompt": "--request", "--input": "--image", "--output": "--output_dir",
-           "--out": "--output_dir", "--device": "--trainer.accelerator", "--gpu": "--trainer.accelerator",
-           "--cfg": "--guidance.guidance_scale", "--scale": "--guidance.guidance_scale"}
+ALIASES = {
+    "--steps": "--trainer.max_steps",
+    "--iterations": "--trainer.max_steps",
+    "--lr": "--optimizer.lr",
+    "--learning_rate": "--optimizer.lr",
+    "--prompt": "--request",
+    "--input": "--image",
+    "--output": "--output_dir",
+    "--out": "--output_dir",
+    "--device": "--trainer.accelerator",
+    "--gpu": "--trainer.accelerator",
+    "--cfg": "--guidance.guidance_scale",
+    "--scale": "--guidance.guidance_scale",
+}
 
 
 def _options(parser) -> list[str]:
@@ -65,18 +96,21 @@ def parse_or_explain(parser, argv: list[str], prog: str = "gas-edit"):
     if unknown:
         flags = [a for a in unknown.group(1).split() if a.startswith("-")] or unknown.group(1).split()[:1]
         hints = [f"{f} (did you mean {s}?)" if (s := suggest(parser, f)) else f for f in flags]
-        raise GasError(f"unknown option {', '.join(hints)}; `{prog} --help` lists the options, "
-                       f"`{prog} --help-all` every one") from None
+        raise GasError(
+            f"unknown option {', '.join(hints)}; `{prog} --help` lists the options, `{prog} --help-all` every one"
+        ) from None
     raise GasError(f"{message}; `{prog} --help` lists the options") from None
 
 
 def short_help(parser, prog: str = "gas-edit") -> str:
     """The options of GROUPS with their own help text, plus the other commands."""
     actions = {s: a for a in parser._actions for s in a.option_strings}
-    usage = (f"{prog} --jobs FILE [--config FILE] [--model MODEL] [options]" if "--jobs" in actions else
-             f"{prog} --config FILE | --image IMAGE --request 'change A into B.' --model MODEL [options]")
-    lines = [f"usage: {usage}",
-             "", parser.description or "", ""]
+    usage = (
+        f"{prog} --jobs FILE [--config FILE] [--model MODEL] [options]"
+        if "--jobs" in actions
+        else f"{prog} --config FILE | --image IMAGE --request 'change A into B.' --model MODEL [options]"
+    )
+    lines = [f"usage: {usage}", "", parser.description or "", ""]
     for title, flags in GROUPS.items():
         lines.append(f"{title}:")
         for flag in flags:

@@ -23,5 +23,11 @@ class SaveLatentAndSource(Callback):
 
     def on_train_end(self, trainer, pl_module):
         Path(self.dirpath).mkdir(parents=True, exist_ok=True)
-        torch.save({"latent": pl_module.latent.detach().cpu(), "z_src": pl_module.z_src.detach().cpu(),
-                    "step": trainer.global_step}, Path(self.dirpath) / f"rank{trainer.global_rank}.pt")
+        torch.save(
+            {
+                "latent": pl_module.latent.detach().cpu(),
+                "z_src": pl_module.z_src.detach().cpu(),
+                "step": trainer.global_step,
+            },
+            Path(self.dirpath) / f"rank{trainer.global_rank}.pt",
+        )

@@ -28,8 +28,10 @@ def quick(**kw):
 
 def test_a_request_with_boxes(tiny_sd, image_file, tmp_path):
     result = quick(image=image_file, request=REQUEST, boxes=BOXES, model=tiny_sd, output_dir=tmp_path / "out")
-    assert [(s.source, s.target) for s in result.plan.subtasks] == [("the red block", "a yellow block"),
-                                                                    ("the grass", "snow")]
+    assert [(s.source, s.target) for s in result.plan.subtasks] == [
+        ("the red block", "a yellow block"),
+        ("the grass", "snow"),
+    ]
     assert [list(s.box) for s in result.plan.subtasks] == BOXES
     assert result.image.size == (40, 32)  # 48x40 input, short side 32 on the tiny model
     assert result.steps == 2 and result.output_dir == tmp_path / "out"
@@ -39,23 +41,42 @@ def test_a_request_with_boxes(tiny_sd, image_file, tmp_path):
 
 
 def test_source_and_target_sentences(tiny_sd, image_file):
-    result = quick(image=image_file, source="a red block on grass", target="a yellow block on snow",
-                   boxes=BOXES, model=tiny_sd)
-    assert [(s.source, s.target) for s in result.plan.subtasks] == [("a red block", "a yellow block"), ("grass", "snow")]
+    result = quick(
+        image=image_file, source="a red block on grass", target="a yellow block on snow", boxes=BOXES, model=tiny_sd
+    )
+    assert [(s.source, s.target) for s in result.plan.subtasks] == [
+        ("a red block", "a yellow block"),
+        ("grass", "snow"),
+    ]
     assert result.plan.source_prompt == "a red block on grass"
     assert result.output_dir.is_dir() and "gas-edit-" in result.output_dir.name  # a fresh temporary folder
 
 
 def test_lists_and_a_plan_object_and_a_plan_file(tiny_sd, image_file, tmp_path):
-    listed = quick(image=image_file, sources=["a red block"], targets=["a blue block"], boxes=[BOXES[0]], model=tiny_sd,
-                   output_dir=tmp_path / "lists")
+    listed = quick(
+        image=image_file,
+        sources=["a red block"],
+        targets=["a blue block"],
+        boxes=[BOXES[0]],
+        model=tiny_sd,
+        output_dir=tmp_path / "lists",
+    )
     assert [(s.source, s.target) for s in listed.plan.subtasks] == [("a red block", "a blue block")]
-    plan = EditPlan.from_dict({"source_prompt": "a red block", "target_prompt": "a green block",
-                               "subtasks": [{"source": "a red block", "target": "a green block", "box": BOXES[0]}]})
+    plan = EditPlan.from_dict(
+        {
+            "source_prompt": "a red block",
+            "target_prompt": "a green block",
+            "subtasks": [{"source": "a red block", "target": "a green block", "box": BOXES[0]}],
+        }
+    )
     from_object = quick(image=image_file, plan=plan, model=tiny_sd, output_dir=tmp_path / "object")
     assert from_object.plan == plan
-    assert yaml.safe_load((tmp_path / "object" / "config.yaml").read_text())["plan"] == str(tmp_path / "object" / "plan.json")
-    from_file = quick(image=image_file, plan=tmp_path / "object" / "plan.json", model=tiny_sd, output_dir=tmp_path / "file")
+    assert yaml.safe_load((tmp_path / "object" / "config.yaml").read_text())["plan"] == str(
+        tmp_path / "object" / "plan.json"
+    )
+    from_file = quick(
+        image=image_file, plan=tmp_path / "object" / "plan.json", model=tiny_sd, output_dir=tmp_path / "file"
+    )
     assert from_file.plan == plan
     # The same plan, seed and steps give the same latent whichever way the plan arrived.
     torch.testing.assert_close(from_object.latent, from_file.latent, rtol=0, atol=0)
@@ -63,11 +84,36 @@ def test_lists_and_a_plan_object_and_a_plan_file(tiny_sd, image_file, tmp_path):
 
 
 def test_the_api_and_gas_edit_give_the_same_edit(tiny_sd, image_file, tmp_path):
-    result = quick(image=image_file, request=REQUEST, boxes=BOXES, model=tiny_sd, preserve_form=[1, 0], seed=3,
-                   output_dir=tmp_path / "api")
+    result = quick(
+        image=image_file,
+        request=REQUEST,
+        boxes=BOXES,
+        model=tiny_sd,
+        preserve_form=[1, 0],
+        seed=3,
+        output_dir=tmp_path / "api",
+    )
     with pytest.raises(SystemExit) as e:
-        main(["--config", TINY, "--model", tiny_sd, "--image", image_file, "--request", REQUEST,
-              "--boxes", str(BOXES), "--seed", "3", "--trainer.max_steps", "2", "--output_dir", str(tmp_path / "cli")])
+        main(
+            [
+                "--config",
+                TINY,
+                "--model",
+                tiny_sd,
+                "--image",
+                image_file,
+                "--request",
+                REQUEST,
+                "--boxes",
+                str(BOXES),
+                "--seed",
+                "3",
+                "--trainer.max_steps",
+                "2",
+                "--output_dir",
+                str(tmp_path / "cli"),
+            ]
+        )
     assert e.value.code == 0
     cli_latent = torch.load(tmp_path / "cli" / "latent.pt", weights_only=True)["latent"]
     torch.testing.assert_close(result.latent, cli_latent, rtol=0, atol=0)
@@ -119,7 +165,11 @@ def test_steps_resize_a_cosine_schedule_sized_to_the_config(tmp_path):
     assert cfg.request.startswith("change the red circle into a yellow circle.")
     # a request in the call replaces the preset's edit (its request and whole-scene sentences)
     cfg = _config(parser, None, None, tmp_path, None, 0, None, None, {}, request="change the snow into grass.")
-    assert (cfg.request, cfg.source_prompt, cfg.lr_scheduler.init_args.T_max) == ("change the snow into grass.", None, 150)
+    assert (cfg.request, cfg.source_prompt, cfg.lr_scheduler.init_args.T_max) == (
+        "change the snow into grass.",
+        None,
+        150,
+    )
 
 
 def test_plan_edit_grounds_without_editing(tmp_path):
@@ -130,16 +180,24 @@ def test_plan_edit_grounds_without_editing(tmp_path):
     assert x1 <= 0.55 and y1 <= 0.6 and (x1 - x0) * (y1 - y0) < 0.25
 
 
-@pytest.mark.parametrize("kwargs, expected", [
-    ({"boxes": [[0.5, 0.5, 0.2, 0.9]]}, "is empty"),
-    ({"no_such_option": 1}, "no_such_option"),
-    ({"trainer_kwargs": {"log_every_n_steps": "often"}}, "log_every_n_steps"),
-    ({"image": 123}, "image"),
-])
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        ({"boxes": [[0.5, 0.5, 0.2, 0.9]]}, "is empty"),
+        ({"no_such_option": 1}, "no_such_option"),
+        ({"trainer_kwargs": {"log_every_n_steps": "often"}}, "log_every_n_steps"),
+        ({"image": 123}, "image"),
+    ],
+)
 def test_errors_are_raised_not_exits_and_logging_is_left_alone(tiny_sd, image_file, kwargs, expected):
     before = (list(logging.getLogger().handlers), list(logging.getLogger("gas_lightning").handlers))
-    args = {"image": image_file, "request": "change the red block into a yellow block.", "model": tiny_sd,
-            "boxes": [BOXES[0]], **kwargs}
+    args = {
+        "image": image_file,
+        "request": "change the red block into a yellow block.",
+        "model": tiny_sd,
+        "boxes": [BOXES[0]],
+        **kwargs,
+    }
     with pytest.raises((GasError, TypeError)) as error:
         quick(**args)
     assert expected in str(error.value)
@@ -152,7 +210,7 @@ def test_the_readme_five_line_example_runs(tmp_path, monkeypatch):
     import re
 
     readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## Python API"):]
+    section = readme[readme.index("## Python API") :]
     block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     assert len(block.strip().splitlines()) == 5
     monkeypatch.chdir(tmp_path)
@@ -171,8 +229,9 @@ def test_the_readme_five_line_example_runs(tmp_path, monkeypatch):
     from gas_lightning.worlds import score
     from gas_lightning.worlds.cases import Change, example_case, make_case
 
-    case = make_case(example_case().source, [Change("colour", 0, "red", "blue"),
-                                              Change("background", None, "snow", "grass")])
+    case = make_case(
+        example_case().source, [Change("colour", 0, "red", "blue"), Change("background", None, "snow", "grass")]
+    )
     result = score(b.astype(np.uint8), case)
     assert result["preserved"] == 1.0 and [a["ok"] for a in result["attributes"]] == [True, True], result
 
@@ -184,8 +243,14 @@ def test_painted_masks_are_saved_named_in_the_config_and_repeat_the_edit(tiny_sd
     painted = Image.new("L", (48, 40), 0)
     painted.paste(255, (4, 4, 20, 20))  # the red block of image_file
     out = tmp_path / "painted"
-    result = quick(image=image_file, request=REQUEST, boxes=[None, [0, 0, 1, 1]], masks=[painted, None],
-                   model=tiny_sd, output_dir=out)
+    result = quick(
+        image=image_file,
+        request=REQUEST,
+        boxes=[None, [0, 0, 1, 1]],
+        masks=[painted, None],
+        model=tiny_sd,
+        output_dir=out,
+    )
     assert result.plan.subtasks[0].mask and not result.plan.subtasks[1].mask
     assert np.array_equal(np.asarray(Image.open(out / "mask0.png")), np.asarray(painted))
     cfg = yaml.safe_load((out / "config.yaml").read_text())
@@ -196,8 +261,14 @@ def test_painted_masks_are_saved_named_in_the_config_and_repeat_the_edit(tiny_sd
     again = torch.load(tmp_path / "again" / "latent.pt", weights_only=True)["latent"]
     torch.testing.assert_close(result.latent, again, rtol=0, atol=0)
     # a new edit given in the call replaces the config's, masks included
-    other = quick(image=image_file, request=REQUEST, boxes=BOXES, model=tiny_sd, config=out / "config.yaml",
-                  output_dir=tmp_path / "other")
+    other = quick(
+        image=image_file,
+        request=REQUEST,
+        boxes=BOXES,
+        model=tiny_sd,
+        config=out / "config.yaml",
+        output_dir=tmp_path / "other",
+    )
     assert not any(s.mask for s in other.plan.subtasks)
 
 
@@ -205,5 +276,11 @@ def test_an_empty_painted_mask_is_one_error(tiny_sd, image_file, tmp_path):
     import numpy as np
 
     with pytest.raises(GasError, match=r"masks\[0\] is empty"):
-        quick(image=image_file, request=REQUEST, boxes=BOXES, masks=[np.zeros((40, 48)), None], model=tiny_sd,
-              output_dir=tmp_path / "empty")
+        quick(
+            image=image_file,
+            request=REQUEST,
+            boxes=BOXES,
+            masks=[np.zeros((40, 48)), None],
+            model=tiny_sd,
+            output_dir=tmp_path / "empty",
+        )

@@ -20,6 +20,7 @@ def _plan(*pairs):
 
 # uploads ------------------------------------------------------------------------------------
 
+
 def test_upload_that_is_not_an_image_names_the_file_not_the_temp_folder(tmp_path):
     bad = tmp_path / "gradio-cache-123" / "holiday.png"
     bad.parent.mkdir()
@@ -50,6 +51,7 @@ def test_upload_is_decoded_like_a_cli_input(tmp_path):
 
 # boxes from the page ---------------------------------------------------------------------------
 
+
 def test_drawn_boxes_become_normalised_plan_boxes():
     plan = _plan(("the dog", "a cat"), ("the grass", "snow"))
     drawn = [{"label": "The  Dog", "xmin": 10, "ymin": 20, "xmax": 30, "ymax": 40, "color": (0, 0, 0)}]
@@ -61,18 +63,23 @@ def test_drawn_boxes_become_normalised_plan_boxes():
 
 def test_boxes_dragged_past_the_edge_are_clipped_and_repeated_labels_fill_in_order():
     plan = _plan(("the dog", "a cat"), ("the dog", "a fox"))
-    drawn = [{"label": "the dog", "xmin": -5, "ymin": 0, "xmax": 50, "ymax": 60},
-             {"label": "the dog", "xmin": 60, "ymin": 10, "xmax": 120, "ymax": 50}]
+    drawn = [
+        {"label": "the dog", "xmin": -5, "ymin": 0, "xmax": 50, "ymax": 60},
+        {"label": "the dog", "xmin": 60, "ymin": 10, "xmax": 120, "ymax": 50},
+    ]
     out = plan_with_boxes(plan, drawn, (100, 50))
     assert out.subtasks[0].box == pytest.approx((0.0, 0.0, 0.5, 1.0))
     assert out.subtasks[1].box == pytest.approx((0.6, 0.2, 1.0, 1.0))
 
 
-@pytest.mark.parametrize("box, message", [
-    ({"label": "", "xmin": 1, "ymin": 1, "xmax": 9, "ymax": 9}, "has no label"),
-    ({"label": "the cat", "xmin": 1, "ymin": 1, "xmax": 9, "ymax": 9}, "marks no object of the request"),
-    ({"label": "the dog", "xmin": 120, "ymin": 1, "xmax": 130, "ymax": 9}, "is empty"),  # wholly outside
-])
+@pytest.mark.parametrize(
+    "box, message",
+    [
+        ({"label": "", "xmin": 1, "ymin": 1, "xmax": 9, "ymax": 9}, "has no label"),
+        ({"label": "the cat", "xmin": 1, "ymin": 1, "xmax": 9, "ymax": 9}, "marks no object of the request"),
+        ({"label": "the dog", "xmin": 120, "ymin": 1, "xmax": 130, "ymax": 9}, "is empty"),  # wholly outside
+    ],
+)
 def test_bad_drawn_boxes_are_refused_with_what_to_do(box, message):
     with pytest.raises(GasError, match=message):
         plan_with_boxes(_plan(("the dog", "a cat")), [box], (100, 50))
@@ -80,9 +87,11 @@ def test_bad_drawn_boxes_are_refused_with_what_to_do(box, message):
 
 def test_a_newly_drawn_box_replaces_the_objects_earlier_one():
     plan = _plan(("the dog", "a cat"), ("the grass", "snow"))
-    drawn = [{"label": "the dog", "xmin": 20, "ymin": 5, "xmax": 40, "ymax": 45},  # drawn: the editor puts it first
-             {"label": "the dog", "xmin": 1, "ymin": 1, "xmax": 9, "ymax": 9},  # detected
-             {"label": "the grass", "xmin": 0, "ymin": 25, "xmax": 100, "ymax": 50}]
+    drawn = [
+        {"label": "the dog", "xmin": 20, "ymin": 5, "xmax": 40, "ymax": 45},  # drawn: the editor puts it first
+        {"label": "the dog", "xmin": 1, "ymin": 1, "xmax": 9, "ymax": 9},  # detected
+        {"label": "the grass", "xmin": 0, "ymin": 25, "xmax": 100, "ymax": 50},
+    ]
     out = plan_with_boxes(plan, drawn, (100, 50))
     assert out.subtasks[0].box == pytest.approx((0.2, 0.1, 0.4, 0.9))
     assert out.subtasks[1].box == pytest.approx((0.0, 0.5, 1.0, 1.0))
@@ -94,8 +103,14 @@ def test_boxes_shown_on_the_page_come_back_within_half_a_pixel():
     shown = annotation(image, plan)
     # the grass has the whole image: not drawn (it would tint the whole picture), and whole again on the way back
     assert [b["label"] for b in shown["boxes"]] == ["the dog"]
-    assert shown["boxes"][0] | {"color": None} == {"xmin": 25, "ymin": 20, "xmax": 102, "ymax": 77, "label": "the dog",
-                                                   "color": None}  # 24.6, 20, 102, 77 rounded
+    assert shown["boxes"][0] | {"color": None} == {
+        "xmin": 25,
+        "ymin": 20,
+        "xmax": 102,
+        "ymax": 77,
+        "label": "the dog",
+        "color": None,
+    }  # 24.6, 20, 102, 77 rounded
     back = plan_with_boxes(plan, shown["boxes"], image.size)
     assert back.subtasks[0].box == pytest.approx((25 / 200, 0.2, 102 / 200, 0.77))
     assert back.subtasks[1].box == (0.0, 0.0, 1.0, 1.0)
@@ -105,7 +120,9 @@ def test_a_whole_image_box_is_not_drawn_but_its_object_keeps_a_label_and_colour(
     """Issue 28, point 8: the background's whole-image box tinted the whole preview."""
     plan = _plan(("the snow", "grass"), ("the dog", "a cat")).with_boxes([[0, 0, 1, 1], [0.5, 0.5, 1, 1]])
     shown = annotation(Image.new("RGB", (10, 10)), plan)
-    assert [(b["label"], b["xmin"], b["ymin"], b["xmax"], b["ymax"]) for b in shown["boxes"]] == [("the dog", 5, 5, 10, 10)]
+    assert [(b["label"], b["xmin"], b["ymin"], b["xmax"], b["ymax"]) for b in shown["boxes"]] == [
+        ("the dog", 5, 5, 10, 10)
+    ]
     colours = label_colours(plan)
     assert list(colours) == ["the snow", "the dog"] and colours["the dog"] == shown["boxes"][0]["color"]
     assert colours["the snow"] != colours["the dog"]
@@ -113,7 +130,9 @@ def test_a_whole_image_box_is_not_drawn_but_its_object_keeps_a_label_and_colour(
 
 # the edit: previews, stop, continue ---------------------------------------------------------------
 
-FAST_PREVIEWS = {"callbacks": [{"class_path": "gas_lightning.callbacks.EditPreviews", "init_args": {"every_n_steps": 2}}]}
+FAST_PREVIEWS = {
+    "callbacks": [{"class_path": "gas_lightning.callbacks.EditPreviews", "init_args": {"every_n_steps": 2}}]
+}
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +145,12 @@ def test_find_boxes_of_the_bundled_request(app):
 
     image = load_upload(resolve_bundled("gas-lightning:example.png"))
     plan, note = app.find_boxes(image, app.default_request)
-    assert note == "" and [s.source for s in plan.subtasks] == ["the red circle", "the blue square", "the snow",
-                                                                 "the orange triangle"]
+    assert note == "" and [s.source for s in plan.subtasks] == [
+        "the red circle",
+        "the blue square",
+        "the snow",
+        "the orange triangle",
+    ]
     with pytest.raises(GasError, match="request is empty"):
         app.find_boxes(image, "  ")
     plan, note = app.find_boxes(image, "change the purple circle into a green circle.")

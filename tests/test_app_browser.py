@@ -31,8 +31,11 @@ STEPS = int(os.environ.get("GAS_BROWSER_STEPS", "3"))  # docs/app.png was made w
 
 def _requirements() -> tuple[str, str]:
     missing = []
-    for module, how in (("selenium", "pip install -e '.[test]'"), ("gradio", "pip install -e '.[app]'"),
-                        ("gradio_image_annotation", "pip install -e '.[app]'")):
+    for module, how in (
+        ("selenium", "pip install -e '.[test]'"),
+        ("gradio", "pip install -e '.[app]'"),
+        ("gradio_image_annotation", "pip install -e '.[app]'"),
+    ):
         try:
             __import__(module)
         except ImportError:
@@ -47,8 +50,10 @@ def _requirements() -> tuple[str, str]:
         message = f"the browser test needs {'; '.join(missing)}"
         if os.environ.get("GAS_SKIP_BROWSER") == "1":
             pytest.skip(f"GAS_SKIP_BROWSER=1: {message}")
-        pytest.fail(f"{message}. Install them (.ci/run does), or set GAS_SKIP_BROWSER=1 to skip this test on purpose",
-                    pytrace=False)
+        pytest.fail(
+            f"{message}. Install them (.ci/run does), or set GAS_SKIP_BROWSER=1 to skip this test on purpose",
+            pytrace=False,
+        )
     return browser, driver
 
 
@@ -81,9 +86,22 @@ def app_url(tmp_path):
     port = _free_port()
     log = open(tmp_path / "app.log", "w")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "gas_lightning.cli", "app", "--port", str(port),
-                             "--output_dir", str(tmp_path / "edits")], cwd=tmp_path, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gas_lightning.cli",
+            "app",
+            "--port",
+            str(port),
+            "--output_dir",
+            str(tmp_path / "edits"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
 
     def up():
@@ -111,9 +129,14 @@ def test_edit_in_the_browser(app_url, tmp_path):
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = browser
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1500",
-                # no network: every request that is not to the app (loopback bypasses a proxy) fails
-                "--proxy-server=http://127.0.0.1:9"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1500",
+        # no network: every request that is not to the app (loopback bypasses a proxy) fails
+        "--proxy-server=http://127.0.0.1:9",
+    ):
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"performance": "ALL"})
     driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=opts)  # no selenium-manager
@@ -129,21 +152,28 @@ def test_edit_in_the_browser(app_url, tmp_path):
         assert "4 objects found" in status()  # the bundled request names 4 objects
         # no title over the box editor: a box at the picture's top keeps its label in view
         canvas_top = find("#boxes canvas")[0].rect["y"]
-        over = [e.text for e in find("#boxes label, #boxes [data-testid=block-label]")
-                if e.is_displayed() and e.rect["y"] + e.rect["height"] > canvas_top and e.rect["y"] < canvas_top + 20]
+        over = [
+            e.text
+            for e in find("#boxes label, #boxes [data-testid=block-label]")
+            if e.is_displayed() and e.rect["y"] + e.rect["height"] > canvas_top and e.rect["y"] < canvas_top + 20
+        ]
         assert not over, over
 
         # redo the red circle's box by drawing one over the 256-pixel example, from (20, 28) to (124, 132)
         canvas = find("#boxes canvas")[0]
         w, h = canvas.rect["width"], canvas.rect["height"]
         scale = min(w, h) / 256  # the editor fits the picture in its canvas, centred
-        at = lambda x, y: (round((w - 256 * scale) / 2 + x * scale - w / 2),  # noqa: E731
-                           round((h - 256 * scale) / 2 + y * scale - h / 2))  # from the canvas centre
+
+        def at(x, y):  # from the canvas centre
+            return round((w - 256 * scale) / 2 + x * scale - w / 2), round((h - 256 * scale) / 2 + y * scale - h / 2)
+
         (x0, y0), (x1, y1) = at(20, 28), at(124, 132)
-        ActionChains(driver).move_to_element_with_offset(canvas, x0, y0).click_and_hold() \
-            .move_by_offset((x1 - x0) // 2, (y1 - y0) // 2).move_by_offset(x1 - x0 - (x1 - x0) // 2, y1 - y0 - (y1 - y0) // 2) \
-            .release().perform()
-        ok = _wait(lambda: [b for b in find("#model-box-edit button") if b.text.strip() == "OK"], "the label dialog", 30)
+        ActionChains(driver).move_to_element_with_offset(canvas, x0, y0).click_and_hold().move_by_offset(
+            (x1 - x0) // 2, (y1 - y0) // 2
+        ).move_by_offset(x1 - x0 - (x1 - x0) // 2, y1 - y0 - (y1 - y0) // 2).release().perform()
+        ok = _wait(
+            lambda: [b for b in find("#model-box-edit button") if b.text.strip() == "OK"], "the label dialog", 30
+        )
         ok[0].click()  # its label is the first object's, the red circle's
 
         steps = find("#steps input")[0]
@@ -158,14 +188,21 @@ def test_edit_in_the_browser(app_url, tmp_path):
         side = json.loads((MODEL / "unet" / "config.json").read_text())["sample_size"]
         assert picture.size == (side, side)  # a square picture edits at the pixel model's own size
 
-        links = {Path(urlparse(a.get_attribute("href")).path).name: a.get_attribute("href")
-                 for a in find("#downloads a") if a.get_attribute("href")}
+        links = {
+            Path(urlparse(a.get_attribute("href")).path).name: a.get_attribute("href")
+            for a in find("#downloads a")
+            if a.get_attribute("href")
+        }
         assert set(links) >= {"edited.png", "plan.json", "config.yaml"}, links
         download = Image.open(io.BytesIO(_fetch(links["edited.png"]))).convert("RGB")
         assert download.tobytes() == picture.tobytes()  # the file offered is the picture shown
         plan = json.loads(_fetch(links["plan.json"]))
-        assert [s["source"] for s in plan["subtasks"]] == ["the red circle", "the blue square", "the snow",
-                                                          "the orange triangle"]
+        assert [s["source"] for s in plan["subtasks"]] == [
+            "the red circle",
+            "the blue square",
+            "the snow",
+            "the orange triangle",
+        ]
         assert plan["subtasks"][0]["box"] == pytest.approx([20 / 256, 28 / 256, 124 / 256, 132 / 256], abs=1.01 / 256)
         # the other boxes went to the page and back in whole pixels of the example: within half a pixel
         from gas_lightning import plan_edit
@@ -190,8 +227,10 @@ def test_edit_in_the_browser(app_url, tmp_path):
         shown = " ".join(e.text for e in find("#upload"))
         assert "example.png" in "".join(shown.split()) and "Drop File Here" not in shown, shown
 
-        requested = {json.loads(entry["message"])["message"].get("params", {}).get("request", {}).get("url")
-                     for entry in driver.get_log("performance")}
+        requested = {
+            json.loads(entry["message"])["message"].get("params", {}).get("request", {}).get("url")
+            for entry in driver.get_log("performance")
+        }
         outside = sorted(u for u in requested if u and not u.startswith((app_url, "data:", "blob:")))
         assert not outside, f"the page asked the network for {outside}"
 

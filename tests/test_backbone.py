@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from gas_lightning.backbone import IdentityCodec, VaeCodec, set_attention
-from gas_lightning.loading import load_backbone
 from gas_lightning.errors import ModelLoadError
+from gas_lightning.loading import load_backbone
 
 
 def test_sd_layout_loads_with_vae(backbone):
@@ -35,7 +35,9 @@ def test_missing_model_names_the_local_path_option(tmp_path):
 def test_xformers_request_falls_back_to_sdpa_and_says_so(backbone, caplog, monkeypatch):
     import importlib.util
 
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "xformers" else importlib.util.find_spec(name))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "xformers" else importlib.util.find_spec(name)
+    )
     with caplog.at_level(logging.WARNING, logger="gas_lightning.backbone"):
         assert set_attention(backbone.unet, "xformers") == "sdpa"
     assert "xformers" in caplog.text and "SDPA" in caplog.text

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from test_grounding import GD_CONFIG, stand_in_package, tiny_bert  # noqa: F401  (the groundingdino-py stand-in)
 
 from gas_lightning.cli import main
 from gas_lightning.pipeline import MAX_SIDE, load_image
-from test_grounding import GD_CONFIG, stand_in_package, tiny_bert  # noqa: F401  (the groundingdino-py stand-in)
 
 REQUEST = "change the red block into a yellow block."
 BOXES = "[[0.05, 0.05, 0.45, 0.5]]"
@@ -44,8 +44,23 @@ def plan_only(capsys, tmp_path: Path, image, *extra: str) -> tuple[int, str]:
 
 def edit(capsys, tmp_path: Path, model, image, *extra: str) -> tuple[int, str]:
     """A real edit of a few steps on a tiny model."""
-    return gas_edit(capsys, *TINY, "--model", model, "--image", image, "--request", REQUEST, "--boxes", BOXES,
-                    "--output_dir", tmp_path / "out", "--trainer.max_steps", "1", *extra)
+    return gas_edit(
+        capsys,
+        *TINY,
+        "--model",
+        model,
+        "--image",
+        image,
+        "--request",
+        REQUEST,
+        "--boxes",
+        BOXES,
+        "--output_dir",
+        tmp_path / "out",
+        "--trainer.max_steps",
+        "1",
+        *extra,
+    )
 
 
 def deny_open(monkeypatch, under: Path) -> None:
@@ -195,8 +210,15 @@ def test_image_exif_rotation_is_applied(capsys, tmp_path):
         (["--request", REQUEST, "--boxes", "[[0, 0, NaN, 1]]"], 'Parser key "boxes"'),
         (["--request", REQUEST, "--source", "a dog"], "were both given"),
     ],
-    ids=["empty_request", "unparsable_sentence", "unequal_lists", "unequal_preserve_form", "boxes_not_json",
-         "boxes_nan_on_command_line", "two_forms"],
+    ids=[
+        "empty_request",
+        "unparsable_sentence",
+        "unequal_lists",
+        "unequal_preserve_form",
+        "boxes_not_json",
+        "boxes_nan_on_command_line",
+        "two_forms",
+    ],
 )
 def test_bad_request(capsys, tmp_path, image_file, args, message):
     code, err = plan_only(capsys, tmp_path, image_file, *args)
@@ -211,7 +233,10 @@ PLANS = {
     "unknown_key": ('{"subtasks": [], "strength": 2}', "unknown plan keys ['strength']"),
     "unknown_subtask_key": ('{"subtasks": [{"source": "a", "target": "b", "colour": 1}]}', "unknown keys ['colour']"),
     "nan_box": ('{"subtasks": [{"source": "a", "target": "b", "box": [0, 0, NaN, 1]}]}', "NaN is not a number"),
-    "inf_intensity": ('{"subtasks": [{"source": "a", "target": "b", "intensity": Infinity}]}', "Infinity is not a number"),
+    "inf_intensity": (
+        '{"subtasks": [{"source": "a", "target": "b", "intensity": Infinity}]}',
+        "Infinity is not a number",
+    ),
     "empty_phrase": ('{"subtasks": [{"source": " ", "target": "b"}]}', "source phrase is empty"),
 }
 
@@ -313,24 +338,48 @@ def test_pickle_weights_load_when_allowed(capsys, tmp_path, image_file, model_co
     assert code == 0 and (tmp_path / "out" / "edited.png").is_file()
 
 
-def test_groundingdino_checkpoint_does_not_fit_config(capsys, tmp_path, image_file, stand_in_package):
+def test_groundingdino_checkpoint_does_not_fit_config(capsys, tmp_path, image_file, stand_in_package):  # noqa: F811 (the fixture imported above)
     """A checkpoint of another model size (SwinB weights, SwinT config) names the config to use."""
     from gas_lightning.grounding import gdino_py
 
     tiny_bert(tmp_path / "bert")
     config = write_json(tmp_path / "GroundingDINO_SwinT_OGC.py", GD_CONFIG.format(bert=tmp_path / "bert"))
     other = gdino_py.read_config(config) | {"num_queries": 7}  # a checkpoint with other shapes
-    torch.save({"model": gdino_py.build_model(other, torch.device("cpu")).state_dict()},
-               tmp_path / "groundingdino_swinb_cogcoor.pth")
-    code, err = plan_only(capsys, tmp_path, image_file, "--request", REQUEST, "--detector_backend", "groundingdino-py",
-                          "--detector_config", config, "--detector_checkpoint", tmp_path / "groundingdino_swinb_cogcoor.pth")
+    torch.save(
+        {"model": gdino_py.build_model(other, torch.device("cpu")).state_dict()},
+        tmp_path / "groundingdino_swinb_cogcoor.pth",
+    )
+    code, err = plan_only(
+        capsys,
+        tmp_path,
+        image_file,
+        "--request",
+        REQUEST,
+        "--detector_backend",
+        "groundingdino-py",
+        "--detector_config",
+        config,
+        "--detector_checkpoint",
+        tmp_path / "groundingdino_swinb_cogcoor.pth",
+    )
     assert code == 2 and "does not fit --detector_config" in err and "GroundingDINO_SwinB_cfg.py" in err
 
 
 # --- output folders ----------------------------------------------------------------------------
 def test_output_dir_under_a_file(capsys, tmp_path, image_file):
-    code, err = gas_edit(capsys, "--image", image_file, "--request", REQUEST, "--boxes", BOXES,
-                         "--output_dir", Path(image_file) / "sub", "--plan_only", "true")
+    code, err = gas_edit(
+        capsys,
+        "--image",
+        image_file,
+        "--request",
+        REQUEST,
+        "--boxes",
+        BOXES,
+        "--output_dir",
+        Path(image_file) / "sub",
+        "--plan_only",
+        "true",
+    )
     assert code == 2 and "is a file, not a folder" in err
 
 
@@ -349,7 +398,9 @@ def test_output_dir_holds_an_edit(capsys, tmp_path, image_file, tiny_pixel):
     last.write_bytes(b"an earlier edit")
     code, err = edit(capsys, tmp_path, tiny_pixel, image_file)
     assert code == 2 and "already holds an earlier edit" in err and "--overwrite true" in err
-    assert last.read_bytes() == b"an earlier edit" and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoints"]
+    assert last.read_bytes() == b"an earlier edit" and sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "checkpoints"
+    ]
 
 
 def test_resume_without_checkpoint(capsys, tmp_path, image_file, tiny_pixel):
@@ -358,8 +409,9 @@ def test_resume_without_checkpoint(capsys, tmp_path, image_file, tiny_pixel):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "foreign", "other_plan"])
-def test_resume_of_a_bad_checkpoint_is_refused_before_anything_is_rewritten(capsys, tmp_path, image_file, tiny_pixel,
-                                                                          damage):
+def test_resume_of_a_bad_checkpoint_is_refused_before_anything_is_rewritten(
+    capsys, tmp_path, image_file, tiny_pixel, damage
+):
     """A truncated file, a torch file that is not gas-edit's, a checkpoint of another plan: one message,
     exit 2, and the folder's plan.json and config.yaml are the earlier edit's, byte for byte."""
     assert edit(capsys, tmp_path, tiny_pixel, image_file)[0] == 0
@@ -372,8 +424,11 @@ def test_resume_of_a_bad_checkpoint_is_refused_before_anything_is_rewritten(caps
     before = {name: (out / name).read_bytes() for name in ("plan.json", "config.yaml")}
     extra = ["--boxes", "[[0.5, 0.5, 0.9, 0.9]]"] if damage == "other_plan" else []
     code, err = edit(capsys, tmp_path, tiny_pixel, image_file, "--resume", "last", *extra)
-    expected = {"truncated": "cannot be read as a checkpoint", "foreign": "not a checkpoint written by gas-edit",
-                "other_plan": "different edit plan"}[damage]
+    expected = {
+        "truncated": "cannot be read as a checkpoint",
+        "foreign": "not a checkpoint written by gas-edit",
+        "other_plan": "different edit plan",
+    }[damage]
     assert code == 2 and expected in err, err
     assert {name: (out / name).read_bytes() for name in before} == before
 
@@ -434,5 +489,17 @@ def test_internal_error_is_one_line(capsys, tmp_path, image_file, monkeypatch):
 def test_debug_shows_the_traceback(tmp_path, image_file, monkeypatch):
     monkeypatch.setattr("gas_lightning.resolve.make_plan", _explode)
     with pytest.raises(ZeroDivisionError, match="a bug"):
-        main(["--image", image_file, "--request", REQUEST, "--output_dir", str(tmp_path / "out"),
-              "--plan_only", "true", "--debug", "true"])
+        main(
+            [
+                "--image",
+                image_file,
+                "--request",
+                REQUEST,
+                "--output_dir",
+                str(tmp_path / "out"),
+                "--plan_only",
+                "true",
+                "--debug",
+                "true",
+            ]
+        )

@@ -37,8 +37,20 @@ def write_jobs(path: Path, jobs: list[dict]) -> Path:
 
 
 def batch_args(model: str, jobs: Path, out: Path, *extra: str) -> list[str]:
-    return ["batch", "--config", TINY, "--model", model, "--jobs", str(jobs), "--output_dir", str(out),
-            "--trainer.max_steps", "2", *extra]
+    return [
+        "batch",
+        "--config",
+        TINY,
+        "--model",
+        model,
+        "--jobs",
+        str(jobs),
+        "--output_dir",
+        str(out),
+        "--trainer.max_steps",
+        "2",
+        *extra,
+    ]
 
 
 def latent(folder: Path) -> torch.Tensor:
@@ -49,26 +61,32 @@ def latent(folder: Path) -> torch.Tensor:
 GOOD = {"name": "a", "image": "x.png", "request": "change the dog into a cat."}
 
 
-@pytest.mark.parametrize("line, message", [
-    ("[1, 2]", "is a JSON list, not an object"),
-    ("{\"name\": \"a\",", "is not valid JSON"),
-    ("{\"name\": \"a\", \"name\": \"b\", \"image\": \"x.png\", \"request\": \"r\"}", "appears twice"),
-    (json.dumps({**GOOD, "seed": 1}).replace("1}", "NaN}"), "NaN is not a JSON number"),
-    (json.dumps({**GOOD, "name": "../up"}), "must be a folder name"),
-    (json.dumps({**GOOD, "name": "a/b"}), "must be a folder name"),
-    (json.dumps({**GOOD, "name": ".."}), "must be a folder name"),
-    (json.dumps({**GOOD, "name": "summary.json"}), "must be a folder name"),
-    (json.dumps({**GOOD, "name": 3}), "must be a folder name"),
-    (json.dumps({"name": "a", "request": "change a into b."}), "\"image\" must name"),
-    (json.dumps({"name": "a", "image": "x.png"}), "no edit given"),
-    (json.dumps({**GOOD, "source": "a dog", "target": "a cat"}), "request and source+target given"),
-    (json.dumps({"name": "a", "image": "x.png", "source": "a dog"}), "'target' is missing"),
-    (json.dumps({**GOOD, "model": "other"}), "'model' cannot be set per job; set it for the whole batch with --model"),
-    (json.dumps({**GOOD, "output_dir": "/tmp"}), "'output_dir' cannot be set per job"),
-    (json.dumps({**GOOD, "trainer": {"devices": 2}}), "trainer.devices cannot be set per job"),
-    (json.dumps({**GOOD, "seed": "1"}), "\"seed\" must be an integer"),
-    (json.dumps({**GOOD, "seed": True}), "\"seed\" must be an integer"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("[1, 2]", "is a JSON list, not an object"),
+        ('{"name": "a",', "is not valid JSON"),
+        ('{"name": "a", "name": "b", "image": "x.png", "request": "r"}', "appears twice"),
+        (json.dumps({**GOOD, "seed": 1}).replace("1}", "NaN}"), "NaN is not a JSON number"),
+        (json.dumps({**GOOD, "name": "../up"}), "must be a folder name"),
+        (json.dumps({**GOOD, "name": "a/b"}), "must be a folder name"),
+        (json.dumps({**GOOD, "name": ".."}), "must be a folder name"),
+        (json.dumps({**GOOD, "name": "summary.json"}), "must be a folder name"),
+        (json.dumps({**GOOD, "name": 3}), "must be a folder name"),
+        (json.dumps({"name": "a", "request": "change a into b."}), '"image" must name'),
+        (json.dumps({"name": "a", "image": "x.png"}), "no edit given"),
+        (json.dumps({**GOOD, "source": "a dog", "target": "a cat"}), "request and source+target given"),
+        (json.dumps({"name": "a", "image": "x.png", "source": "a dog"}), "'target' is missing"),
+        (
+            json.dumps({**GOOD, "model": "other"}),
+            "'model' cannot be set per job; set it for the whole batch with --model",
+        ),
+        (json.dumps({**GOOD, "output_dir": "/tmp"}), "'output_dir' cannot be set per job"),
+        (json.dumps({**GOOD, "trainer": {"devices": 2}}), "trainer.devices cannot be set per job"),
+        (json.dumps({**GOOD, "seed": "1"}), '"seed" must be an integer'),
+        (json.dumps({**GOOD, "seed": True}), '"seed" must be an integer'),
+    ],
+)
 def test_a_bad_line_is_one_error_naming_the_line(tmp_path, line, message):
     path = tmp_path / "jobs.jsonl"
     path.write_text(json.dumps({**GOOD, "name": "first"}) + "\n\n" + line + "\n")
@@ -93,9 +111,19 @@ def test_names_unique_lines_bounded_keys_known_paths_beside_the_file(tmp_path):
     write_jobs(path, [{**GOOD, "guidance": {"guidance_scal": 7.5}}])
     with pytest.raises(GasError, match="line 1: unknown key 'guidance.guidance_scal'"):
         read_jobs(path, known=known)
-    write_jobs(path, [{**GOOD, "plan": None, "guidance": {"guidance_scale": 7.5}, "trainer": {"max_steps": 3},
-                       "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.1}}},
-                      {"name": "b-2.x_y", "image": "/abs/y.png", "plan": "sub/plan.json"}])
+    write_jobs(
+        path,
+        [
+            {
+                **GOOD,
+                "plan": None,
+                "guidance": {"guidance_scale": 7.5},
+                "trainer": {"max_steps": 3},
+                "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.1}},
+            },
+            {"name": "b-2.x_y", "image": "/abs/y.png", "plan": "sub/plan.json"},
+        ],
+    )
     jobs = read_jobs(path, known=known)
     assert [(j.name, j.line) for j in jobs] == [("a", 1), ("b-2.x_y", 2)]
     assert jobs[0].settings["image"] == str(tmp_path / "x.png")  # relative to the jobs file's folder
@@ -123,15 +151,35 @@ def batch_run(tiny_sd, tmp_path_factory):
     im.paste((200, 40, 40), (4, 4, 20, 20))
     im.save(image)
     (tmp / "bad_plan.json").write_text('{"subtasks": [{"source": "a dog"}]}')
-    jobs = write_jobs(tmp / "jobs.jsonl", [
-        {"name": "req", "image": "input.png", "request": REQUEST, "boxes": BOXES, "seed": 3, "preserve_form": [1, 0]},
-        {"name": "missing", "image": "nowhere.png", "request": REQUEST, "boxes": BOXES},
-        {"name": "sentences", "image": "input.png", "source": "a red block on grass", "target": "a blue block on sand",
-         "boxes": [BOXES[0], [0.0, 0.6, 1.0, 1.0]], "guidance": {"guidance_scale": 3.0}},
-        {"name": "badplan", "image": "input.png", "plan": "bad_plan.json"},
-        {"name": "nobox", "image": "input.png", "request": "change the purple triangle into a red circle.",
-         "detector": "world"},
-    ])
+    jobs = write_jobs(
+        tmp / "jobs.jsonl",
+        [
+            {
+                "name": "req",
+                "image": "input.png",
+                "request": REQUEST,
+                "boxes": BOXES,
+                "seed": 3,
+                "preserve_form": [1, 0],
+            },
+            {"name": "missing", "image": "nowhere.png", "request": REQUEST, "boxes": BOXES},
+            {
+                "name": "sentences",
+                "image": "input.png",
+                "source": "a red block on grass",
+                "target": "a blue block on sand",
+                "boxes": [BOXES[0], [0.0, 0.6, 1.0, 1.0]],
+                "guidance": {"guidance_scale": 3.0},
+            },
+            {"name": "badplan", "image": "input.png", "plan": "bad_plan.json"},
+            {
+                "name": "nobox",
+                "image": "input.png",
+                "request": "change the purple triangle into a red circle.",
+                "detector": "world",
+            },
+        ],
+    )
     out = tmp / "out"
     code = run_cli(batch_args(tiny_sd, jobs, out))
     return code, out, jobs, str(image)
@@ -162,14 +210,38 @@ def test_failed_jobs_are_recorded_and_the_rest_go_on(batch_run, capsys):
 def test_each_job_writes_what_a_single_gas_edit_writes(batch_run, tiny_sd, tmp_path):
     _, out, _, image = batch_run
     single = tmp_path / "single"
-    assert run_cli(["--config", TINY, "--model", tiny_sd, "--image", image, "--request", REQUEST, "--boxes",
-                    json.dumps(BOXES), "--seed", "3", "--trainer.max_steps", "2", "--output_dir", str(single)]) == 0
+    assert (
+        run_cli(
+            [
+                "--config",
+                TINY,
+                "--model",
+                tiny_sd,
+                "--image",
+                image,
+                "--request",
+                REQUEST,
+                "--boxes",
+                json.dumps(BOXES),
+                "--seed",
+                "3",
+                "--trainer.max_steps",
+                "2",
+                "--output_dir",
+                str(single),
+            ]
+        )
+        == 0
+    )
     assert torch.equal(latent(out / "req"), latent(single))
+
     def files(folder: Path) -> set[str]:  # TensorBoard names its event file by time and process
         return {"events" if p.name.startswith("events.out.tfevents") else p.name for p in folder.iterdir()}
 
     assert files(out / "req") == files(single) | {"metrics.json", "job.json"}
-    assert {p.name for p in (out / "req" / "checkpoints").iterdir()} == {p.name for p in (single / "checkpoints").iterdir()}
+    assert {p.name for p in (out / "req" / "checkpoints").iterdir()} == {
+        p.name for p in (single / "checkpoints").iterdir()
+    }
     assert json.loads((out / "req" / "plan.json").read_text()) == json.loads((single / "plan.json").read_text())
     # config.yaml repeats the job as one gas-edit; the per-job override reached it
     cfg = yaml.safe_load((out / "sentences" / "config.yaml").read_text())
@@ -221,15 +293,34 @@ def four_jobs(tiny_sd, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("four")
     Image.new("RGB", (48, 40), (90, 160, 60)).save(tmp / "input.png")
-    jobs = write_jobs(tmp / "jobs.jsonl", [
-        {"name": f"j{k}", "image": "input.png", "request": REQUEST, "boxes": BOXES, "seed": k,
-         "preserve_form": [k % 2, 0]} for k in range(4)])
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")])}
-    args = [*batch_args(tiny_sd, jobs, tmp / "one"), "--trainer.callbacks+=batch_probe.InnerTrainerProbe",
-            "--trainer.accelerator", "cpu"]
-    proc = subprocess.run([sys.executable, "-m", "gas_lightning.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=600)
+    jobs = write_jobs(
+        tmp / "jobs.jsonl",
+        [
+            {
+                "name": f"j{k}",
+                "image": "input.png",
+                "request": REQUEST,
+                "boxes": BOXES,
+                "seed": k,
+                "preserve_form": [k % 2, 0],
+            }
+            for k in range(4)
+        ],
+    )
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    args = [
+        *batch_args(tiny_sd, jobs, tmp / "one"),
+        "--trainer.callbacks+=batch_probe.InnerTrainerProbe",
+        "--trainer.accelerator",
+        "cpu",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "gas_lightning.cli", *args], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return args, env, tmp / "one"
 
@@ -250,11 +341,27 @@ def _launch(launcher: str, args: list[str], env: dict) -> list[subprocess.Comple
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *cli]
         return [subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)]
-    slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
-             "SLURM_JOB_NAME": "gas-batch", "SLURM_JOB_ID": "4242", "SLURM_NODELIST": "localhost",
-             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    procs = [subprocess.Popen([sys.executable, *cli], env={**env, **slurm, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    slurm = {
+        "SLURM_NTASKS": "2",
+        "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_NNODES": "1",
+        "SLURM_NODEID": "0",
+        "SLURM_JOB_NAME": "gas-batch",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NODELIST": "localhost",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *cli],
+            env={**env, **slurm, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     done = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=600)
@@ -287,8 +394,10 @@ def test_two_processes_give_every_job_the_latent_one_process_gives_it(four_jobs,
 
 def test_several_devices_are_refused_from_python(tiny_sd, image_file, tmp_path, capsys):
     jobs = write_jobs(tmp_path / "jobs.jsonl", [{**GOOD, "image": image_file, "boxes": [[0, 0, 1, 1]]}])
-    assert run_cli(batch_args(tiny_sd, jobs, tmp_path / "out", "--trainer.devices", "2",
-                              "--trainer.accelerator", "cpu")) == 2
+    assert (
+        run_cli(batch_args(tiny_sd, jobs, tmp_path / "out", "--trainer.devices", "2", "--trainer.accelerator", "cpu"))
+        == 2
+    )
     assert "run gas-edit batch (or python -m gas_lightning.cli batch) from a shell" in capsys.readouterr().err
 
 
@@ -306,13 +415,35 @@ def test_a_world_case_through_batch_is_eval_worlds_edit(tmp_path, monkeypatch, m
     eval_world = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "eval_world", eval_world)  # dataclasses look their module up there
     spec.loader.exec_module(eval_world)
-    settings = {"steps": 6, "lr": 0.2, "lr_schedule": "cosine", "lr_final": 0.0, "loss_scale": 2000.0,
-                "guidance_scale": 12.5, "seed": 5}
+    settings = {
+        "steps": 6,
+        "lr": 0.2,
+        "lr_schedule": "cosine",
+        "lr_final": 0.0,
+        "loss_scale": 2000.0,
+        "guidance_scale": 12.5,
+        "seed": 5,
+    }
     flags = [f"--{k}={v}" for k, v in settings.items()]
     jobs = tmp_path / "world" / "jobs.jsonl"
     jobs.parent.mkdir()
-    assert eval_world.main([*flags, "--cases", "2", "--first_case", "1", "--methods", "gas,gas_penalty",
-                            "--write_jobs", str(jobs), *(["--masks"] if masks else [])]) == 0
+    assert (
+        eval_world.main(
+            [
+                *flags,
+                "--cases",
+                "2",
+                "--first_case",
+                "1",
+                "--methods",
+                "gas,gas_penalty",
+                "--write_jobs",
+                str(jobs),
+                *(["--masks"] if masks else []),
+            ]
+        )
+        == 0
+    )
     names = [json.loads(line)["name"] for line in jobs.read_text().splitlines()]
     tag = "_masks" if masks else ""
     assert names == [f"gas{tag}_s5_c001", f"gas_penalty{tag}_s5_c001"]
@@ -321,16 +452,33 @@ def test_a_world_case_through_batch_is_eval_worlds_edit(tmp_path, monkeypatch, m
     one = jobs.parent / "one.jsonl"  # the penalty method: gas's settings plus a callback from the jobs file
     one.write_text(jobs.read_text().splitlines()[1] + "\n")
     out = tmp_path / "out"
-    assert run_cli(["batch", "--model", "gas-lightning:shapes-model", "--attention", "sdpa", "--jobs", str(one),
-                    "--output_dir", str(out), "--trainer.accelerator", "cpu"]) == 0
+    assert (
+        run_cli(
+            [
+                "batch",
+                "--model",
+                "gas-lightning:shapes-model",
+                "--attention",
+                "sdpa",
+                "--jobs",
+                str(one),
+                "--output_dir",
+                str(out),
+                "--trainer.accelerator",
+                "cpu",
+            ]
+        )
+        == 0
+    )
 
     modules = []
     real = eval_world.build_edit
     monkeypatch.setattr(eval_world, "build_edit", lambda *a, **k: modules.append(real(*a, **k)) or modules[-1])
     args = SimpleNamespace(**settings, wide_guidance_scale=None, accelerator="cpu", masks="all" if masks else None)
     case = held_out_cases(2, seed=5)[1]
-    eval_world.edit_case(load_backbone(str(MODEL_DIR), device="cpu", attention="sdpa"), case,
-                         eval_world.METHODS["gas_penalty"], args)
+    eval_world.edit_case(
+        load_backbone(str(MODEL_DIR), device="cpu", attention="sdpa"), case, eval_world.METHODS["gas_penalty"], args
+    )
     assert torch.equal(modules[0].latent.detach(), latent(out / f"gas_penalty{tag}_s5_c001"))
     assert not torch.equal(modules[0].latent.detach(), modules[0].z_src)  # the edit moved
 
@@ -339,16 +487,40 @@ def test_the_readme_batch_example_runs(tmp_path):
     """README "Many edits": its jobs file and command, with 2 steps instead of 150."""
     pages = [(REPO / "README.md").read_text(), (REPO / "docs" / "guide" / "batch.md").read_text()]
     readme = next(text for text in pages if "## Many edits: gas-edit batch" in text)  # moved to the docs site
-    section = readme[readme.index("## Many edits: gas-edit batch"):]
-    block = section[section.index("cat > jobs.jsonl <<'JOBS'\n") + len("cat > jobs.jsonl <<'JOBS'\n"):]
+    section = readme[readme.index("## Many edits: gas-edit batch") :]
+    block = section[section.index("cat > jobs.jsonl <<'JOBS'\n") + len("cat > jobs.jsonl <<'JOBS'\n") :]
     jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text(block[:block.index("JOBS\n")])
-    command = section[section.index("gas-edit batch --config configs/shapes.yaml"):].splitlines()[0].split()
-    assert command == ["gas-edit", "batch", "--config", "configs/shapes.yaml", "--jobs", "jobs.jsonl",
-                       "--output_dir", "outputs/batch"]
+    jobs.write_text(block[: block.index("JOBS\n")])
+    command = section[section.index("gas-edit batch --config configs/shapes.yaml") :].splitlines()[0].split()
+    assert command == [
+        "gas-edit",
+        "batch",
+        "--config",
+        "configs/shapes.yaml",
+        "--jobs",
+        "jobs.jsonl",
+        "--output_dir",
+        "outputs/batch",
+    ]
     out = tmp_path / "out"
-    assert run_cli(["batch", "--config", str(REPO / "configs" / "shapes.yaml"), "--jobs", str(jobs),
-                    "--output_dir", str(out), "--trainer.max_steps", "2", "--lr_scheduler.T_max", "2"]) == 0
+    assert (
+        run_cli(
+            [
+                "batch",
+                "--config",
+                str(REPO / "configs" / "shapes.yaml"),
+                "--jobs",
+                str(jobs),
+                "--output_dir",
+                str(out),
+                "--trainer.max_steps",
+                "2",
+                "--lr_scheduler.T_max",
+                "2",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert [r["job"] for r in summary["jobs"]] == ["yellow-circle", "grass"] and summary["ok"] == 2
     assert yaml.safe_load((out / "grass" / "config.yaml").read_text())["guidance"]["guidance_scale"] == 7.5

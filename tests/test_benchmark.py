@@ -37,7 +37,9 @@ KEYS = {"s_per_step", "unet_calls_per_step", "unet_samples_per_step", "peak_mem_
 
 def run_benchmark(tmp_path, *args: str) -> dict:
     out = tmp_path / "bench.json"
-    code = benchmark.main([*args, "--steps", "2", "--warmup", "1", "--repeats", "1", "--threads", "0", "--json", str(out)])
+    code = benchmark.main(
+        [*args, "--steps", "2", "--warmup", "1", "--repeats", "1", "--threads", "0", "--json", str(out)]
+    )
     assert code == 0
     return json.loads(out.read_text())
 
@@ -59,8 +61,9 @@ def test_json_and_counted_unet_calls(tiny_sd, tmp_path):
 
 def test_keep_aware_sampling_is_timed_with_its_own_samples(tiny_sd, tmp_path):
     """The shapes preset's sampling: every term its own [null src, null tgt, src, tgt], still one call."""
-    r = run_benchmark(tmp_path, "--model", tiny_sd, "--subtasks", "2", "--batched_noise", "keep_aware",
-                      "--schedules", "batched")
+    r = run_benchmark(
+        tmp_path, "--model", tiny_sd, "--subtasks", "2", "--batched_noise", "keep_aware", "--schedules", "batched"
+    )
     assert r["batched_noise"] == "keep_aware"
     assert r["batched"]["unet_calls_per_step"] == 1
     assert r["batched"]["unet_samples_per_step"] == 4 * 3  # 3 terms, as the sequential schedule's samples
@@ -107,15 +110,24 @@ def test_reduced_sdxl_architecture(monkeypatch):
 def test_bad_benchmark_input_is_one_clear_error():
     with pytest.raises(GasError, match="width_mult"):
         benchmark.main(["--arch", "sd15", "--width_mult", "2"])
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench" / "benchmark.py"), "--subtasks", "9"], capture_output=True,
-                          text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench" / "benchmark.py"), "--subtasks", "9"],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        cwd=ROOT,
+    )
     assert proc.returncode == 2 and "--subtasks" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_gpu_script_commands_parse():
     script = ROOT / "tools" / "bench" / "gpu_bench.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    lines = [line for line in script.read_text().splitlines() if "tools/bench/benchmark.py" in line and not line.lstrip().startswith("#")]
+    lines = [
+        line
+        for line in script.read_text().splitlines()
+        if "tools/bench/benchmark.py" in line and not line.lstrip().startswith("#")
+    ]
     assert len(lines) >= 8  # both dtypes x with/without compile x with/without low_memory
     seen, noise = set(), set()
     for line in lines:
@@ -136,9 +148,20 @@ def test_gpu_script_commands_parse():
 # tensor computed from the latent or the source latent is marked; a read of a marked tensor outside
 # a logging step is a stall on a GPU. A copy to the CPU made on a logging step is a host tensor.
 
-READS = {torch.Tensor.item, torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__bool__,
-         torch.Tensor.__index__, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu,
-         torch.Tensor.nonzero, torch.nonzero, torch.masked_select, torch.Tensor.masked_select}
+READS = {
+    torch.Tensor.item,
+    torch.Tensor.__float__,
+    torch.Tensor.__int__,
+    torch.Tensor.__bool__,
+    torch.Tensor.__index__,
+    torch.Tensor.tolist,
+    torch.Tensor.numpy,
+    torch.Tensor.cpu,
+    torch.Tensor.nonzero,
+    torch.nonzero,
+    torch.masked_select,
+    torch.Tensor.masked_select,
+}
 
 
 class StepTensorReads(TorchFunctionMode):
@@ -182,17 +205,33 @@ class _StepMarker(Callback):
         self.mode.step = None
 
 
-@pytest.mark.parametrize("schedule,sampling", [("batched", "shared"), ("batched", "keep_aware"), ("sequential", "shared")])
+@pytest.mark.parametrize(
+    "schedule,sampling", [("batched", "shared"), ("batched", "keep_aware"), ("sequential", "shared")]
+)
 def test_no_host_read_of_step_tensors_outside_logging_steps(backbone, schedule, sampling, tmp_path):
-    plan = PLAN if sampling == "shared" else PLAN.replace_subtasks(
-        [*PLAN.subtasks, replace(PLAN.subtasks[0], source="a bird", target="a bird", box=(0.6, 0.6, 0.9, 0.9))])
-    module = build_edit(backbone, Image.new("RGB", (32, 32)), plan, GuidanceConfig(batched_noise=sampling), schedule=schedule)
+    plan = (
+        PLAN
+        if sampling == "shared"
+        else PLAN.replace_subtasks(
+            [*PLAN.subtasks, replace(PLAN.subtasks[0], source="a bird", target="a bird", box=(0.6, 0.6, 0.9, 0.9))]
+        )
+    )
+    module = build_edit(
+        backbone, Image.new("RGB", (32, 32)), plan, GuidanceConfig(batched_noise=sampling), schedule=schedule
+    )
     mode = StepTensorReads()
     mode.mark(module.latent)
     mode.mark(module.z_src)
-    trainer = L.Trainer(max_steps=6, accelerator="cpu", log_every_n_steps=3, logger=CSVLogger(tmp_path),
-                        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=True,
-                        callbacks=[NullTextPenalty(area_threshold=1.0), _StepMarker(mode)])  # penalty on: gamma computed
+    trainer = L.Trainer(
+        max_steps=6,
+        accelerator="cpu",
+        log_every_n_steps=3,
+        logger=CSVLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=True,
+        callbacks=[NullTextPenalty(area_threshold=1.0), _StepMarker(mode)],
+    )  # penalty on: gamma computed
     with mode:
         trainer.fit(module)
     # Lightning writes metrics after steps 3 and 6 (batch indices 2 and 5): reads there, none elsewhere
@@ -207,9 +246,16 @@ def test_logged_values_are_those_of_logging_every_step(backbone, tmp_path):
     for every in (1, 3):
         module = build_edit(backbone, Image.new("RGB", (32, 32)), PLAN, schedule="batched")
         logger = CSVLogger(tmp_path, name=f"every{every}")
-        L.Trainer(max_steps=6, accelerator="cpu", log_every_n_steps=every, logger=logger, enable_checkpointing=False,
-                  enable_model_summary=False, enable_progress_bar=False,
-                  callbacks=[NullTextPenalty(area_threshold=1.0)]).fit(module)
+        L.Trainer(
+            max_steps=6,
+            accelerator="cpu",
+            log_every_n_steps=every,
+            logger=logger,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=False,
+            callbacks=[NullTextPenalty(area_threshold=1.0)],
+        ).fit(module)
         import csv
 
         with open(Path(logger.log_dir) / "metrics.csv") as f:
@@ -231,5 +277,7 @@ def test_readme_benchmark_commands_parse():
 
 def test_16_mixed_on_the_cpu_is_run_and_reported_as_32_true(tiny_sd, tmp_path):
     """As gas-edit runs it: Lightning would otherwise time bf16-mixed under the name 16-mixed."""
-    r = run_benchmark(tmp_path, "--model", tiny_sd, "--subtasks", "1", "--precision", "16-mixed", "--schedules", "batched")
+    r = run_benchmark(
+        tmp_path, "--model", tiny_sd, "--subtasks", "1", "--precision", "16-mixed", "--schedules", "batched"
+    )
     assert r["precision"] == "32-true"

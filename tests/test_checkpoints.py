@@ -15,14 +15,22 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from test_cli import edit_args, run_cli  # the same tiny edit as the CLI tests
 
 from gas_lightning.cli import run
 from gas_lightning.io import AtomicCheckpointIO, atomic_write
-from test_cli import edit_args, run_cli  # the same tiny edit as the CLI tests
 
 # The schedule and optimiser whose resume has the most state to lose: one Adam step per term.
-ADAM_SEQUENTIAL = ["--schedule", "sequential", "--optimizer", "torch.optim.Adam", "--optimizer.lr", "0.05",
-                   "--checkpoint_every", "1"]
+ADAM_SEQUENTIAL = [
+    "--schedule",
+    "sequential",
+    "--optimizer",
+    "torch.optim.Adam",
+    "--optimizer.lr",
+    "0.05",
+    "--checkpoint_every",
+    "1",
+]
 
 
 def load(path: Path) -> dict:
@@ -71,11 +79,13 @@ def adam_runs(tiny_sd, image, tmp_path_factory):
 
 def resume_copy(half: Path, dest: Path, tiny_sd: str, image: str, *extra: str) -> int:
     shutil.copytree(half, dest)
-    return run_cli(edit_args(tiny_sd, image, dest, "--trainer.max_steps", "4", *ADAM_SEQUENTIAL,
-                             "--resume", "last", *extra))
+    return run_cli(
+        edit_args(tiny_sd, image, dest, "--trainer.max_steps", "4", *ADAM_SEQUENTIAL, "--resume", "last", *extra)
+    )
 
 
 # --- data-only loading -------------------------------------------------------------------------
+
 
 def test_every_checkpoint_and_latent_loads_as_data_only(adam_runs):
     """Optimizer state, LR-free Adam, loops, callbacks and the module's plan dict are all plain data."""
@@ -132,6 +142,7 @@ def test_no_checkpoint_relies_on_lightnings_weights_only_default(adam_runs, tiny
 
 # --- writes that survive a kill -----------------------------------------------------------------
 
+
 def test_sigkill_in_the_middle_of_a_checkpoint_write_keeps_the_old_file(tmp_path):
     """The process dies with half the new bytes written: the old checkpoint must still load."""
     path = tmp_path / "last.ckpt"
@@ -153,8 +164,13 @@ def test_sigkill_in_the_middle_of_a_checkpoint_write_keeps_the_old_file(tmp_path
         torch.save = save_half_then_die
         io_.save_checkpoint({{"global_step": 2, "latent": torch.zeros(64, 64)}}, {str(path)!r})
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert load(path)["global_step"] == 1
     assert [p.name for p in tmp_path.glob("*.ckpt")] == ["last.ckpt"]  # the stray temp file is no checkpoint
@@ -187,14 +203,25 @@ def test_checkpoint_io_refuses_a_pickled_payload_directly(tmp_path):
 
 # --- interrupted.ckpt ---------------------------------------------------------------------------
 
+
 def test_an_exception_in_a_step_leaves_interrupted_ckpt(tiny_sd, image, tmp_path, monkeypatch):
     at_batch = 3  # raised when batch 3 starts: batches 0, 1, 2 have each taken their step
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match=f"boom at batch {at_batch}"):  # run(): main() turns it into an exit code
-        run(edit_args(tiny_sd, image, out, "--trainer.max_steps", "6", "--checkpoint_every", "1",
-                       "--trainer.callbacks+=test_checkpoints.RaiseAtBatch",
-                       f"--trainer.callbacks.at_batch={at_batch}"))
+        run(
+            edit_args(
+                tiny_sd,
+                image,
+                out,
+                "--trainer.max_steps",
+                "6",
+                "--checkpoint_every",
+                "1",
+                "--trainer.callbacks+=test_checkpoints.RaiseAtBatch",
+                f"--trainer.callbacks.at_batch={at_batch}",
+            )
+        )
     ckpt = load(out / "checkpoints" / "interrupted.ckpt")
     assert ckpt["global_step"] == at_batch
     # The same latent as the regular checkpoint of that step: nothing lost, nothing extra.
@@ -205,6 +232,7 @@ def test_an_exception_in_a_step_leaves_interrupted_ckpt(tiny_sd, image, tmp_path
 
 # --- resumes that can fail ----------------------------------------------------------------------
 
+
 def test_sequential_adam_resume_matches_an_uninterrupted_run(adam_runs, tiny_sd, image, tmp_path):
     ref, half = adam_runs
     out = tmp_path / "resumed"
@@ -212,9 +240,12 @@ def test_sequential_adam_resume_matches_an_uninterrupted_run(adam_runs, tiny_sd,
     resumed, expected = load(out / "latent.pt"), load(ref / "latent.pt")
     assert resumed["step"] == expected["step"] == 4
     torch.testing.assert_close(resumed["latent"], expected["latent"], rtol=0, atol=1e-6)
-    torch.testing.assert_close(load(out / "checkpoints" / "last.ckpt")["optimizer_states"][0]["state"][0]["exp_avg"],
-                               load(ref / "checkpoints" / "last.ckpt")["optimizer_states"][0]["state"][0]["exp_avg"],
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        load(out / "checkpoints" / "last.ckpt")["optimizer_states"][0]["state"][0]["exp_avg"],
+        load(ref / "checkpoints" / "last.ckpt")["optimizer_states"][0]["state"][0]["exp_avg"],
+        rtol=0,
+        atol=1e-6,
+    )
 
 
 def test_the_resume_comparison_notices_a_lost_optimizer_state(adam_runs, tiny_sd, image, tmp_path, monkeypatch):
@@ -233,8 +264,20 @@ def test_resume_with_a_different_plan_is_refused(adam_runs, tiny_sd, image, tmp_
     shutil.copy(out / "checkpoints" / "last.ckpt", out / "checkpoints" / "interrupted.ckpt")  # a good one to keep
     before = {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()}
     capsys.readouterr()
-    code = run_cli(edit_args(tiny_sd, image, out, "--trainer.max_steps", "4", *ADAM_SEQUENTIAL, "--resume", "last",
-                             "--boxes", "[[0.1, 0.1, 0.5, 0.5], [0, 0, 1, 1]]"))
+    code = run_cli(
+        edit_args(
+            tiny_sd,
+            image,
+            out,
+            "--trainer.max_steps",
+            "4",
+            *ADAM_SEQUENTIAL,
+            "--resume",
+            "last",
+            "--boxes",
+            "[[0.1, 0.1, 0.5, 0.5], [0, 0, 1, 1]]",
+        )
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "different edit plan" in err and "Traceback" not in err

@@ -26,8 +26,21 @@ def run_cli(args: list[str]) -> int:
 
 
 def edit_args(model: str, image: str, out: Path, *extra: str) -> list[str]:
-    return ["--config", str(REPO / "configs" / "tiny.yaml"), "--model", model, "--image", image,
-            "--request", REQUEST, "--boxes", BOXES, "--output_dir", str(out), *extra]
+    return [
+        "--config",
+        str(REPO / "configs" / "tiny.yaml"),
+        "--model",
+        model,
+        "--image",
+        image,
+        "--request",
+        REQUEST,
+        "--boxes",
+        BOXES,
+        "--output_dir",
+        str(out),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +123,9 @@ def test_resume_restores_the_lr_schedule(tiny_sd, image_file, tmp_path, capsys):
     assert "spans" not in capsys.readouterr().err
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
     assert ckpt["lr_schedulers"][0]["last_epoch"] == 4
-    torch.testing.assert_close(torch.load(out / "latent.pt")["latent"], torch.load(ref / "latent.pt")["latent"],
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        torch.load(out / "latent.pt")["latent"], torch.load(ref / "latent.pt")["latent"], rtol=0, atol=1e-6
+    )
 
 
 def test_refuses_to_overwrite_an_earlier_edit(edit_run, tiny_sd, capsys):
@@ -133,10 +147,23 @@ def test_refuses_to_overwrite_an_earlier_edit(edit_run, tiny_sd, capsys):
         (["--guidance.overlap_weight", "1.5"], "overlap_weight must be in [0, 1]"),
         (["--guidance.wide_guidance_scale", "-1"], "wide_guidance_scale >= 0"),
         (["--lr_scheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau"], "needs a validation metric"),
-        (["--lr_scheduler", "torch.optim.lr_scheduler.OneCycleLR", "--lr_scheduler.max_lr", "0.1",
-          "--lr_scheduler.total_steps", "1", "--trainer.max_steps", "2"], "set --lr_scheduler.total_steps 2"),
-        (["--lr_scheduler", "torch.optim.lr_scheduler.LinearLR", "--lr_scheduler.start_factor", "2"],
-         "--lr_scheduler could not be built"),
+        (
+            [
+                "--lr_scheduler",
+                "torch.optim.lr_scheduler.OneCycleLR",
+                "--lr_scheduler.max_lr",
+                "0.1",
+                "--lr_scheduler.total_steps",
+                "1",
+                "--trainer.max_steps",
+                "2",
+            ],
+            "set --lr_scheduler.total_steps 2",
+        ),
+        (
+            ["--lr_scheduler", "torch.optim.lr_scheduler.LinearLR", "--lr_scheduler.start_factor", "2"],
+            "--lr_scheduler could not be built",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_error(tiny_sd, image_file, tmp_path, capsys, extra, message):
@@ -157,8 +184,23 @@ def test_print_config(tiny_sd, image_file, capsys):
 
 def test_plan_only_writes_plan_and_grounding_picture(image_file, tmp_path):
     out = tmp_path / "plan"
-    assert run_cli(["--image", image_file, "--request", REQUEST, "--boxes", BOXES, "--output_dir", str(out),
-                    "--plan_only", "true"]) == 0
+    assert (
+        run_cli(
+            [
+                "--image",
+                image_file,
+                "--request",
+                REQUEST,
+                "--boxes",
+                BOXES,
+                "--output_dir",
+                str(out),
+                "--plan_only",
+                "true",
+            ]
+        )
+        == 0
+    )
     assert (out / "plan.json").is_file() and (out / "grounding.png").is_file()
     assert not (out / "checkpoints").exists()
 
@@ -166,21 +208,58 @@ def test_plan_only_writes_plan_and_grounding_picture(image_file, tmp_path):
 def test_keep_flag_adds_keep_subtasks_with_their_boxes(image_file, tmp_path):
     out = tmp_path / "keep"
     boxes = "[[0.05, 0.05, 0.45, 0.5], [0, 0, 1, 1], [0.6, 0.6, 0.9, 0.9]]"
-    assert run_cli(["--image", image_file, "--request", REQUEST, "--keep", "[the blue ball]", "--boxes", boxes,
-                    "--output_dir", str(out), "--plan_only", "true"]) == 0
+    assert (
+        run_cli(
+            [
+                "--image",
+                image_file,
+                "--request",
+                REQUEST,
+                "--keep",
+                "[the blue ball]",
+                "--boxes",
+                boxes,
+                "--output_dir",
+                str(out),
+                "--plan_only",
+                "true",
+            ]
+        )
+        == 0
+    )
     subtasks = json.loads((out / "plan.json").read_text())["subtasks"]
-    assert subtasks[2] == {"source": "the blue ball", "target": "the blue ball", "box": [0.6, 0.6, 0.9, 0.9],
-                           "preserve_form": False, "intensity": 1.0, "penalty": False}
+    assert subtasks[2] == {
+        "source": "the blue ball",
+        "target": "the blue ball",
+        "box": [0.6, 0.6, 0.9, 0.9],
+        "preserve_form": False,
+        "intensity": 1.0,
+        "penalty": False,
+    }
 
 
 def test_two_process_ddp_keeps_the_latent_identical(tiny_sd, image_file, tmp_path):
     probe = tmp_path / "latents"
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "gas_lightning.cli", *edit_args(tiny_sd, image_file, out),
-           "--trainer.max_steps", "3", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
-           "--trainer.strategy", "ddp", "--schedule", "sequential",
-           "--trainer.callbacks+=ddp_probe.SaveLatentPerRank", f"--trainer.callbacks.dirpath={probe}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gas_lightning.cli",
+        *edit_args(tiny_sd, image_file, out),
+        "--trainer.max_steps",
+        "3",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--schedule",
+        "sequential",
+        "--trainer.callbacks+=ddp_probe.SaveLatentPerRank",
+        f"--trainer.callbacks.dirpath={probe}",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = torch.load(probe / "rank0.pt"), torch.load(probe / "rank1.pt")
@@ -193,18 +272,23 @@ def test_two_process_ddp_keeps_the_latent_identical(tiny_sd, image_file, tmp_pat
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
 def test_every_shipped_config_parses(config, image_file, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["--config", str(REPO / "configs" / config), "--image", image_file, "--request", REQUEST, "--print_config"])
+        main(
+            ["--config", str(REPO / "configs" / config), "--image", image_file, "--request", REQUEST, "--print_config"]
+        )
     assert exit_info.value.code == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["trainer"]["max_steps"] > 0 and cfg["optimizer"]["class_path"].startswith("torch.optim.")
 
 
-@pytest.mark.parametrize("kwargs, expected", [
-    ({"accelerator": "cpu", "precision": "16-mixed"}, "32-true"),
-    ({"accelerator": "cpu", "precision": "bf16-mixed"}, "bf16-mixed"),  # asked for by name: kept
-    ({"accelerator": "cpu", "precision": "32-true"}, "32-true"),
-    ({"accelerator": "gpu", "precision": "16-mixed"}, "16-mixed"),
-])
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        ({"accelerator": "cpu", "precision": "16-mixed"}, "32-true"),
+        ({"accelerator": "cpu", "precision": "bf16-mixed"}, "bf16-mixed"),  # asked for by name: kept
+        ({"accelerator": "cpu", "precision": "32-true"}, "32-true"),
+        ({"accelerator": "gpu", "precision": "16-mixed"}, "16-mixed"),
+    ],
+)
 def test_16_mixed_on_the_cpu_runs_in_32_true(kwargs, expected):
     """Lightning would turn 16-mixed into bf16-mixed on the CPU: 8x coarser for DDS (README)."""
     from gas_lightning.runner import cpu_precision
@@ -227,9 +311,25 @@ def test_an_sd_config_on_the_cpu_edits_in_float32(tiny_sd, image_file, tmp_path,
 
     monkeypatch.setattr(Backbone, "denoise", spy)
     with pytest.raises(SystemExit) as exit_info:
-        main(["--config", str(Path(__file__).resolve().parents[1] / "configs" / "sd15.yaml"), "--model", tiny_sd,
-              "--image", image_file, "--request",
-              "change the grass into snow.", "--boxes", "[[0, 0, 1, 1]]", "--output_dir", str(tmp_path / "out"),
-              "--trainer.max_steps", "1", "--trainer.accelerator", "cpu"])
+        main(
+            [
+                "--config",
+                str(Path(__file__).resolve().parents[1] / "configs" / "sd15.yaml"),
+                "--model",
+                tiny_sd,
+                "--image",
+                image_file,
+                "--request",
+                "change the grass into snow.",
+                "--boxes",
+                "[[0, 0, 1, 1]]",
+                "--output_dir",
+                str(tmp_path / "out"),
+                "--trainer.max_steps",
+                "1",
+                "--trainer.accelerator",
+                "cpu",
+            ]
+        )
     assert exit_info.value.code == 0
     assert seen and set(seen) == {torch.float32}

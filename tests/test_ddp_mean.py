@@ -25,14 +25,44 @@ LR, LOSS_SCALE, SEED = 0.1, 2000.0, 0
 
 def _run_ddp(tiny_sd: str, image: str, out: Path, schedule: str) -> list[dict]:
     probe = out / "probe"
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "gas_lightning.cli", "--model", tiny_sd, "--image", image, "--request", REQUEST,
-           "--boxes", BOXES, "--output_dir", str(out), "--seed", str(SEED), "--schedule", schedule,
-           "--trainer.max_steps", "1", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
-           "--trainer.strategy", "ddp", "--trainer.enable_progress_bar", "false",
-           "--trainer.enable_model_summary", "false",
-           "--trainer.callbacks+=ddp_probe.SaveLatentAndSource", f"--trainer.callbacks.dirpath={probe}"]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "gas_lightning.cli",
+        "--model",
+        tiny_sd,
+        "--image",
+        image,
+        "--request",
+        REQUEST,
+        "--boxes",
+        BOXES,
+        "--output_dir",
+        str(out),
+        "--seed",
+        str(SEED),
+        "--schedule",
+        schedule,
+        "--trainer.max_steps",
+        "1",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.callbacks+=ddp_probe.SaveLatentAndSource",
+        f"--trainer.callbacks.dirpath={probe}",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [torch.load(probe / f"rank{r}.pt") for r in (0, 1)]

@@ -13,8 +13,20 @@ REPO = Path(__file__).resolve().parents[1]
 def test_bundled_default_edit_runs_and_writes_outputs(tmp_path):
     out = tmp_path / "shapes"
     with pytest.raises(SystemExit) as exit_info:
-        main(["--config", str(REPO / "configs" / "shapes.yaml"), "--output_dir", str(out),
-              "--trainer.max_steps", "5", "--lr_scheduler.T_max", "5", "--trainer.enable_progress_bar", "false"])
+        main(
+            [
+                "--config",
+                str(REPO / "configs" / "shapes.yaml"),
+                "--output_dir",
+                str(out),
+                "--trainer.max_steps",
+                "5",
+                "--lr_scheduler.T_max",
+                "5",
+                "--trainer.enable_progress_bar",
+                "false",
+            ]
+        )
     assert exit_info.value.code == 0
     edited = Image.open(out / "edited.png")
     assert edited.size == (32, 32)
@@ -40,8 +52,20 @@ def test_the_main_command_makes_the_requested_edit(tmp_path):
 
     out = tmp_path / "shapes"
     with pytest.raises(SystemExit) as exit_info:
-        main(["--config", str(REPO / "configs" / "shapes.yaml"), "--output_dir", str(out),
-              "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]", "--checkpoint_every", "1000"])
+        main(
+            [
+                "--config",
+                str(REPO / "configs" / "shapes.yaml"),
+                "--output_dir",
+                str(out),
+                "--trainer.enable_progress_bar",
+                "false",
+                "--trainer.callbacks",
+                "[]",
+                "--checkpoint_every",
+                "1000",
+            ]
+        )
     assert exit_info.value.code == 0
     result = score(np.asarray(Image.open(out / "edited.png").convert("RGB")), example_case())
     assert [a["ok"] for a in result["attributes"]] == [True, True, True], result["attributes"]

@@ -17,6 +17,7 @@ from PIL import Image
 from gas_lightning.masks import EditMasks, subtask_masks, union_mask
 from gas_lightning.plan import EditPlan
 
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny models run fastest on one thread; two OpenMP threads on a busy 2-core machine spin-wait
@@ -56,8 +57,9 @@ def _eps(bb, z_t: torch.Tensor, t: int, emb: torch.Tensor) -> torch.Tensor:
         return bb.unet(z_t, torch.tensor([t]), encoder_hidden_states=emb).sample.float()
 
 
-def _hand_term_grad(bb, sched, z, z_src, t, eps, src_emb, tgt_emb, null, mask, *, penalty=False, beta=1.0,
-                    target_balance=False):
+def _hand_term_grad(
+    bb, sched, z, z_src, t, eps, src_emb, tgt_emb, null, mask, *, penalty=False, beta=1.0, target_balance=False
+):
     """DESIGN.md: gamma * M * [cfg(e(z_t^tgt, y)) - cfg(e(z_t^src, x))] / (h w), times beta for the whole scene.
     target_balance: the target branch's scale is W * max(1, sum|e0_src - e_x| M / sum|e0_tgt - e_y| M)."""
     ab = sched.alphas_cumprod[t].double()
@@ -112,9 +114,15 @@ def test_null_text_penalty_in_a_trainer_run_matches_the_hand_computed_gamma(back
     eps = torch.randn(module.latent.shape, generator=torch.Generator().manual_seed(123))
     monkeypatch.setattr(GroundAScoreEdit, "_draw", lambda self, gen, term=None: (T_FIXED, eps.to(self.device)))
     z_src = module.z_src.detach().clone()
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[NullTextPenalty()])
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[NullTextPenalty()],
+    )
     trainer.fit(module)
 
     # the same two steps by hand
@@ -128,8 +136,10 @@ def test_null_text_penalty_in_a_trainer_run_matches_the_hand_computed_gamma(back
     z = z_src.clone()
     for _ in range(2):
         if schedule == "batched":  # every term at the same z, one SGD step with the summed gradient
-            parts = [_hand_term_grad(bb, sched, z, z_src, T_FIXED, eps, x, y, null, m, penalty=p, beta=b)
-                     for x, y, m, p, b in specs]
+            parts = [
+                _hand_term_grad(bb, sched, z, z_src, T_FIXED, eps, x, y, null, m, penalty=p, beta=b)
+                for x, y, m, p, b in specs
+            ]
             z = z - LR * LOSS_SCALE * sum(g for g, _ in parts)
             gammas = [g for _, g in parts]
         else:  # one SGD step per term, each at the latent the previous term left
@@ -180,7 +190,9 @@ def test_v_prediction_recovers_the_noise_from_the_true_velocity(tiny_sd_v, monke
 
 def test_epsilon_prediction_is_passed_through(backbone, monkeypatch):
     out = torch.randn(2, 4, 16, 16)
-    monkeypatch.setattr(backbone.unet, "forward", lambda sample, timestep, encoder_hidden_states=None, **kw: _FakeOutput(out))
+    monkeypatch.setattr(
+        backbone.unet, "forward", lambda sample, timestep, encoder_hidden_states=None, **kw: _FakeOutput(out)
+    )
     z_t = torch.randn(2, 4, 16, 16)
     torch.testing.assert_close(backbone.predict_eps(z_t, torch.tensor([100, 900]), torch.zeros(2, 16, 32)), out)
 
@@ -261,9 +273,7 @@ def test_overlap_three_boxes_background_table_cup():
             # background: 1 above the table, 0.3 wherever the table (and the cup on it) is
             [[1.0] * 8] * 4 + [[0.3] * 8] * 4,
             # table: rows 4:8, 0.3 under the cup (rows 4:6, cols 2:4); lowered once, not 0.3 * 0.3
-            [[0.0] * 8] * 4
-            + [[1.0, 1.0, 0.3, 0.3, 1.0, 1.0, 1.0, 1.0]] * 2
-            + [[1.0] * 8] * 2,
+            [[0.0] * 8] * 4 + [[1.0, 1.0, 0.3, 0.3, 1.0, 1.0, 1.0, 1.0]] * 2 + [[1.0] * 8] * 2,
             # cup: its own cells at full weight
             [[0.0] * 8] * 4 + [[0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]] * 2 + [[0.0] * 8] * 2,
         ]
@@ -286,7 +296,9 @@ def test_union_mask_is_binary_over_the_subtask_regions():
     expected[4:8, :] = 1  # 1, not 0.3, under the cup
     expected[0:2, 6:8] = 1
     torch.testing.assert_close(union_mask(m, 8, 8), expected)
-    plan = EditPlan.from_lists(["a table", "a cup", "a bird"], ["x", "y", "z"], boxes=[list(table), list(cup), list(far)])
+    plan = EditPlan.from_lists(
+        ["a table", "a cup", "a bird"], ["x", "y", "z"], boxes=[list(table), list(cup), list(far)]
+    )
     em = EditMasks.from_plan(plan, 8, 8)
     torch.testing.assert_close(em.full, expected)
     torch.testing.assert_close(em.subtasks[1], _box_mask(slice(4, 6), slice(2, 4)))
@@ -298,7 +310,9 @@ def test_union_mask_is_binary_over_the_subtask_regions():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("t, beta", [(0, 0.5), (50, 0.5), (199, 0.5), (200, 0.4), (450, 0.3), (799, 0.2), (800, 0.1), (949, 0.1)])
+@pytest.mark.parametrize(
+    "t, beta", [(0, 0.5), (50, 0.5), (199, 0.5), (200, 0.4), (450, 0.3), (799, 0.2), (800, 0.1), (949, 0.1)]
+)
 def test_beta_buckets_by_hand(t, beta):
     from gas_lightning.guidance import GuidanceConfig
 
@@ -331,8 +345,19 @@ def test_term_gradients_match_the_formula_with_the_raw_unet(backbone, tiny_sd, t
     want_sub, _ = _hand_term_grad(bb, sched, z, z_src, t, eps, _embed(bb, "a dog"), _embed(bb, "a cat"), null, m_small)
     torch.testing.assert_close(got_sub, want_sub, rtol=1e-4, atol=1e-7)
     got_full, _ = guidance.term_gradient(z, z_src, full, t, eps)
-    want_full, _ = _hand_term_grad(bb, sched, z, z_src, t, eps, _embed(bb, plan.source_prompt),
-                                   _embed(bb, plan.target_prompt), null, m_small, beta=beta)
+    want_full, _ = _hand_term_grad(
+        bb,
+        sched,
+        z,
+        z_src,
+        t,
+        eps,
+        _embed(bb, plan.source_prompt),
+        _embed(bb, plan.target_prompt),
+        null,
+        m_small,
+        beta=beta,
+    )
     assert want_full.abs().max() > 0
     torch.testing.assert_close(got_full, want_full, rtol=1e-4, atol=1e-7)
 
@@ -357,16 +382,29 @@ def test_target_balance_matches_the_formula_with_the_raw_unet(backbone, tiny_sd,
         got_b, _ = guidance.batched_gradient(z, z_src, [term], [t], [eps])
         torch.testing.assert_close(got_b, want, rtol=1e-4, atol=1e-7)
     plain = [_hand_term_grad(bb, sched, z, z_src, t, eps, a, b, null, m_small)[0] for a, b, _ in directions]
-    scaled = [_hand_term_grad(bb, sched, z, z_src, t, eps, a, b, null, m_small, target_balance=True)[0]
-              for a, b, _ in directions]
+    scaled = [
+        _hand_term_grad(bb, sched, z, z_src, t, eps, a, b, null, m_small, target_balance=True)[0]
+        for a, b, _ in directions
+    ]
     assert any(not torch.allclose(p, q) for p, q in zip(plain, scaled))  # the ratio is below 1 for one direction
     keep = replace(sub, tgt_emb=sub.src_emb, keep=True)  # a keep term is never balanced
     got_keep, _ = guidance.term_gradient(z, z_src, keep, t, eps)
     want_keep, _ = _hand_term_grad(bb, sched, z, z_src, t, eps, dog, dog, null, m_small)
     torch.testing.assert_close(got_keep, want_keep, rtol=1e-4, atol=1e-7)
     got_full, _ = guidance.term_gradient(z, z_src, full, t, eps)  # nor is the whole-scene term
-    want_full, _ = _hand_term_grad(bb, sched, z, z_src, t, eps, _embed(bb, plan.source_prompt),
-                                   _embed(bb, plan.target_prompt), null, m_small, beta=GuidanceConfig().beta(t))
+    want_full, _ = _hand_term_grad(
+        bb,
+        sched,
+        z,
+        z_src,
+        t,
+        eps,
+        _embed(bb, plan.source_prompt),
+        _embed(bb, plan.target_prompt),
+        null,
+        m_small,
+        beta=GuidanceConfig().beta(t),
+    )
     torch.testing.assert_close(got_full, want_full, rtol=1e-4, atol=1e-7)
 
 
@@ -385,11 +423,27 @@ def test_bfloat16_edit_on_cpu_end_to_end(tiny_sd, image_file, tmp_path, precisio
 
     repo = Path(__file__).resolve().parents[1]
     out, probe = tmp_path / "out", tmp_path / "probe"
-    argv = ["--config", str(repo / "configs" / "tiny.yaml"), "--model", tiny_sd, "--image", image_file,
-            "--request", "change the red block into a yellow block. change the grass into snow.",
-            "--boxes", "[[0.05, 0.05, 0.45, 0.5], [0, 0, 1, 1]]", "--output_dir", str(out),
-            "--dtype", "bfloat16", "--trainer.max_steps", "2", *precision,
-            "--trainer.callbacks+=ddp_probe.SaveLatentAndSource", f"--trainer.callbacks.dirpath={probe}"]
+    argv = [
+        "--config",
+        str(repo / "configs" / "tiny.yaml"),
+        "--model",
+        tiny_sd,
+        "--image",
+        image_file,
+        "--request",
+        "change the red block into a yellow block. change the grass into snow.",
+        "--boxes",
+        "[[0.05, 0.05, 0.45, 0.5], [0, 0, 1, 1]]",
+        "--output_dir",
+        str(out),
+        "--dtype",
+        "bfloat16",
+        "--trainer.max_steps",
+        "2",
+        *precision,
+        "--trainer.callbacks+=ddp_probe.SaveLatentAndSource",
+        f"--trainer.callbacks.dirpath={probe}",
+    ]
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 0

@@ -26,10 +26,10 @@ from gas_lightning.grounding import (
     cxcywh_to_xyxy,
     draw_grounding,
     fallback_whole_image,
+    gdino_py,
     ground_plan,
     parse_boxes,
 )
-from gas_lightning.grounding import gdino_py
 from gas_lightning.grounding.gdino_hf import resolve_device, token_spans
 from gas_lightning.plan import EditPlan
 
@@ -72,17 +72,34 @@ def tiny_gdino(tmp_path_factory, tokenizer):
 
     torch.manual_seed(0)
     backbone = ResNetConfig(
-        embedding_size=8, hidden_sizes=[8, 8, 8, 8], depths=[1, 1, 1, 1], layer_type="basic",
+        embedding_size=8,
+        hidden_sizes=[8, 8, 8, 8],
+        depths=[1, 1, 1, 1],
+        layer_type="basic",
         out_features=["stage2", "stage3", "stage4"],
     )
     text = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=64,
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
     )
     config = GroundingDinoConfig(
-        backbone_config=backbone, text_config=text, use_timm_backbone=False, num_queries=10,
-        encoder_layers=1, decoder_layers=2, d_model=32, encoder_ffn_dim=32, decoder_ffn_dim=32,
-        encoder_attention_heads=2, decoder_attention_heads=2, encoder_n_points=1, decoder_n_points=1,
+        backbone_config=backbone,
+        text_config=text,
+        use_timm_backbone=False,
+        num_queries=10,
+        encoder_layers=1,
+        decoder_layers=2,
+        d_model=32,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_n_points=1,
+        decoder_n_points=1,
         max_text_len=32,
     )
     folder = tmp_path_factory.mktemp("gdino")
@@ -233,8 +250,9 @@ def test_ground_plan_fills_only_missing_boxes_with_one_query(image):
 
 
 def test_ground_plan_miss_raises_or_falls_back_with_warning(image, caplog):
-    miss = GroundingMiss("no box for 'the grass'", boxes=[(0.1, 0.1, 0.3, 0.3), None, (0.1, 0.1, 0.3, 0.3)],
-                         missing=["the grass"])
+    miss = GroundingMiss(
+        "no box for 'the grass'", boxes=[(0.1, 0.1, 0.3, 0.3), None, (0.1, 0.1, 0.3, 0.3)], missing=["the grass"]
+    )
     with pytest.raises(GroundingError, match="the grass"):
         ground_plan(three_subtasks(), image, RecordingGrounder(miss))
     with caplog.at_level(logging.WARNING):
@@ -362,7 +380,9 @@ def test_groundingdino_py_missing_package_is_one_clear_error(monkeypatch, tmp_pa
 
 def test_groundingdino_py_config_is_read_not_executed(tmp_path):
     good = tmp_path / "cfg.py"
-    good.write_text('"""doc"""\nmodelname = "groundingdino"\nreturn_interm_indices = [1, 2, 3]\nbackbone_freeze_keywords = None\n')
+    good.write_text(
+        '"""doc"""\nmodelname = "groundingdino"\nreturn_interm_indices = [1, 2, 3]\nbackbone_freeze_keywords = None\n'
+    )
     assert gdino_py.read_config(good)["return_interm_indices"] == [1, 2, 3]
     marker = tmp_path / "executed"
     evil = tmp_path / "evil.py"
@@ -473,7 +493,9 @@ def stand_in_package(tmp_path, monkeypatch):
         del sys.modules[name]
 
 
-def test_groundingdino_py_backend_builds_and_detects_through_the_bert_fix(stand_in_package, tmp_path, image, monkeypatch):
+def test_groundingdino_py_backend_builds_and_detects_through_the_bert_fix(
+    stand_in_package, tmp_path, image, monkeypatch
+):
     tiny_bert(tmp_path / "bert")
     cfg = tmp_path / "tiny_cfg.py"
     cfg.write_text(GD_CONFIG.format(bert=tmp_path / "bert"))

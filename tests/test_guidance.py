@@ -12,8 +12,10 @@ from gas_lightning.pipeline import build_terms
 from gas_lightning.plan import EditPlan
 
 PLAN = EditPlan.from_lists(
-    ["a dog", "grass", "a red ball"], ["a cat", "snow", "a blue ball"],
-    boxes=[[0.1, 0.1, 0.6, 0.6], [0.0, 0.0, 1.0, 1.0], [0.5, 0.5, 0.75, 0.9]], preserve_form=[1, 0, 1],
+    ["a dog", "grass", "a red ball"],
+    ["a cat", "snow", "a blue ball"],
+    boxes=[[0.1, 0.1, 0.6, 0.6], [0.0, 0.0, 1.0, 1.0], [0.5, 0.5, 0.75, 0.9]],
+    preserve_form=[1, 0, 1],
 )
 
 
@@ -23,7 +25,9 @@ def _setup(backbone, plan=PLAN, penalty=(True, False, True)):
     z = z_src + 0.3 * torch.randn_like(z_src)
     masks = EditMasks.from_plan(plan, 16, 16)
     terms = build_terms(backbone, plan, masks)
-    terms = [t if t.is_full else type(t)(**{**t.__dict__, "penalty": p}) for t, p in zip(terms, list(penalty) + [False])]
+    terms = [
+        t if t.is_full else type(t)(**{**t.__dict__, "penalty": p}) for t, p in zip(terms, list(penalty) + [False])
+    ]
     return GroundedScoreGuidance(backbone, GuidanceConfig()), z, z_src, terms
 
 
@@ -85,13 +89,16 @@ def test_wide_guidance_scale_applies_to_wide_boxes_only(backbone):
     eps = torch.randn_like(z)
     wide = GroundedScoreGuidance(backbone, cfg)
     g_wide, _ = wide.term_gradient(z, z_src, terms[1], 500, eps)
-    g_global, _ = GroundedScoreGuidance(backbone, GuidanceConfig(guidance_scale=3.0)).term_gradient(z, z_src, plain[1], 500, eps)
+    g_global, _ = GroundedScoreGuidance(backbone, GuidanceConfig(guidance_scale=3.0)).term_gradient(
+        z, z_src, plain[1], 500, eps
+    )
     g_default, _ = wide.term_gradient(z, z_src, plain[1], 500, eps)
     torch.testing.assert_close(g_wide, g_global)
     assert not torch.allclose(g_wide, g_default)
     batched, _ = wide.batched_gradient(z, z_src, terms, 500, eps)
-    torch.testing.assert_close(batched, sum(wide.term_gradient(z, z_src, t, 500, eps)[0] for t in terms),
-                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        batched, sum(wide.term_gradient(z, z_src, t, 500, eps)[0] for t in terms), rtol=1e-4, atol=1e-6
+    )
 
 
 def test_null_text_penalty_callback_defaults_and_refusal():
@@ -107,15 +114,20 @@ def test_a_preserve_form_box_under_one_coarsest_cell_is_refused_naming_the_small
     VAE halves the 32 px image: one coarsest cell is 4 px, 1/8 of the image."""
     from PIL import Image
 
-    from gas_lightning.loading import load_backbone
     from gas_lightning.errors import PlanError
+    from gas_lightning.loading import load_backbone
     from gas_lightning.pipeline import build_edit
 
     bb = load_backbone(tiny_sd, attention="sdpa")
     image = Image.new("RGB", (32, 32), (90, 160, 60))
     narrow = EditPlan.from_lists(["a dog"], ["a cat"], boxes=[[0.5, 0.25, 0.59, 0.75]], preserve_form=[1])  # 2.9 px
-    with pytest.raises(PlanError, match=r"has a box of 3 x 16 px.*the smallest box that works is 4 x 4 px "
-                                        r"\(0.125 x 0.125 of the image\)"):
+    with pytest.raises(
+        PlanError,
+        match=r"has a box of 3 x 16 px.*the smallest box that works is 4 x 4 px "
+        r"\(0.125 x 0.125 of the image\)",
+    ):
         build_edit(bb, image, narrow)
-    build_edit(bb, image, EditPlan.from_lists(["a dog"], ["a cat"], boxes=[[0.5, 0.25, 0.625, 0.75]], preserve_form=[1]))
+    build_edit(
+        bb, image, EditPlan.from_lists(["a dog"], ["a cat"], boxes=[[0.5, 0.25, 0.625, 0.75]], preserve_form=[1])
+    )
     build_edit(bb, image, EditPlan.from_lists(["a dog"], ["a cat"], boxes=[[0.5, 0.25, 0.59, 0.75]]))  # no CDS: fine

@@ -17,21 +17,29 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-
 from test_cli import edit_args  # the same tiny edit as the CLI tests
 
 STEPS = 30
 KILLS = 3
 STEPS_BEFORE_KILL = 2  # each kill waits for the checkpoint 2 steps past where its run resumed, then a random delay
-SETTINGS = ["--trainer.max_steps", str(STEPS), "--checkpoint_every", "1", "--optimizer", "torch.optim.Adam",
-            "--optimizer.lr", "0.05"]
+SETTINGS = [
+    "--trainer.max_steps",
+    str(STEPS),
+    "--checkpoint_every",
+    "1",
+    "--optimizer",
+    "torch.optim.Adam",
+    "--optimizer.lr",
+    "0.05",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def gas_edit(args: list[str], log: Path) -> subprocess.Popen:
     with open(log, "ab") as f:  # a file, not a pipe: a full pipe would stall the child
-        return subprocess.Popen([sys.executable, "-m", "gas_lightning.cli", *args], stdout=f, stderr=subprocess.STDOUT,
-                                env=ENV)
+        return subprocess.Popen(
+            [sys.executable, "-m", "gas_lightning.cli", *args], stdout=f, stderr=subprocess.STDOUT, env=ENV
+        )
 
 
 def wait_for_new_file(path: Path, since_ns: int, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
@@ -58,7 +66,7 @@ def check_what_a_kill_left(out: Path) -> int:
         ckpt = load(path)
         assert ckpt["state_dict"]["latent"].isfinite().all(), path.name
         if path.name.startswith("step"):
-            assert ckpt["global_step"] == int(path.stem[len("step"):]), path.name
+            assert ckpt["global_step"] == int(path.stem[len("step") :]), path.name
     for png in (out / "previews").glob("*.png"):
         Image.open(png).load()
     return load(out / "checkpoints" / "last.ckpt")["global_step"]

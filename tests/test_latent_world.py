@@ -13,16 +13,15 @@ import types
 import numpy as np
 import pytest
 import torch
+from test_worlds import _tool
 
 from gas_lightning.backbone import VaeCodec
-from gas_lightning.loading import load_backbone
 from gas_lightning.errors import GasError, ModelLoadError
 from gas_lightning.guidance.cds import SelfAttentionCapture
+from gas_lightning.loading import load_backbone
 from gas_lightning.worlds import MODEL_DIR, held_out_cases
 from gas_lightning.worlds import latent_model as lm
 from gas_lightning.worlds.model import load_folder, sample_images
-
-from test_worlds import _tool
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +30,14 @@ def tiny_latent(tmp_path_factory):
     torch.manual_seed(0)
     tok, text, _, _ = load_folder(MODEL_DIR)
     folder = tmp_path_factory.mktemp("latent") / "model"
-    lm.save_folder(folder, tok, text, lm.build_unet((8, 16, 16)), lm.build_scheduler(),
-                   lm.build_vae((8, 8, 8, 8), scaling_factor=0.7))
+    lm.save_folder(
+        folder,
+        tok,
+        text,
+        lm.build_unet((8, 16, 16)),
+        lm.build_scheduler(),
+        lm.build_vae((8, 8, 8, 8), scaling_factor=0.7),
+    )
     return folder
 
 
@@ -41,8 +46,12 @@ def test_latent_folder_loads_as_stable_diffusion(tiny_latent):
     assert index["_class_name"] == "StableDiffusionPipeline" and index["vae"] == ["diffusers", "AutoencoderKL"]
     sched = json.loads((tiny_latent / "scheduler" / "scheduler_config.json").read_text())
     # SD 1.5's training schedule, written out
-    assert (sched["beta_schedule"], sched["beta_start"], sched["beta_end"], sched["prediction_type"]) == \
-        ("scaled_linear", 0.00085, 0.012, "epsilon")
+    assert (sched["beta_schedule"], sched["beta_start"], sched["beta_end"], sched["prediction_type"]) == (
+        "scaled_linear",
+        0.00085,
+        0.012,
+        "epsilon",
+    )
     bb = load_backbone(str(tiny_latent), device="cpu", attention="sdpa")
     assert bb.family == "sd" and isinstance(bb.codec, VaeCodec)
     assert bb.codec.vae.config.scaling_factor == pytest.approx(0.7)
@@ -105,7 +114,7 @@ def test_random_crops_sit_on_the_latent_grid():
         # every value is distinct, so the crop's top-left value says where it came from
         where = int(crop[0, 0, 0]) - k * 3 * 40 * 40
         y, c = divmod(where, 40)
-        assert y % 8 == 0 and c % 8 == 0 and torch.equal(crop, im[:, y:y + 16, c:c + 16])
+        assert y % 8 == 0 and c % 8 == 0 and torch.equal(crop, im[:, y : y + 16, c : c + 16])
 
 
 def test_latent_pool_is_a_ring():
@@ -114,7 +123,9 @@ def test_latent_pool_is_a_ring():
     for k in range(3):  # the third entry overwrites the first
         pool.add(torch.full((1, 1), float(k)), torch.tensor([[k]]))
     z, ids = pool.draw(50)
-    assert pool.filled == 2 and set(z.flatten().tolist()) <= {1.0, 2.0} and torch.equal(z.flatten(), ids.flatten().float())
+    assert (
+        pool.filled == 2 and set(z.flatten().tolist()) <= {1.0, 2.0} and torch.equal(z.flatten(), ids.flatten().float())
+    )
 
 
 class _Codec:
@@ -133,7 +144,8 @@ class _Codec:
 def test_vae_check_scores_the_round_trip():
     check = _tool("latent_vae_check")
     assert check.psnr(np.zeros((2, 2, 3), np.uint8), np.ones((2, 2, 3), np.uint8)) == pytest.approx(
-        10 * math.log10(255.0**2))
+        10 * math.log10(255.0**2)
+    )
     cases = held_out_cases(6, seed=3, size=64)
     same = check.check(_Codec(lambda z: z), cases)
     assert same["psnr_db_mean"] == 60.0 and same["all_unchanged"] == 1.0
@@ -172,12 +184,38 @@ def test_decoder_only_keeps_the_latents(tmp_path):
     lm.build_vae(scaling_factor=0.5).save_pretrained(start)
     threads = torch.get_num_threads()
     try:
-        tl.main(["vae", "--vae", str(start), "--decoder-only", "--steps", "2", "--batch-size", "2", "--held-out", "4",
-                 "--warmup", "1", "--ema", "0.5", "--save-every", "2", "--threads", "1", "--accelerator", "cpu",
-                 "--out", str(tmp_path / "run")])
+        tl.main(
+            [
+                "vae",
+                "--vae",
+                str(start),
+                "--decoder-only",
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--held-out",
+                "4",
+                "--warmup",
+                "1",
+                "--ema",
+                "0.5",
+                "--save-every",
+                "2",
+                "--threads",
+                "1",
+                "--accelerator",
+                "cpu",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
-    before, after = AutoencoderKL.from_pretrained(start), AutoencoderKL.from_pretrained(tmp_path / "run" / "vae" / "ema-latest")
+    before, after = (
+        AutoencoderKL.from_pretrained(start),
+        AutoencoderKL.from_pretrained(tmp_path / "run" / "vae" / "ema-latest"),
+    )
     same = lambda a, b: all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))  # noqa: E731
     assert same(before.encoder, after.encoder) and same(before.quant_conv, after.quant_conv)
     assert not same(before.decoder, after.decoder)
@@ -187,8 +225,27 @@ def test_eval_world_edits_latent_cases_at_the_models_size(tiny_latent, tmp_path)
     """Two steps of gas and the SD preset (whole-scene term, null-text penalty) through the VAE path."""
     ev = _tool("eval_world")
     out = tmp_path / "r.json"
-    assert ev.main(["--model", str(tiny_latent), "--cases", "1", "--steps", "2", "--methods", "gas,gas_reference",
-                    "--json", str(out), "--figure", str(tmp_path / "f.png"), "--figure_cases", "1"]) == 0
+    assert (
+        ev.main(
+            [
+                "--model",
+                str(tiny_latent),
+                "--cases",
+                "1",
+                "--steps",
+                "2",
+                "--methods",
+                "gas,gas_reference",
+                "--json",
+                str(out),
+                "--figure",
+                str(tmp_path / "f.png"),
+                "--figure_cases",
+                "1",
+            ]
+        )
+        == 0
+    )
     payload = json.loads(out.read_text())
     assert payload["settings"]["size"] == 128 and list(payload["methods"]) == ["gas", "gas_reference"]
     from PIL import Image

@@ -55,11 +55,20 @@ class ChatServer:
                     server.stream(self, *action)
                     return
                 if action[0] == "reply":
-                    status, payload = 200, {
-                        "id": "chatcmpl-1",
-                        "object": "chat.completion",
-                        "choices": [{"index": 0, "message": {"role": "assistant", "content": action[1]}, "finish_reason": "stop"}],
-                    }
+                    status, payload = (
+                        200,
+                        {
+                            "id": "chatcmpl-1",
+                            "object": "chat.completion",
+                            "choices": [
+                                {
+                                    "index": 0,
+                                    "message": {"role": "assistant", "content": action[1]},
+                                    "finish_reason": "stop",
+                                }
+                            ],
+                        },
+                    )
                     data = json.dumps(payload).encode()
                 else:  # ("status" | "raw", code, str | bytes, headers)
                     status, data = action[1], action[2] if action[0] == "raw" else action[2].encode()
@@ -258,7 +267,11 @@ def test_parse_reply_accepts_bools_and_missing_keys_are_named():
 
 # --- transport --------------------------------------------------------------------------------------
 def test_server_error_then_success_and_rate_limit_are_retried(server, image):
-    server.script = [("status", 500, '{"error": "overloaded"}'), ("status", 429, "slow down"), ("reply", json.dumps(GOOD))]
+    server.script = [
+        ("status", 500, '{"error": "overloaded"}'),
+        ("status", 429, "slow down"),
+        ("reply", json.dumps(GOOD)),
+    ]
     plan = planner(server).plan(image, "make the dog a cat")
     assert len(plan.subtasks) == 2 and len(server.requests) == 3
 
@@ -342,9 +355,26 @@ def test_gas_edit_plan_only_with_the_llm_planner_keeps_the_key_out_of_outputs(se
     Image.new("RGB", (64, 48), (10, 200, 10)).save(image)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        main(["--image", str(image), "--request", "make the dog a black cat and the grass snowy",
-              "--planner", "llm", "--llm_model", "test-model", "--llm_base_url", server.url,
-              "--boxes", "[[0.1, 0.2, 0.5, 0.9], [0, 0.6, 1, 1]]", "--output_dir", str(out), "--plan_only", "true"])
+        main(
+            [
+                "--image",
+                str(image),
+                "--request",
+                "make the dog a black cat and the grass snowy",
+                "--planner",
+                "llm",
+                "--llm_model",
+                "test-model",
+                "--llm_base_url",
+                server.url,
+                "--boxes",
+                "[[0.1, 0.2, 0.5, 0.9], [0, 0.6, 1, 1]]",
+                "--output_dir",
+                str(out),
+                "--plan_only",
+                "true",
+            ]
+        )
     assert exit_info.value.code == 0
     plan = json.loads((out / "plan.json").read_text())
     assert [s["target"] for s in plan["subtasks"]] == GOOD["target_phrases"]
@@ -387,8 +417,12 @@ def test_a_redirect_on_the_same_origin_is_not_followed_either(server, image):
 
 def test_rate_limit_and_server_errors_are_retried_with_backoff_then_fail_clearly(server, image):
     waits: list[float] = []
-    server.script = [("status", 429, "slow down", {"Retry-After": "3"}), ("status", 502, "bad gateway"),
-                     ("status", 503, "busy"), ("status", 500, "oops")]
+    server.script = [
+        ("status", 429, "slow down", {"Retry-After": "3"}),
+        ("status", 502, "bad gateway"),
+        ("status", 503, "busy"),
+        ("status", 500, "oops"),
+    ]
     with pytest.raises(PlannerError) as err:
         planner(server, max_retries=3, backoff=0.5, sleep=waits.append).plan(image, "make the dog a cat")
     assert len(server.requests) == 4
@@ -416,8 +450,11 @@ def test_a_dropped_connection_is_retried(server, image):
     assert waits == [0.25, 0.5] and "3 attempts" in str(err.value)
 
 
-@pytest.mark.parametrize("text", ["[" * 100000, "{" * 100000, '{"a": ' * 50000, '{"source_phrases": ' + "[" * 100000],
-                         ids=["brackets", "braces", "objects", "inside-a-plan"])
+@pytest.mark.parametrize(
+    "text",
+    ["[" * 100000, "{" * 100000, '{"a": ' * 50000, '{"source_phrases": ' + "[" * 100000],
+    ids=["brackets", "braces", "objects", "inside-a-plan"],
+)
 def test_deeply_nested_replies_are_refused_cleanly(server, image, text):
     with pytest.raises(ReplyError, match="nested"):
         extract_json(text)

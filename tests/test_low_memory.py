@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from gas_lightning.backbone import visiting
-from gas_lightning.loading import load_backbone
 from gas_lightning.guidance import GroundedScoreGuidance, GuidanceConfig, Term
+from gas_lightning.loading import load_backbone
 from gas_lightning.masks import subtask_masks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,8 +71,19 @@ def test_low_memory_step_gradient_equals_one_call(backbone, sliced, batched_nois
     boxes = [(0.0, 0.0, 0.5, 0.5), (0.5, 0.0, 1.0, 0.6), (0.2, 0.4, 0.9, 1.0)]
     masks = subtask_masks(boxes, 16, 16)
     emb = backbone.encode_prompts(["a dog", "a cat", "grass", "snow", "a house", "an igloo"])
-    terms = [Term(name=f"t{k}", src_emb=emb[2 * k : 2 * k + 1], tgt_emb=emb[2 * k + 1 : 2 * k + 2], mask=masks[k],
-                  weight=weight, penalty=k == 0, preserve_form=True, box=boxes[k]) for k in range(3)]
+    terms = [
+        Term(
+            name=f"t{k}",
+            src_emb=emb[2 * k : 2 * k + 1],
+            tgt_emb=emb[2 * k + 1 : 2 * k + 2],
+            mask=masks[k],
+            weight=weight,
+            penalty=k == 0,
+            preserve_form=True,
+            box=boxes[k],
+        )
+        for k in range(3)
+    ]
     if batched_noise == "shared":
         t, eps = 400, torch.randn(z.shape, generator=gen)
     else:
@@ -92,8 +103,28 @@ def test_low_memory_step_gradient_equals_one_call(backbone, sliced, batched_nois
 
 def test_benchmark_counts_micro_batched_calls(tiny_sd, tmp_path):
     out = tmp_path / "b.json"
-    benchmark.main(["--model", tiny_sd, "--subtasks", "2", "--low_memory", "true", "--micro_batch", "3", "--steps", "1",
-                    "--warmup", "0", "--repeats", "1", "--threads", "0", "--json", str(out)])
+    benchmark.main(
+        [
+            "--model",
+            tiny_sd,
+            "--subtasks",
+            "2",
+            "--low_memory",
+            "true",
+            "--micro_batch",
+            "3",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--repeats",
+            "1",
+            "--threads",
+            "0",
+            "--json",
+            str(out),
+        ]
+    )
     r = json.loads(out.read_text())
     # 3 terms. batched: 2 + 2 x 3 = 8 samples in calls of 3, 3, 2; sequential: 3 x 4 samples, each 3 + 1
     assert (r["batched"]["unet_calls_per_step"], r["batched"]["unet_samples_per_step"]) == (3, 8)
@@ -142,12 +173,32 @@ def test_gas_edit_low_memory_flags_reach_the_unet(tiny_sd, image_file, tmp_path,
 
     sizes = []
     real = UNet2DConditionModel.forward
-    monkeypatch.setattr(UNet2DConditionModel, "forward", lambda self, x, *a, **k: (sizes.append(x.shape[0]), real(self, x, *a, **k))[1])
+    monkeypatch.setattr(
+        UNet2DConditionModel, "forward", lambda self, x, *a, **k: (sizes.append(x.shape[0]), real(self, x, *a, **k))[1]
+    )
     with pytest.raises(SystemExit) as exit_info:
-        main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--model", tiny_sd, "--image", image_file,
-              "--request", "change the red block into a yellow block. change the grass into snow.",
-              "--boxes", "[[0.05, 0.05, 0.45, 0.5], [0, 0, 1, 1]]", "--output_dir", str(tmp_path / "out"),
-              "--trainer.max_steps", "2", "--low_memory", "true", "--micro_batch", "3"])
+        main(
+            [
+                "--config",
+                str(ROOT / "configs" / "tiny.yaml"),
+                "--model",
+                tiny_sd,
+                "--image",
+                image_file,
+                "--request",
+                "change the red block into a yellow block. change the grass into snow.",
+                "--boxes",
+                "[[0.05, 0.05, 0.45, 0.5], [0, 0, 1, 1]]",
+                "--output_dir",
+                str(tmp_path / "out"),
+                "--trainer.max_steps",
+                "2",
+                "--low_memory",
+                "true",
+                "--micro_batch",
+                "3",
+            ]
+        )
     assert exit_info.value.code == 0
     # configs/tiny.yaml: batched, whole-scene term on -> 3 terms, 2 + 2 x 3 = 8 samples a step: 3, 3, 2
     assert sizes[:3] == [3, 3, 2] and max(sizes) == 3

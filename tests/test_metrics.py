@@ -39,8 +39,9 @@ def pictures(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     edited = source.copy()
     edited[2:6, 3:6] = rng.integers(0, 256, (4, 3, 3))  # changes inside the box
     noise = rng.integers(-20, 21, (H, W, 3))
-    edited = np.where(np.pad(np.ones((4, 3, 3), bool), ((2, 2), (3, 6), (0, 0))), edited,
-                      np.clip(edited.astype(int) + noise, 0, 255)).astype(np.uint8)  # and smaller ones outside
+    edited = np.where(
+        np.pad(np.ones((4, 3, 3), bool), ((2, 2), (3, 6), (0, 0))), edited, np.clip(edited.astype(int) + noise, 0, 255)
+    ).astype(np.uint8)  # and smaller ones outside
     return source, edited
 
 
@@ -86,7 +87,7 @@ def _ssim_map(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
     def blur(a):
         p = np.pad(a, ((5, 5), (5, 5), (0, 0)), mode="reflect")
-        return sum(k[i, j] * p[i:i + a.shape[0], j:j + a.shape[1]] for i in range(11) for j in range(11))
+        return sum(k[i, j] * p[i : i + a.shape[0], j : j + a.shape[1]] for i in range(11) for j in range(11))
 
     x, y = x.astype(np.float64) / 255, y.astype(np.float64) / 255
     mx, my = blur(x), blur(y)
@@ -106,8 +107,11 @@ def test_ssim_outside_averages_the_ssim_map_over_the_outside_pixels():
     assert value == pytest.approx(expected, abs=1e-6)
     # flat pictures a and b: (2ab + C1) / (a^2 + b^2 + C1) everywhere
     a, b = 100 / 255, 140 / 255
-    flat = ssim_outside(as_tensor(np.full((H, W, 3), 100, np.uint8)), as_tensor(np.full((H, W, 3), 140, np.uint8)),
-                        outside_mask([BOX], H, W))
+    flat = ssim_outside(
+        as_tensor(np.full((H, W, 3), 100, np.uint8)),
+        as_tensor(np.full((H, W, 3), 140, np.uint8)),
+        outside_mask([BOX], H, W),
+    )
     assert flat == pytest.approx((2 * a * b + 1e-4) / (a * a + b * b + 1e-4), abs=1e-6)
 
 
@@ -137,10 +141,20 @@ def tiny_clip(tmp_path_factory):
     folder = tmp_path_factory.mktemp("clip")
     write_char_clip_tokenizer(folder, max_length=32)
     tokenizer = CLIPTokenizer.from_pretrained(folder)
-    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-                  patch_size=8)
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+    )
     torch.manual_seed(0)
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
     images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
@@ -213,10 +227,16 @@ def test_lpips_outside_compares_the_source_with_the_edit_outside_the_boxes(alexn
         link = alexnet_file.parent.parent / "hub" / "checkpoints" / alexnet_file.name
         link.unlink(missing_ok=True)
         link.symlink_to(alexnet_file)
-        expected = float(learned_perceptual_image_patch_similarity(as_tensor(pasted), as_tensor(source),
-                                                                   net_type="alex", normalize=True))
-        whole = float(learned_perceptual_image_patch_similarity(as_tensor(edited), as_tensor(source),
-                                                                net_type="alex", normalize=True))
+        expected = float(
+            learned_perceptual_image_patch_similarity(
+                as_tensor(pasted), as_tensor(source), net_type="alex", normalize=True
+            )
+        )
+        whole = float(
+            learned_perceptual_image_patch_similarity(
+                as_tensor(edited), as_tensor(source), net_type="alex", normalize=True
+            )
+        )
     assert value == pytest.approx(expected, rel=1e-5) and abs(whole - expected) > 1e-4 * whole
     # only the inside changed: nothing outside differs
     inside_only = source.copy()

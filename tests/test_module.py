@@ -15,8 +15,14 @@ PLAN = EditPlan.from_lists(["a dog", "grass"], ["a cat", "snow"], boxes=[[0.1, 0
 
 
 def _fit(module, steps):
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module)
     return trainer
 
@@ -48,16 +54,23 @@ def test_one_trainer_step_is_one_iteration_over_all_terms(backbone, schedule):
 @pytest.mark.parametrize("schedule", ["batched", "sequential"])
 def test_lr_scheduler_steps_once_per_trainer_step(backbone, schedule):
     """T_max counts Trainer steps in both schedules (sequential takes 3 optimiser steps per Trainer step)."""
-    module = build_edit(backbone, Image.new("RGB", (32, 32)), PLAN, schedule=schedule,
-                        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
-                        lr_scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=8))
+    module = build_edit(
+        backbone,
+        Image.new("RGB", (32, 32)),
+        PLAN,
+        schedule=schedule,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=8),
+    )
     trainer = _fit(module, 2)
     lr = trainer.optimizers[0].param_groups[0]["lr"]
     assert lr == pytest.approx(0.1 * (1 + math.cos(math.pi * 2 / 8)) / 2)
 
 
 def test_intensity_zero_disables_a_subtask(backbone):
-    plan = PLAN.replace_subtasks([PLAN.subtasks[0], type(PLAN.subtasks[1])(source="grass", target="snow", box=(0, 0, 1, 1), intensity=0)])
+    plan = PLAN.replace_subtasks(
+        [PLAN.subtasks[0], type(PLAN.subtasks[1])(source="grass", target="snow", box=(0, 0, 1, 1), intensity=0)]
+    )
     module = build_edit(backbone, Image.new("RGB", (32, 32)), plan)
     assert [t.name for t in module.active_terms] == ["subtask0_a-dog", "full"]
 
@@ -85,8 +98,9 @@ def test_keep_subtask_is_zero_at_the_source_and_acts_only_in_its_box(backbone):
     from gas_lightning.guidance import GuidanceConfig
 
     plan = PLAN.with_keep(["a ball"], [[0.6, 0.6, 0.9, 0.9]])
-    module = build_edit(backbone, Image.new("RGB", (32, 32), (90, 120, 60)), plan,
-                        guidance_config=GuidanceConfig(overlap_weight=0.1))
+    module = build_edit(
+        backbone, Image.new("RGB", (32, 32), (90, 120, 60)), plan, guidance_config=GuidanceConfig(overlap_weight=0.1)
+    )
     keep = module.terms[2]
     assert keep.name.startswith("subtask2") and not keep.is_full
     assert NullTextPenalty().flags(plan) == [False, False, False]  # small boxes, but keep has none

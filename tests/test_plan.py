@@ -138,7 +138,9 @@ def test_from_dict_rejects_malformed(data, match):
 
 
 def test_from_dict_derives_missing_prompts():
-    plan = EditPlan.from_dict({"subtasks": [{"source": "a dog", "target": "a cat"}, {"source": "a cup", "target": "a bowl"}]})
+    plan = EditPlan.from_dict(
+        {"subtasks": [{"source": "a dog", "target": "a cat"}, {"source": "a cup", "target": "a bowl"}]}
+    )
     assert (plan.source_prompt, plan.target_prompt) == ("a dog and a cup", "a cat and a bowl")
 
 

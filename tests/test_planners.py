@@ -40,7 +40,9 @@ def test_request_quotes_and_whitespace_stripped():
 
 def test_request_phrase_boundaries():
     # "next to" stays in the phrase; the first "into"/"with" ends the source phrase
-    assert pairs(parse_request("change the cup next to the plate to a bowl")) == [("the cup next to the plate", "a bowl")]
+    assert pairs(parse_request("change the cup next to the plate to a bowl")) == [
+        ("the cup next to the plate", "a bowl")
+    ]
     assert pairs(parse_request("change the dog into a cat with a hat")) == [("the dog", "a cat with a hat")]
     assert pairs(parse_request("please change a 1.5 m vase into a lamp.")) == [("a 1.5 m vase", "a lamp")]
 
@@ -94,28 +96,43 @@ def test_request_too_many_subtasks_is_user_error():
 
 # (source sentence, target sentence, expected subtasks); also the README example table.
 EXAMPLES = [
-    ("a green apple and a red cup on a table", "a yellow apple and a red bowl on a table",
-     [("a green apple", "a yellow apple"), ("a red cup", "a red bowl")]),
+    (
+        "a green apple and a red cup on a table",
+        "a yellow apple and a red bowl on a table",
+        [("a green apple", "a yellow apple"), ("a red cup", "a red bowl")],
+    ),
     ("a dog on a sofa", "a cat on a sofa", [("a dog", "a cat")]),
     ("a brown dog on a sofa", "a black cat on a sofa", [("a brown dog", "a black cat")]),
     ("a house", "a stone house", [("a house", "a stone house")]),
     ("a stone house", "a house", [("a stone house", "a house")]),
     ("a cat on the grass", "a cat on the snow", [("the grass", "the snow")]),
-    ("a man holding an umbrella", "a woman holding a red umbrella",
-     [("a man", "a woman"), ("an umbrella", "a red umbrella")]),
-    ("a red cup and a blue plate", "a blue cup and a red plate",
-     [("a red cup", "a blue cup"), ("a blue plate", "a red plate")]),
+    (
+        "a man holding an umbrella",
+        "a woman holding a red umbrella",
+        [("a man", "a woman"), ("an umbrella", "a red umbrella")],
+    ),
+    (
+        "a red cup and a blue plate",
+        "a blue cup and a red plate",
+        [("a red cup", "a blue cup"), ("a blue plate", "a red plate")],
+    ),
     ("a red car next to a tree", "a blue car next to a tree", [("a red car", "a blue car")]),
     ("a cat in front of a house", "a cat in front of a castle", [("a house", "a castle")]),
-    ("the sky is blue and the grass is green", "the sky is grey and the grass is green",
-     [("the sky is blue", "the sky is grey")]),
+    (
+        "the sky is blue and the grass is green",
+        "the sky is grey and the grass is green",
+        [("the sky is blue", "the sky is grey")],
+    ),
     ("a dog chases a ball in the park", "a wolf chases a ball in the park", [("a dog", "a wolf")]),
     ("a sleeping cat on a sofa", "a sleeping dog on a sofa", [("a sleeping cat", "a sleeping dog")]),
     ("a cat sleeping on a sofa", "a cat sleeping on a bed", [("a sofa", "a bed")]),
     ("two apples on a plate", "three oranges on a plate", [("two apples", "three oranges")]),
     ("the dog's red collar", "the dog's blue collar", [("the dog's red collar", "the dog's blue collar")]),
-    ("a man wearing a hat, a dog and a car", "a woman wearing a hat, a dog and a red car",
-     [("a man", "a woman"), ("a car", "a red car")]),
+    (
+        "a man wearing a hat, a dog and a car",
+        "a woman wearing a hat, a dog and a red car",
+        [("a man", "a woman"), ("a car", "a red car")],
+    ),
     ("a dog and a cat", "a lion", [("a dog and a cat", "a lion")]),
     ("A Dog.", "a cat", [("A Dog", "a cat")]),
 ]
@@ -177,8 +194,11 @@ def test_diff_plan_round_trips(tmp_path):
 def test_request_keep_sentences_become_keep_subtasks():
     plan = parse_request("change the dog into a cat. keep the red ball. leave the tree unchanged.")
     pairs = [(s.source, s.target, s.keep, s.penalty) for s in plan.subtasks]
-    assert pairs == [("the dog", "a cat", False, None), ("the red ball", "the red ball", True, False),
-                     ("the tree", "the tree", True, False)]
+    assert pairs == [
+        ("the dog", "a cat", False, None),
+        ("the red ball", "the red ball", True, False),
+        ("the tree", "the tree", True, False),
+    ]
     assert plan.source_prompt == "the dog, the red ball and the tree"
     assert plan.target_prompt == "a cat, the red ball and the tree"
     assert is_structured_request("change the dog into a cat. keep the ball.")

@@ -17,8 +17,9 @@ from gas_lightning.masks import EditMasks
 from gas_lightning.pipeline import build_edit, build_terms
 from gas_lightning.plan import EditPlan
 
-PLAN = EditPlan.from_lists(["a dog", "grass"], ["a cat", "snow"], boxes=[[0.1, 0.1, 0.6, 0.6], [0.0, 0.5, 1.0, 1.0]],
-                           preserve_form=[1, 0])
+PLAN = EditPlan.from_lists(
+    ["a dog", "grass"], ["a cat", "snow"], boxes=[[0.1, 0.1, 0.6, 0.6], [0.0, 0.5, 1.0, 1.0]], preserve_form=[1, 0]
+)
 
 
 def test_auto_dtype_is_float32_weights_for_sd_and_float16_for_sdxl_on_cuda():
@@ -41,8 +42,9 @@ def test_cds_runs_in_float32_inside_a_half_precision_autocast(backbone):
     z = torch.randn(1, 4, 16, 16)
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            grad, log = guidance.term_gradient(z, z.clone() + 0.1, terms[0], 300, torch.randn_like(z),
-                                               torch.Generator().manual_seed(0))
+            grad, log = guidance.term_gradient(
+                z, z.clone() + 0.1, terms[0], 300, torch.randn_like(z), torch.Generator().manual_seed(0)
+            )
     finally:
         handle.remove()
     # one DDS call (no grad, 16 bits), the CDS source pass (no grad) and edited pass (grad), both float32
@@ -52,8 +54,13 @@ def test_cds_runs_in_float32_inside_a_half_precision_autocast(backbone):
 
 def _module(backbone, schedule):
     plan = EditPlan.from_lists(["a dog"], ["a cat"], boxes=[[0.1, 0.1, 0.6, 0.6]])
-    return build_edit(backbone, Image.new("RGB", (32, 32), (90, 160, 60)), plan,
-                      guidance_config=GuidanceConfig(full_prompt=False), schedule=schedule)
+    return build_edit(
+        backbone,
+        Image.new("RGB", (32, 32), (90, 160, 60)),
+        plan,
+        guidance_config=GuidanceConfig(full_prompt=False),
+        schedule=schedule,
+    )
 
 
 @pytest.mark.parametrize("schedule", ["batched", "sequential"])
@@ -68,7 +75,7 @@ def test_some_nonfinite_entries_are_counted_and_logged_and_the_step_goes_on(back
         grad, logs = real(*args, **kwargs)
         grad = grad.clone()
         grad.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
-        for tl in (logs if isinstance(logs, list) else [logs]):
+        for tl in logs if isinstance(logs, list) else [logs]:
             tl.add_nonfinite(grad)  # as the guidance counts its own parts
         return grad, logs
 
@@ -76,8 +83,15 @@ def test_some_nonfinite_entries_are_counted_and_logged_and_the_step_goes_on(back
     logged = {}
     monkeypatch.setattr(type(module), "log", lambda self, key, value, **kw: logged.__setitem__(key, float(value)))
     before = module.latent.detach().clone()
-    L.Trainer(max_steps=2, accelerator="cpu", logger=CSVLogger(tmp_path), log_every_n_steps=1, enable_checkpointing=False,
-              enable_progress_bar=False, enable_model_summary=False).fit(module)
+    L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(module)
     moved = module.latent.detach() - before
     assert torch.isfinite(module.latent).all()
     assert (moved.view(-1)[:3] == 0).all() and moved.view(-1)[3:].abs().sum() > 0  # only the bad entries held
@@ -101,9 +115,16 @@ def test_a_step_with_no_finite_entry_stops_naming_the_last_good_checkpoint(backb
 
     monkeypatch.setattr(module.guidance, "batched_gradient", broken)
     (tmp_path / "step=1.ckpt").write_bytes(b"")
-    trainer = L.Trainer(max_steps=6, accelerator="cpu", logger=CSVLogger(tmp_path), log_every_n_steps=3,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[NanGuard(tmp_path)] if guard else [])
+    trainer = L.Trainer(
+        max_steps=6,
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path),
+        log_every_n_steps=3,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[NanGuard(tmp_path)] if guard else [],
+    )
     with pytest.raises(NonFiniteLatentError) as info:
         trainer.fit(module)
     message = str(info.value)

@@ -10,7 +10,6 @@ fails `test_every_readme_command_is_run_somewhere`, so a new one cannot slip in 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -21,14 +20,17 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-
-from gas_lightning.cli import main
 from test_grounding import tiny_gdino, tokenizer  # noqa: F401  (fixtures: a random GroundingDINO)
 from test_llm_planner import ChatServer
 from test_segmenter import tiny_sam  # noqa: F401  (fixture: a random SAM)
 
+from gas_lightning.cli import main
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tools" / "world"), str(REPO / "tools" / "bench")]  # eval_world, summarize_eval, benchmark and the prose's tools
+sys.path[:0] = [
+    str(REPO / "tools" / "world"),
+    str(REPO / "tools" / "bench"),
+]  # eval_world, summarize_eval, benchmark and the prose's tools
 README = (REPO / "README.md").read_text()
 # the docs site's pages: sections moved out of the README keep their titles there, and their commands run
 DOCS = {p.relative_to(REPO).as_posix(): p.read_text() for p in sorted((REPO / "docs").rglob("*.md"))}
@@ -42,7 +44,7 @@ def section(title: str) -> str:
         start = text.find(f"\n## {title}")
         if start >= 0:
             end = text.find("\n## ", start + 1)
-            return text[start:end if end > 0 else None]
+            return text[start : end if end > 0 else None]
     raise AssertionError(f"no section {title!r} in README.md or docs/")
 
 
@@ -115,47 +117,74 @@ def workdir(tmp_path, monkeypatch):
 # --- where each README command runs -------------------------------------------------------------------
 # (pattern matched against the start of the command, where it runs). "here: NAME" is a test below.
 CLAIMS = [
-    (r"pip install -e \. && gas-edit --config configs/shapes.yaml$",
-     ".ci/run (pip install -e) + tests/test_default_edit.py::test_the_main_command_makes_the_requested_edit"),
-    (r"apt-get update && apt-get install -y chromium chromium-driver && pip install -e \"\.\[test,app\]\"$",
-     "here: test_the_set_up_and_test_commands_are_what_ci_runs"),
+    (
+        r"pip install -e \. && gas-edit --config configs/shapes.yaml$",
+        ".ci/run (pip install -e) + tests/test_default_edit.py::test_the_main_command_makes_the_requested_edit",
+    ),
+    (
+        r"apt-get update && apt-get install -y chromium chromium-driver && pip install -e \"\.\[test,app\]\"$",
+        "here: test_the_set_up_and_test_commands_are_what_ci_runs",
+    ),
     (r"python3 -m pytest -q$", "here: test_the_set_up_and_test_commands_are_what_ci_runs"),
-    (r"pip install -e \"\.\[app\]\" && gas-edit app$",
-     "tests/test_app_browser.py::test_edit_in_the_browser"),
+    (r"pip install -e \"\.\[app\]\" && gas-edit app$", "tests/test_app_browser.py::test_edit_in_the_browser"),
     # the hub cannot be reached: the test writes the folder this download would fetch
-    (r"hf download stabilityai/stable-diffusion-xl-base-1\.0 ", "not run, replaced: here: test_the_single_file_command"),
+    (
+        r"hf download stabilityai/stable-diffusion-xl-base-1\.0 ",
+        "not run, replaced: here: test_the_single_file_command",
+    ),
     (r"gas-edit --config configs/sdxl\.yaml --model my-finetune\.safetensors ", "here: test_the_single_file_command"),
-    (r"gas-edit --config configs/sd15\.yaml --image dog\.png (--output_dir outputs/dog[234]?|--plan outputs/dog/plan\.json) ",
-     "here: test_the_stable_diffusion_commands"),
-    (r"gas-edit --config configs/sd15\.yaml --image dog\.png --output_dir outputs/dog5 ", "here: test_the_mask_commands"),
+    (
+        r"gas-edit --config configs/sd15\.yaml --image dog\.png (--output_dir outputs/dog[234]?|--plan outputs/dog/plan\.json) ",
+        "here: test_the_stable_diffusion_commands",
+    ),
+    (
+        r"gas-edit --config configs/sd15\.yaml --image dog\.png --output_dir outputs/dog5 ",
+        "here: test_the_mask_commands",
+    ),
     (r"gas-edit \.\.\. --masks labels\.png$", "here: test_the_mask_commands"),
-    (r"gas-edit \.\.\. --detector /models/grounding-dino-tiny --segmenter /models/sam-vit-base$",
-     "here: test_the_mask_commands"),
-    (r"gas-edit --config configs/shapes\.yaml --segmenter world --output_dir outputs/shapes-masks$",
-     "here: test_the_mask_commands"),
-    (r"gas-edit --image dog\.png --request \"change the dog into a cat\. .* --detector IDEA-Research/grounding-dino-tiny .*--plan_only true$",
-     "here: test_the_grounding_and_llm_commands"),
+    (
+        r"gas-edit \.\.\. --detector /models/grounding-dino-tiny --segmenter /models/sam-vit-base$",
+        "here: test_the_mask_commands",
+    ),
+    (
+        r"gas-edit --config configs/shapes\.yaml --segmenter world --output_dir outputs/shapes-masks$",
+        "here: test_the_mask_commands",
+    ),
+    (
+        r"gas-edit --image dog\.png --request \"change the dog into a cat\. .* --detector IDEA-Research/grounding-dino-tiny .*--plan_only true$",
+        "here: test_the_grounding_and_llm_commands",
+    ),
     (r"export OPENAI_API_KEY=\.\.\.$", "here: test_the_grounding_and_llm_commands"),
     (r"gas-edit --image dog\.png --request .* --planner llm ", "here: test_the_grounding_and_llm_commands"),
     # groundingdino-py needs a CUDA build of its own; its backend runs through a stand-in package there
-    (r"pip install 'groundingdino-py==0\.4\.0'$",
-     "not run: tests/test_grounding.py::test_groundingdino_py_backend_builds_and_detects_through_the_bert_fix"),
-    (r"gas-edit \.\.\. --detector_backend groundingdino-py ",
-     "tests/test_grounding.py::test_groundingdino_py_backend_builds_and_detects_through_the_bert_fix"),
+    (
+        r"pip install 'groundingdino-py==0\.4\.0'$",
+        "not run: tests/test_grounding.py::test_groundingdino_py_backend_builds_and_detects_through_the_bert_fix",
+    ),
+    (
+        r"gas-edit \.\.\. --detector_backend groundingdino-py ",
+        "tests/test_grounding.py::test_groundingdino_py_backend_builds_and_detects_through_the_bert_fix",
+    ),
     (r"nice -n 10 python tools/world/eval_world\.py ", "here: test_the_evaluation_commands"),
     (r"python tools/world/summarize_eval\.py ", "here: test_the_evaluation_commands"),
     (r"tensorboard --logdir outputs/dog$", "here: test_the_stable_diffusion_commands"),
     (r"cat > jobs\.jsonl <<'JOBS'$", "tests/test_batch.py::test_the_readme_batch_example_runs"),
-    (r"gas-edit batch --config configs/shapes\.yaml --jobs jobs\.jsonl --output_dir outputs/batch$",
-     "tests/test_batch.py::test_the_readme_batch_example_runs"),
+    (
+        r"gas-edit batch --config configs/shapes\.yaml --jobs jobs\.jsonl --output_dir outputs/batch$",
+        "tests/test_batch.py::test_the_readme_batch_example_runs",
+    ),
     # several GPUs and machines: parsed here (no GPUs); the same code paths run on CPU processes in test_batch
     (r"gas-edit batch --config configs/sd15\.yaml .*--trainer\.devices 4$", "parsed: test_the_cluster_commands_parse"),
     (r"torchrun --nnodes 2 ", "parsed: test_the_cluster_commands_parse"),
     (r"srun gas-edit batch ", "parsed: test_the_cluster_commands_parse"),
-    (r"python tools/bench/benchmark\.py( --low_memory true| --arch sd15 --width_mult 0\.25 .*)?$",
-     "here: test_the_cpu_benchmark_commands"),
-    (r"python tools/bench/benchmark\.py --arch sd15 --resolution 512 --device cuda ",
-     "parsed: tests/test_benchmark.py::test_readme_benchmark_commands_parse (needs CUDA)"),
+    (
+        r"python tools/bench/benchmark\.py( --low_memory true| --arch sd15 --width_mult 0\.25 .*)?$",
+        "here: test_the_cpu_benchmark_commands",
+    ),
+    (
+        r"python tools/bench/benchmark\.py --arch sd15 --resolution 512 --device cuda ",
+        "parsed: tests/test_benchmark.py::test_readme_benchmark_commands_parse (needs CUDA)",
+    ),
 ]
 
 
@@ -182,8 +211,10 @@ def test_every_readme_command_is_run_somewhere():
 
 
 def test_fenced_commands_reads_continuations_comments_and_heredocs():
-    text = ("```bash\n# a comment\ngas-edit --a 1 \\\n  --b '[x, y]'   # trailing\n"
-            "cat > f <<'END'\n{\"not\": \"a command\"}\nEND\nls\n```\n```python\nprint(1)\n```\n")
+    text = (
+        "```bash\n# a comment\ngas-edit --a 1 \\\n  --b '[x, y]'   # trailing\n"
+        'cat > f <<\'END\'\n{"not": "a command"}\nEND\nls\n```\n```python\nprint(1)\n```\n'
+    )
     assert fenced_commands(text) == ["gas-edit --a 1 --b '[x, y]'", "cat > f <<'END'", "ls"]
 
 
@@ -204,7 +235,9 @@ def test_the_stable_diffusion_commands(workdir, tiny_sd, recwarn):
     assert len(commands) == 4
     for command in commands:
         gas_edit(*argv_of(command), "--model", tiny_sd, *STEPS)
-    plans = [json.loads((workdir / "outputs" / name / "plan.json").read_text()) for name in ("dog", "dog2", "dog3", "dog4")]
+    plans = [
+        json.loads((workdir / "outputs" / name / "plan.json").read_text()) for name in ("dog", "dog2", "dog3", "dog4")
+    ]
     assert [s["target"] for s in plans[0]["subtasks"]] == ["a cat", "snow", "an igloo"]
     assert {s["target"] for s in plans[1]["subtasks"]} == {"a cat", "the snow", "an igloo"}
     assert [s["preserve_form"] for s in plans[2]["subtasks"]] == [True, False]
@@ -215,10 +248,14 @@ def test_the_stable_diffusion_commands(workdir, tiny_sd, recwarn):
     # sd15.yaml's 16-mixed is CUDA autocast: on the CPU the edit runs in 32-true, not Lightning's bf16 swap
     assert not [w for w in recwarn if "precision" in str(w.message)], [str(w.message) for w in recwarn]
 
-    tensorboard = next(c for c in fenced_commands(section("Watching, stopping, resuming")) if c.startswith("tensorboard "))
+    tensorboard = next(
+        c for c in fenced_commands(section("Watching, stopping, resuming")) if c.startswith("tensorboard ")
+    )
     proc = subprocess.run([*shlex.split(tensorboard), "--inspect"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert re.search(r"^scalars\b", proc.stdout, re.M) and "subtask0_the-dog/grad_norm" in proc.stdout, proc.stdout[-2000:]
+    assert re.search(r"^scalars\b", proc.stdout, re.M) and "subtask0_the-dog/grad_norm" in proc.stdout, proc.stdout[
+        -2000:
+    ]
 
 
 def test_the_single_file_command(workdir):
@@ -275,12 +312,26 @@ def test_the_grounding_and_llm_commands(workdir, tiny_gdino, monkeypatch):  # no
         key = "sk-test-" + "k" * 20
         monkeypatch.setenv(export.split()[1].split("=")[0], key)
         monkeypatch.setenv("OPENAI_BASE_URL", server.url)  # the endpoint: a local mock, not api.openai.com
-        server.script = [("reply", json.dumps({
-            "source_prompt": "a dog under a blue sky", "target_prompt": "a tiger under a stormy sky",
-            "source_phrases": ["a dog", "the sky"], "target_phrases": ["a tiger", "a stormy sky"],
-            "preserve_form": [1, 0]}))]
-        gas_edit(*argv_of(llm.replace("IDEA-Research/grounding-dino-tiny", str(tiny_gdino))), *thresholds,
-                 "--output_dir", "outputs/llm")
+        server.script = [
+            (
+                "reply",
+                json.dumps(
+                    {
+                        "source_prompt": "a dog under a blue sky",
+                        "target_prompt": "a tiger under a stormy sky",
+                        "source_phrases": ["a dog", "the sky"],
+                        "target_phrases": ["a tiger", "a stormy sky"],
+                        "preserve_form": [1, 0],
+                    }
+                ),
+            )
+        ]
+        gas_edit(
+            *argv_of(llm.replace("IDEA-Research/grounding-dino-tiny", str(tiny_gdino))),
+            *thresholds,
+            "--output_dir",
+            "outputs/llm",
+        )
         body = json.loads(server.requests[0]["body"])
         assert body["model"] == "gpt-4o-mini" and "tiger" in json.dumps(body)
     finally:
@@ -308,10 +359,23 @@ def test_the_mask_commands(workdir, tiny_sd, tiny_gdino, tiny_sam):  # noqa: F81
     base = drop(base, "--masks", "--boxes", "--output_dir")
     gas_edit(*base, *argv_of(labels)[1:], "--output_dir", "outputs/labels", "--model", tiny_sd, *STEPS)
     segment_argv = argv_of(segment)[1:]
-    segment_argv = [str(tiny_gdino) if a == "/models/grounding-dino-tiny" else tiny_sam if a == "/models/sam-vit-base"
-                    else a for a in segment_argv]
-    gas_edit(*base, *segment_argv, "--box_threshold", "0", "--text_threshold", "0", "--output_dir", "outputs/sam",
-             "--model", tiny_sd, *STEPS)
+    segment_argv = [
+        str(tiny_gdino) if a == "/models/grounding-dino-tiny" else tiny_sam if a == "/models/sam-vit-base" else a
+        for a in segment_argv
+    ]
+    gas_edit(
+        *base,
+        *segment_argv,
+        "--box_threshold",
+        "0",
+        "--text_threshold",
+        "0",
+        "--output_dir",
+        "outputs/sam",
+        "--model",
+        tiny_sd,
+        *STEPS,
+    )
     gas_edit(*argv_of(world), "--output_dir", "outputs/world", *STEPS, "--lr_scheduler.T_max", "2")
 
     for name, expect_masks in (("dog5", [True, False]), ("labels", [True, True]), ("sam", [True, True])):
@@ -346,12 +410,11 @@ def test_the_cluster_commands_parse(monkeypatch):
 
     monkeypatch.chdir(REPO)
     parser = build_parser()
-    commands = [c for c in fenced_commands(section("Many edits: gas-edit batch"))
-                if "--trainer.devices 4" in c]
+    commands = [c for c in fenced_commands(section("Many edits: gas-edit batch")) if "--trainer.devices 4" in c]
     assert len(commands) == 3
     for command in commands:
         words = shlex.split(command)
-        args = words[words.index("batch") + 1:]
+        args = words[words.index("batch") + 1 :]
         cfg = parser.parse_args(args)
         assert str(cfg.trainer.devices) == "4" and cfg.jobs == "jobs.jsonl"
 
@@ -360,15 +423,20 @@ def test_the_cpu_benchmark_commands(tmp_path):
     """The three CPU benchmark lines as written, each shortened to one repeat of 2 steps."""
     import benchmark
 
-    commands = [c for c in fenced_commands(section("Speed and memory")) if c.startswith("python tools/bench/benchmark.py")
-                and "--device cuda" not in c]
+    commands = [
+        c
+        for c in fenced_commands(section("Speed and memory"))
+        if c.startswith("python tools/bench/benchmark.py") and "--device cuda" not in c
+    ]
     assert len(commands) == 3
     for k, command in enumerate(commands):
         out = tmp_path / f"bench{k}.json"
         argv = shlex.split(command)[2:] + ["--steps", "2", "--warmup", "1", "--repeats", "1", "--json", str(out)]
         assert benchmark.main(argv) == 0
         result = json.loads(out.read_text())
-        assert result["ratio"] > 0 and result["batched"]["unet_samples_per_step"] == 10  # 2 null + 2 x (3 subtasks + the whole scene)
+        assert (
+            result["ratio"] > 0 and result["batched"]["unet_samples_per_step"] == 10
+        )  # 2 null + 2 x (3 subtasks + the whole scene)
 
 
 def test_inline_tool_commands_parse(monkeypatch):

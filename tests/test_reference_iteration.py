@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from gas_lightning.loading import load_backbone
 from gas_lightning.callbacks import NullTextPenalty
 from gas_lightning.guidance import GuidanceConfig
+from gas_lightning.loading import load_backbone
 from gas_lightning.module import GroundAScoreEdit
 from gas_lightning.pipeline import build_edit
 from gas_lightning.plan import EditPlan
@@ -66,10 +66,16 @@ def model_dir(tmp_path_factory) -> str:
     folder = build_tiny_sd(tmp_path_factory.mktemp("tiny_sd_two_levels"))
     torch.manual_seed(3)
     UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
     ).save_pretrained(folder / "unet")
     return str(folder)
 
@@ -87,16 +93,18 @@ class _Reference:
         self.tok = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
         ab = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler").alphas_cumprod
         self.alphas, self.sigmas = ab.sqrt(), (1 - ab).sqrt()
-        self.attn1 = {n: m for n, m in self.unet.named_modules()
-                      if type(m).__name__ == "Attention" and "attn1" in n and "up" in n}
+        self.attn1 = {
+            n: m for n, m in self.unet.named_modules() if type(m).__name__ == "Attention" and "attn1" in n and "up" in n
+        }
         self.hs = {}
         for name, module in self.attn1.items():
             module.register_forward_hook(lambda mod, args, out, name=name: self.hs.__setitem__(name, out))
 
     @torch.no_grad()
     def embed(self, text: str) -> torch.Tensor:
-        ids = self.tok([text], padding="max_length", max_length=self.tok.model_max_length, truncation=True,
-                       return_tensors="pt").input_ids
+        ids = self.tok(
+            [text], padding="max_length", max_length=self.tok.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
         return self.text(ids).last_hidden_state
 
     @torch.no_grad()
@@ -113,11 +121,16 @@ class _Reference:
         for i, box in enumerate(ints):
             mask = torch.zeros(1, 4, h, w)
             if i < len(ints) - 1:
-                mask[:, :, box[1]:box[3], box[0]:box[2]] = 1
+                mask[:, :, box[1] : box[3], box[0] : box[2]] = 1
                 for other in ints:
                     if other == box or other == whole:
                         continue
-                    xa, ya, xb, yb = max(box[0], other[0]), max(box[1], other[1]), min(box[2], other[2]), min(box[3], other[3])
+                    xa, ya, xb, yb = (
+                        max(box[0], other[0]),
+                        max(box[1], other[1]),
+                        min(box[2], other[2]),
+                        min(box[3], other[3]),
+                    )
                     inter = max(0, xb - xa) * max(0, yb - ya)
                     if inter == 0:
                         continue
@@ -192,8 +205,8 @@ class _Reference:
                                 scaled[3] += 1
                             if scaled[0] == scaled[2]:
                                 scaled[2] += 1
-                            ref = ref.reshape(1, side, side, -1)[:, scaled[1]:scaled[3], scaled[0]:scaled[2]]
-                            curr = curr.reshape(1, side, side, -1)[:, scaled[1]:scaled[3], scaled[0]:scaled[2]]
+                            ref = ref.reshape(1, side, side, -1)[:, scaled[1] : scaled[3], scaled[0] : scaled[2]]
+                            curr = curr.reshape(1, side, side, -1)[:, scaled[1] : scaled[3], scaled[0] : scaled[2]]
                             cutloss = cutloss + self.cut_loss(ref.float(), curr.float())
                 loss = (z * grad * mask).sum() / (h * w)
                 if j == len(boxes) - 1:
@@ -212,14 +225,27 @@ def _draws(shape, seed=11):
 
 
 def _package_run(model_dir, draws, monkeypatch, config=None):
-    plan = EditPlan.from_lists(SOURCES, TARGETS, boxes=BOXES, preserve_form=[int(p) for p in PRESERVE],
-                               source_prompt=SOURCE_PROMPT, target_prompt=TARGET_PROMPT)
+    plan = EditPlan.from_lists(
+        SOURCES,
+        TARGETS,
+        boxes=BOXES,
+        preserve_form=[int(p) for p in PRESERVE],
+        source_prompt=SOURCE_PROMPT,
+        target_prompt=TARGET_PROMPT,
+    )
     backbone = load_backbone(model_dir, attention="sdpa")
     module = build_edit(backbone, _image(), plan, guidance_config=config or GuidanceConfig(), schedule="sequential")
     queue = iter([d for row in draws for d in row])
     monkeypatch.setattr(GroundAScoreEdit, "_draw", lambda self, gen, term=None: next(queue))
-    L.Trainer(max_steps=len(draws), accelerator="cpu", logger=False, enable_checkpointing=False,
-              enable_progress_bar=False, enable_model_summary=False, callbacks=[NullTextPenalty()]).fit(module)
+    L.Trainer(
+        max_steps=len(draws),
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[NullTextPenalty()],
+    ).fit(module)
     return module
 
 

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_bad_inputs import gas_edit  # one in-process gas-edit run: exit status and stderr
 
 from gas_lightning.errors import GasError, PlanError
 from gas_lightning.masks import EditMasks, attach_masks, encode_mask, mask_to_grid, read_mask, subtask_masks, union_mask
 from gas_lightning.plan import EditPlan, Subtask
-from test_bad_inputs import gas_edit  # one in-process gas-edit run: exit status and stderr
 
 REPO = Path(__file__).resolve().parents[1]
 REQUEST = "change the red block into a yellow block. change the grass into snow."
@@ -108,7 +108,11 @@ def test_overlap_caps_the_larger_region_in_proportion_to_the_smaller_ones_weight
     torch.testing.assert_close(union_mask(torch.stack([torch.ones(4, 4), obj]), 4, 4), torch.ones(4, 4))
     em = EditMasks.from_plan(
         EditPlan.from_lists(["a", "b"], ["c", "d"]).replace_subtasks(
-            [Subtask("a", "c", box=(0.0, 0.5, 1.0, 1.0)), Subtask("b", "d", mask=encode_mask(obj.numpy()))]), 4, 4)
+            [Subtask("a", "c", box=(0.0, 0.5, 1.0, 1.0)), Subtask("b", "d", mask=encode_mask(obj.numpy()))]
+        ),
+        4,
+        4,
+    )
     expected_union = torch.zeros(4, 4)
     expected_union[2:, :] = 1.0  # the box: rows 2-3
     expected_union[1, 1], expected_union[1, 2] = 1.0, 0.5  # the object above it
@@ -169,11 +173,15 @@ def test_plan_json_keeps_masks_and_resolves_them_beside_the_plan(tmp_path):
     folder = tmp_path / "plans"
     folder.mkdir()
     grey_png(folder / "cup.png", np.full((4, 4), 255))
-    data = {"source_prompt": "a cup", "target_prompt": "a bowl", "subtasks": [
-        {"source": "a cup", "target": "a bowl", "mask": "cup.png"},
-        {"source": "a table", "target": "a desk", "box": [0, 0.5, 1, 1]},
-        {"source": "a mug", "target": "a vase", "mask": "labels.png", "mask_label": 3},
-    ]}
+    data = {
+        "source_prompt": "a cup",
+        "target_prompt": "a bowl",
+        "subtasks": [
+            {"source": "a cup", "target": "a bowl", "mask": "cup.png"},
+            {"source": "a table", "target": "a desk", "box": [0, 0.5, 1, 1]},
+            {"source": "a mug", "target": "a vase", "mask": "labels.png", "mask_label": 3},
+        ],
+    }
     (folder / "plan.json").write_text(json.dumps(data))
     plan = EditPlan.load(folder / "plan.json")
     assert plan.subtasks[0].mask == str(folder / "cup.png") and plan.subtasks[2].mask_label == 3
@@ -187,8 +195,19 @@ def test_label_map_on_the_command_line_marks_subtask_k_with_value_k(tmp_path, im
     labels[4:20, 4:20] = 1
     labels[24:40, :] = 2
     path = grey_png(tmp_path / "labels.png", labels)
-    code, err = gas_edit(capsys, "--image", image_file, "--request", REQUEST, "--masks", path,
-                         "--output_dir", tmp_path / "out", "--plan_only", "true")
+    code, err = gas_edit(
+        capsys,
+        "--image",
+        image_file,
+        "--request",
+        REQUEST,
+        "--masks",
+        path,
+        "--output_dir",
+        tmp_path / "out",
+        "--plan_only",
+        "true",
+    )
     assert code == 0, err
     plan = EditPlan.load(tmp_path / "out" / "plan.json")
     assert [(s.mask, s.mask_label) for s in plan.subtasks] == [(path, 1), (path, 2)]
@@ -252,8 +271,17 @@ def test_world_segmenter_returns_each_objects_rendered_coverage():
 
 
 def test_segmenter_world_on_the_bundled_example_writes_masks_into_plan_json(tmp_path, capsys):
-    code, err = gas_edit(capsys, "--config", REPO / "configs" / "shapes.yaml", "--segmenter", "world",
-                         "--output_dir", tmp_path / "out", "--plan_only", "true")
+    code, err = gas_edit(
+        capsys,
+        "--config",
+        REPO / "configs" / "shapes.yaml",
+        "--segmenter",
+        "world",
+        "--output_dir",
+        tmp_path / "out",
+        "--plan_only",
+        "true",
+    )
     assert code == 0, err
     plan = json.loads((tmp_path / "out" / "plan.json").read_text())
     has_mask = [("mask" in s) for s in plan["subtasks"]]
@@ -268,10 +296,27 @@ def test_mask_guided_edit_runs_end_to_end(tiny_pixel, image_file, tmp_path, caps
     soft[4:20, 4:20] = 255
     soft[3, 4:20] = 128  # a soft top edge
     path = grey_png(tmp_path / "block.png", soft)
-    code, err = gas_edit(capsys, "--config", REPO / "configs" / "tiny.yaml", "--model", tiny_pixel, "--image",
-                         image_file, "--request", REQUEST, "--boxes", "[null, [0, 0, 1, 1]]", "--masks",
-                         f"[{path}, null]", "--preserve_form", "[1, 0]", "--output_dir", tmp_path / "out",
-                         "--trainer.max_steps", "2")
+    code, err = gas_edit(
+        capsys,
+        "--config",
+        REPO / "configs" / "tiny.yaml",
+        "--model",
+        tiny_pixel,
+        "--image",
+        image_file,
+        "--request",
+        REQUEST,
+        "--boxes",
+        "[null, [0, 0, 1, 1]]",
+        "--masks",
+        f"[{path}, null]",
+        "--preserve_form",
+        "[1, 0]",
+        "--output_dir",
+        tmp_path / "out",
+        "--trainer.max_steps",
+        "2",
+    )
     assert code == 0, err
     assert (tmp_path / "out" / "edited.png").is_file()
     plan = EditPlan.load(tmp_path / "out" / "plan.json")
@@ -279,15 +324,20 @@ def test_mask_guided_edit_runs_end_to_end(tiny_pixel, image_file, tmp_path, caps
 
 
 def test_build_edit_takes_an_in_memory_mask(tiny_pixel):
-    from gas_lightning.loading import load_backbone
     from gas_lightning.guidance import GuidanceConfig
+    from gas_lightning.loading import load_backbone
     from gas_lightning.pipeline import build_edit
 
     bb = load_backbone(tiny_pixel, attention="sdpa")
     image = Image.new("RGB", (32, 32), (90, 160, 60))
-    plan = EditPlan("a block on grass", "a ball on snow", (
-        Subtask("a block", "a ball", box=(0.25, 0.25, 0.75, 0.75), preserve_form=True),
-        Subtask("grass", "snow", box=(0.0, 0.0, 1.0, 1.0))))
+    plan = EditPlan(
+        "a block on grass",
+        "a ball on snow",
+        (
+            Subtask("a block", "a ball", box=(0.25, 0.25, 0.75, 0.75), preserve_form=True),
+            Subtask("grass", "snow", box=(0.0, 0.0, 1.0, 1.0)),
+        ),
+    )
     painted = np.zeros((64, 64), dtype=np.float32)
     painted[16:48, 16:48] = 1.0
     painted[16:18, 16:48] = 0.5  # the top two pixel rows at half weight: the top cell row averages to 0.5
@@ -299,8 +349,9 @@ def test_build_edit_takes_an_in_memory_mask(tiny_pixel):
     torch.testing.assert_close(module.masks.subtasks[1], 1 - 0.7 * expected)
     assert module.terms[0].region is not None and module.terms[1].region is None
     z = module.z_src.clone()
-    grad, _ = module.guidance.batched_gradient(z + 0.1, module.z_src, module.terms, 500, torch.randn_like(z),
-                                               generator=torch.Generator().manual_seed(0))
+    grad, _ = module.guidance.batched_gradient(
+        z + 0.1, module.z_src, module.terms, 500, torch.randn_like(z), generator=torch.Generator().manual_seed(0)
+    )
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
@@ -314,8 +365,17 @@ def _bad_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
     grey_png(tmp_path / "one_label.png", np.ones((40, 48)))
     (tmp_path / "text.png").write_text("not an image")
     Image.new("RGB", (48, 40)).save(tmp_path / "colour.png")
-    (tmp_path / "plan.json").write_text(json.dumps({"source_prompt": "a", "target_prompt": "b", "subtasks": [
-        {"source": "the red block", "target": "a yellow block", "box": [0, 0, 1, 1], "mask_label": 2}]}))
+    (tmp_path / "plan.json").write_text(
+        json.dumps(
+            {
+                "source_prompt": "a",
+                "target_prompt": "b",
+                "subtasks": [
+                    {"source": "the red block", "target": "a yellow block", "box": [0, 0, 1, 1], "mask_label": 2}
+                ],
+            }
+        )
+    )
     request = ["--request", REQUEST, "--boxes", "[null, [0, 0, 1, 1]]"]
     return [
         ([*request, "--masks", f"[{tmp_path / 'missing.png'}, null]"], "does not exist"),
@@ -333,8 +393,9 @@ def _bad_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
 
 def test_bad_mask_input_is_one_clear_error(tmp_path, image_file, capsys):
     for extra, message in _bad_cases(tmp_path):
-        code, err = gas_edit(capsys, "--image", image_file, "--output_dir", tmp_path / "out", "--plan_only", "true",
-                             *extra)
+        code, err = gas_edit(
+            capsys, "--image", image_file, "--output_dir", tmp_path / "out", "--plan_only", "true", *extra
+        )
         assert code == 2, (extra, err)
         assert message in err and err.count("\n") == 1, (extra, err)
 

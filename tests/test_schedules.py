@@ -16,8 +16,10 @@ from gas_lightning.pipeline import build_terms
 from gas_lightning.plan import EditPlan
 
 PLAN = EditPlan.from_lists(
-    ["a dog", "grass", "a red ball"], ["a cat", "snow", "a blue ball"],
-    boxes=[[0.1, 0.1, 0.6, 0.6], [0.0, 0.0, 1.0, 1.0], [0.5, 0.5, 0.75, 0.9]], preserve_form=[0, 0, 1],
+    ["a dog", "grass", "a red ball"],
+    ["a cat", "snow", "a blue ball"],
+    boxes=[[0.1, 0.1, 0.6, 0.6], [0.0, 0.0, 1.0, 1.0], [0.5, 0.5, 0.75, 0.9]],
+    preserve_form=[0, 0, 1],
 )
 
 
@@ -90,7 +92,8 @@ def test_keep_aware_sampling_gives_a_keep_term_the_draw_of_the_edit_around_it(ba
     from gas_lightning.pipeline import build_edit
 
     plan = EditPlan.from_lists(
-        ["a red ball", "grass", "a dog"], ["a blue ball", "snow", "a dog"],
+        ["a red ball", "grass", "a dog"],
+        ["a blue ball", "snow", "a dog"],
         boxes=[[0.55, 0.55, 0.95, 0.95], [0.0, 0.0, 1.0, 1.0], [0.05, 0.05, 0.4, 0.4]],
     )
     assert [s.keep for s in plan.subtasks] == [False, False, True]
@@ -98,8 +101,14 @@ def test_keep_aware_sampling_gives_a_keep_term_the_draw_of_the_edit_around_it(ba
     seen = {}
     for sampling in ("per_term", "keep_aware"):
         module = build_edit(backbone, image, plan, GuidanceConfig(full_prompt=False, batched_noise=sampling), seed=5)
-        L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                  enable_model_summary=False).fit(module)
+        L.Trainer(
+            max_steps=3,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        ).fit(module)
         seen[sampling] = [lg.t for lg in module.last_logs]
     ball, grass, keep = seen["keep_aware"]
     assert keep == grass and [ball, grass] == seen["per_term"][:2]
@@ -109,8 +118,11 @@ def test_keep_aware_sampling_gives_a_keep_term_the_draw_of_the_edit_around_it(ba
 def test_terms_given_one_draw_share_their_null_text_samples(backbone):
     """keep_aware hands a keep term the very (t, eps) of an edit term: its null-text pair is the edit's,
     so the call holds 4n - 2 samples, and the gradient is still the sum of the terms taken one by one."""
-    plan = EditPlan.from_lists(["a red ball", "grass", "a dog"], ["a blue ball", "snow", "a dog"],
-                               boxes=[[0.55, 0.55, 0.95, 0.95], [0.0, 0.0, 1.0, 1.0], [0.05, 0.05, 0.4, 0.4]])
+    plan = EditPlan.from_lists(
+        ["a red ball", "grass", "a dog"],
+        ["a blue ball", "snow", "a dog"],
+        boxes=[[0.55, 0.55, 0.95, 0.95], [0.0, 0.0, 1.0, 1.0], [0.05, 0.05, 0.4, 0.4]],
+    )
     cfg = GuidanceConfig(full_prompt=False)
     guidance = GroundedScoreGuidance(backbone, cfg)
     terms = build_terms(backbone, plan, EditMasks.from_plan(plan, 16, 16), cfg)
@@ -137,8 +149,15 @@ def test_default_timesteps_are_the_references_randint_50_949():
 
     from gas_lightning.module import GroundAScoreEdit
 
-    fake = SimpleNamespace(guidance=SimpleNamespace(config=GuidanceConfig()), _progress=lambda: 0.0, _trainer=None,
-                           latent=torch.zeros(1, 1, 1, 1), device=torch.device("cpu"), terms=[], global_step=0)
+    fake = SimpleNamespace(
+        guidance=SimpleNamespace(config=GuidanceConfig()),
+        _progress=lambda: 0.0,
+        _trainer=None,
+        latent=torch.zeros(1, 1, 1, 1),
+        device=torch.device("cpu"),
+        terms=[],
+        global_step=0,
+    )
     gen = torch.Generator().manual_seed(0)
     drawn = {GroundAScoreEdit._draw(fake, gen)[0] for _ in range(20000)}
     # 20000 draws from 899 values: each value is missed with probability (898/899)^20000 ~ e^-22

@@ -25,7 +25,6 @@ REQUEST = "change the red block into a yellow block. change the grass into snow.
 BOXES = "[[0.05, 0.05, 0.45, 0.5], [0, 0, 1, 1]]"
 
 
-
 @pytest.fixture(scope="module")
 def tiny_sdxl(tmp_path_factory) -> str:
     return str(build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl")))
@@ -49,16 +48,26 @@ def _pipeline_conditioning(pipe, prompts, height, width):
     """Token embeddings, pooled embeddings and time ids exactly as StableDiffusionXLPipeline makes them."""
     with torch.no_grad():
         hidden, null_hidden, pooled, null_pooled = pipe.encode_prompt(
-            prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True)
-    time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=torch.float32,
-                                      text_encoder_projection_dim=int(pipe.text_encoder_2.config.projection_dim))
+            prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True
+        )
+    time_ids = pipe._get_add_time_ids(
+        (height, width),
+        (0, 0),
+        (height, width),
+        dtype=torch.float32,
+        text_encoder_projection_dim=int(pipe.text_encoder_2.config.projection_dim),
+    )
     return hidden, pooled, null_hidden[:1], null_pooled[:1], time_ids
 
 
 def _raw_eps(pipe, z_t, t, hidden, pooled, time_ids):
     with torch.no_grad():
-        return pipe.unet(z_t, torch.tensor([t]), encoder_hidden_states=hidden,
-                         added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        return pipe.unet(
+            z_t,
+            torch.tensor([t]),
+            encoder_hidden_states=hidden,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+        ).sample
 
 
 class UNetSpy:
@@ -72,8 +81,14 @@ class UNetSpy:
 
         def forward(unet, sample, timestep, encoder_hidden_states, *args, **kwargs):
             added = kwargs.get("added_cond_kwargs")
-            self.calls.append({"batch": sample.shape[0], "size": tuple(sample.shape[-2:]), "hidden": encoder_hidden_states,
-                               "added": None if added is None else {k: v.detach().clone() for k, v in added.items()}})
+            self.calls.append(
+                {
+                    "batch": sample.shape[0],
+                    "size": tuple(sample.shape[-2:]),
+                    "hidden": encoder_hidden_states,
+                    "added": None if added is None else {k: v.detach().clone() for k, v in added.items()},
+                }
+            )
             return original(unet, sample, timestep, encoder_hidden_states, *args, **kwargs)
 
         monkeypatch.setattr(UNet2DConditionModel, "forward", forward)
@@ -118,9 +133,13 @@ def test_other_families_are_refused_with_one_message(tiny_sdxl, tmp_path, pipeli
 
     folder = tmp_path / pipeline
     folder.mkdir()
-    index = {"_class_name": pipeline, "transformer": ["diffusers", "SD3Transformer2DModel"],
-             "text_encoder": ["transformers", "CLIPTextModelWithProjection"], "vae": ["diffusers", "AutoencoderKL"],
-             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
+    index = {
+        "_class_name": pipeline,
+        "transformer": ["diffusers", "SD3Transformer2DModel"],
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    }
     (folder / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ModelLoadError) as err:
         load_backbone(str(folder))
@@ -244,22 +263,44 @@ def _run(argv: list[str]) -> int:
 
 
 def _edit_args(model: str, image: str, out: Path, *extra: str) -> list[str]:
-    return ["--config", str(REPO / "configs" / "tiny.yaml"), "--model", model, "--image", image, "--request", REQUEST,
-            "--boxes", BOXES, "--output_dir", str(out), *extra]
+    return [
+        "--config",
+        str(REPO / "configs" / "tiny.yaml"),
+        "--model",
+        model,
+        "--image",
+        image,
+        "--request",
+        REQUEST,
+        "--boxes",
+        BOXES,
+        "--output_dir",
+        str(out),
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("schedule", ["batched", "sequential"])
-def test_every_unet_call_of_an_edit_carries_the_added_conditioning(tiny_sdxl, sdxl, image_file, tmp_path, monkeypatch,
-                                                                   schedule):
+def test_every_unet_call_of_an_edit_carries_the_added_conditioning(
+    tiny_sdxl, sdxl, image_file, tmp_path, monkeypatch, schedule
+):
     """Both schedules, and the CDS term (tiny.yaml preserves the first subtask's form): every UNet call gets
     text_embeds with one row per sample, each row a prompt's pooled embedding (zeros for the null text),
     and the time ids of the 40 x 32 working size."""
     spy = UNetSpy(monkeypatch)
-    assert _run(_edit_args(tiny_sdxl, image_file, tmp_path / "out", "--schedule", schedule,
-                           "--trainer.max_steps", "2")) == 0
+    assert (
+        _run(_edit_args(tiny_sdxl, image_file, tmp_path / "out", "--schedule", schedule, "--trainer.max_steps", "2"))
+        == 0
+    )
     assert (tmp_path / "out" / "edited.png").is_file()
-    prompts = ["the red block", "the grass", "a yellow block", "snow", "the red block and the grass",
-               "a yellow block and snow"]
+    prompts = [
+        "the red block",
+        "the grass",
+        "a yellow block",
+        "snow",
+        "the red block and the grass",
+        "a yellow block and snow",
+    ]
     pooled = sdxl.encode_prompts(prompts).pooled
     allowed = torch.cat([torch.zeros(1, 24), pooled])
     edit_calls = [c for c in spy.calls if c["size"] == (16, 20)]  # the 48x40 input works at 40x32 -> 20x16 latents
@@ -268,7 +309,9 @@ def test_every_unet_call_of_an_edit_carries_the_added_conditioning(tiny_sdxl, sd
     for call in edit_calls:
         text_embeds, time_ids = call["added"]["text_embeds"], call["added"]["time_ids"]
         assert text_embeds.shape == (call["batch"], 24) and time_ids.shape == (call["batch"], 6)
-        torch.testing.assert_close(time_ids, torch.tensor([[32.0, 40.0, 0.0, 0.0, 32.0, 40.0]]).expand(call["batch"], 6))
+        torch.testing.assert_close(
+            time_ids, torch.tensor([[32.0, 40.0, 0.0, 0.0, 32.0, 40.0]]).expand(call["batch"], 6)
+        )
         for row in text_embeds:
             match = [i for i, ref in enumerate(allowed) if torch.allclose(row, ref, atol=1e-6)]
             assert match, "a text_embeds row that is no prompt's pooled embedding"
@@ -304,8 +347,9 @@ def test_v_prediction_sdxl_edit(tmp_path, image_file):
 def test_unsupported_family_exits_2_with_one_line(tmp_path, image_file, capsys):
     folder = tmp_path / "flux"
     folder.mkdir()
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline",
-                                                         "transformer": ["diffusers", "FluxTransformer2DModel"]}))
+    (folder / "model_index.json").write_text(
+        json.dumps({"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]})
+    )
     assert _run(_edit_args(str(folder), image_file, tmp_path / "out")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "FluxPipeline" in err[0] and "Traceback" not in err[0]
@@ -314,9 +358,28 @@ def test_unsupported_family_exits_2_with_one_line(tmp_path, image_file, capsys):
 def test_the_shipped_sdxl_config_runs_an_edit(tiny_sdxl, image_file, tmp_path):
     """configs/sdxl.yaml with the tiny SDXL model in place of the hub id (CPU: full precision)."""
     out = tmp_path / "out"
-    argv = ["--config", str(REPO / "configs" / "sdxl.yaml"), "--model", tiny_sdxl, "--image", image_file,
-            "--request", REQUEST, "--boxes", BOXES, "--output_dir", str(out), "--trainer.precision", "32-true",
-            "--trainer.accelerator", "cpu", "--trainer.max_steps", "1", "--trainer.enable_progress_bar", "false"]
+    argv = [
+        "--config",
+        str(REPO / "configs" / "sdxl.yaml"),
+        "--model",
+        tiny_sdxl,
+        "--image",
+        image_file,
+        "--request",
+        REQUEST,
+        "--boxes",
+        BOXES,
+        "--output_dir",
+        str(out),
+        "--trainer.precision",
+        "32-true",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.max_steps",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
     assert _run(argv) == 0
     assert Image.open(out / "edited.png").size == (40, 32)  # the model's own working size (tiny: 32)
 
@@ -328,11 +391,19 @@ def test_sdxl_preset_cds_weight_keeps_sd15s_total_over_its_self_attention_layers
     from diffusers import UNet2DConditionModel
 
     sdxl_config = dict(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json, the fields that shape the blocks
-        sample_size=128, block_out_channels=[320, 640, 1280], layers_per_block=2, transformer_layers_per_block=[1, 2, 10],
-        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], attention_head_dim=[5, 10, 20],
-        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], cross_attention_dim=2048,
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816)
+        sample_size=128,
+        block_out_channels=[320, 640, 1280],
+        layers_per_block=2,
+        transformer_layers_per_block=[1, 2, 10],
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        attention_head_dim=[5, 10, 20],
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
     counts = []
     for config in ({"cross_attention_dim": 768}, sdxl_config):  # diffusers' defaults are SD 1.5's UNet
         with torch.device("meta"):

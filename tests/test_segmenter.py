@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_bad_inputs import gas_edit  # one in-process gas-edit run: exit status and stderr
 
 from gas_lightning.errors import ModelLoadError
 from gas_lightning.grounding.segmenter import SamSegmenter, inside_box, segment_plan
 from gas_lightning.masks import read_mask
 from gas_lightning.plan import EditPlan, Subtask
-from test_bad_inputs import gas_edit  # one in-process gas-edit run: exit status and stderr
 
 REPO = Path(__file__).resolve().parents[1]
 REQUEST = "change the red block into a yellow block. change the grass into snow."
@@ -29,22 +29,36 @@ REQUEST = "change the red block into a yellow block. change the grass into snow.
 def tiny_sam(tmp_path_factory) -> str:
     from transformers import SamConfig, SamImageProcessor, SamModel, SamProcessor
     from transformers.models.sam.configuration_sam import (
-        SamMaskDecoderConfig, SamPromptEncoderConfig, SamVisionConfig,
+        SamMaskDecoderConfig,
+        SamPromptEncoderConfig,
+        SamVisionConfig,
     )
 
     folder = tmp_path_factory.mktemp("tiny_sam")
     torch.manual_seed(0)
-    vision = SamVisionConfig(hidden_size=16, output_channels=8, num_hidden_layers=2, num_attention_heads=2,
-                             image_size=64, patch_size=8, window_size=4, global_attn_indexes=[1], num_pos_feats=4,
-                             mlp_dim=32)
+    vision = SamVisionConfig(
+        hidden_size=16,
+        output_channels=8,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=64,
+        patch_size=8,
+        window_size=4,
+        global_attn_indexes=[1],
+        num_pos_feats=4,
+        mlp_dim=32,
+    )
     prompt = SamPromptEncoderConfig(hidden_size=8, image_size=64, patch_size=8, mask_input_channels=4)
-    decoder = SamMaskDecoderConfig(hidden_size=8, mlp_dim=16, num_hidden_layers=1, num_attention_heads=2,
-                                   iou_head_hidden_dim=8)
-    config = SamConfig(vision_config=vision.to_dict(), prompt_encoder_config=prompt.to_dict(),
-                       mask_decoder_config=decoder.to_dict())
+    decoder = SamMaskDecoderConfig(
+        hidden_size=8, mlp_dim=16, num_hidden_layers=1, num_attention_heads=2, iou_head_hidden_dim=8
+    )
+    config = SamConfig(
+        vision_config=vision.to_dict(), prompt_encoder_config=prompt.to_dict(), mask_decoder_config=decoder.to_dict()
+    )
     SamModel(config).save_pretrained(folder)
-    SamProcessor(image_processor=SamImageProcessor(size={"longest_edge": 64},
-                                                   pad_size={"height": 64, "width": 64})).save_pretrained(folder)
+    SamProcessor(
+        image_processor=SamImageProcessor(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64})
+    ).save_pretrained(folder)
     return str(folder)
 
 
@@ -70,11 +84,15 @@ def test_sam_returns_one_mask_per_box_at_the_image_size(tiny_sam):
 
 def test_segment_plan_masks_boxed_subtasks_and_leaves_the_whole_image_alone(tiny_sam, image_file):
     image = Image.open(image_file)
-    plan = EditPlan("s", "t", (
-        Subtask("the red block", "a yellow block", box=(0.05, 0.05, 0.45, 0.5)),
-        Subtask("the grass", "snow", box=(0.0, 0.0, 1.0, 1.0)),
-        Subtask("the blue block", "a green block", box=(0.5, 0.4, 0.95, 0.95), mask="given.png"),
-    ))
+    plan = EditPlan(
+        "s",
+        "t",
+        (
+            Subtask("the red block", "a yellow block", box=(0.05, 0.05, 0.45, 0.5)),
+            Subtask("the grass", "snow", box=(0.0, 0.0, 1.0, 1.0)),
+            Subtask("the blue block", "a green block", box=(0.5, 0.4, 0.95, 0.95), mask="given.png"),
+        ),
+    )
     full = np.ones((40, 48), dtype=np.float32)
     fixed = _Fixed([full])
     out = segment_plan(plan, image, fixed)
@@ -108,17 +126,45 @@ def test_inside_box_by_hand():
 
 def test_cli_segmenter_writes_masks_and_grounding_png_then_edits(tiny_sam, tiny_pixel, image_file, tmp_path, capsys):
     out = tmp_path / "out"
-    code, err = gas_edit(capsys, "--config", REPO / "configs" / "tiny.yaml", "--model", tiny_pixel, "--image",
-                         image_file, "--request", REQUEST, "--boxes", "[[0.05, 0.05, 0.45, 0.5], [0, 0, 1, 1]]",
-                         "--segmenter", tiny_sam, "--output_dir", out, "--trainer.max_steps", "1")
+    code, err = gas_edit(
+        capsys,
+        "--config",
+        REPO / "configs" / "tiny.yaml",
+        "--model",
+        tiny_pixel,
+        "--image",
+        image_file,
+        "--request",
+        REQUEST,
+        "--boxes",
+        "[[0.05, 0.05, 0.45, 0.5], [0, 0, 1, 1]]",
+        "--segmenter",
+        tiny_sam,
+        "--output_dir",
+        out,
+        "--trainer.max_steps",
+        "1",
+    )
     assert code == 0, err
     plan = json.loads((out / "plan.json").read_text())
     assert plan["subtasks"][0]["mask"].startswith("data:image/png;base64,")
     assert "mask" not in plan["subtasks"][1]
     assert (out / "edited.png").is_file()
-    code, err = gas_edit(capsys, "--image", image_file, "--request", REQUEST, "--boxes",
-                         "[[0.05, 0.05, 0.45, 0.5], [0, 0, 1, 1]]", "--segmenter", tiny_sam, "--output_dir",
-                         tmp_path / "plan_only", "--plan_only", "true")
+    code, err = gas_edit(
+        capsys,
+        "--image",
+        image_file,
+        "--request",
+        REQUEST,
+        "--boxes",
+        "[[0.05, 0.05, 0.45, 0.5], [0, 0, 1, 1]]",
+        "--segmenter",
+        tiny_sam,
+        "--output_dir",
+        tmp_path / "plan_only",
+        "--plan_only",
+        "true",
+    )
     assert code == 0 and (tmp_path / "plan_only" / "grounding.png").is_file()
 
 
@@ -126,13 +172,28 @@ def test_cli_segmenter_writes_masks_and_grounding_png_then_edits(tiny_sam, tiny_
 def test_missing_sam_weights_are_one_clear_error(which, tmp_path, image_file, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: nothing to find offline
-    name = {"missing_folder": str(tmp_path / "nowhere"), "empty_folder": str(tmp_path),
-            "uncached_hub_id": "facebook/sam-vit-base"}[which]
+    name = {
+        "missing_folder": str(tmp_path / "nowhere"),
+        "empty_folder": str(tmp_path),
+        "uncached_hub_id": "facebook/sam-vit-base",
+    }[which]
     with pytest.raises(ModelLoadError, match="--segmenter /local/path"):
         SamSegmenter(name)
-    code, err = gas_edit(capsys, "--image", image_file, "--request", REQUEST, "--boxes",
-                         "[[0.05, 0.05, 0.45, 0.5], [0, 0, 1, 1]]", "--segmenter", name, "--output_dir",
-                         tmp_path / "out", "--plan_only", "true")
+    code, err = gas_edit(
+        capsys,
+        "--image",
+        image_file,
+        "--request",
+        REQUEST,
+        "--boxes",
+        "[[0.05, 0.05, 0.45, 0.5], [0, 0, 1, 1]]",
+        "--segmenter",
+        name,
+        "--output_dir",
+        tmp_path / "out",
+        "--plan_only",
+        "true",
+    )
     assert code == 2 and "segmenter" in err and err.count("\n") == 1, err
 
 
@@ -140,13 +201,17 @@ def test_same_outline_scope_leaves_shape_changes_their_boxes(image_file):
     """--segment same_outline: kept objects, recolours and preserve-form swaps get masks; a square
     turning into a triangle keeps its box (its mask would be the old square)."""
     box = (0.1, 0.1, 0.5, 0.5)
-    plan = EditPlan("s", "t", (
-        Subtask("the red circle", "a blue circle", box=box),  # recolour: same noun
-        Subtask("the red square", "a red triangle", box=box),  # shape change
-        Subtask("the orange triangle", "the orange triangle", box=box),  # keep
-        Subtask("a dog", "a cat", box=box, preserve_form=True),  # pose-keeping swap
-        Subtask("the grass", "snow", box=(0.0, 0.0, 1.0, 1.0)),
-    ))
+    plan = EditPlan(
+        "s",
+        "t",
+        (
+            Subtask("the red circle", "a blue circle", box=box),  # recolour: same noun
+            Subtask("the red square", "a red triangle", box=box),  # shape change
+            Subtask("the orange triangle", "the orange triangle", box=box),  # keep
+            Subtask("a dog", "a cat", box=box, preserve_form=True),  # pose-keeping swap
+            Subtask("the grass", "snow", box=(0.0, 0.0, 1.0, 1.0)),
+        ),
+    )
     mask = np.ones((40, 48), dtype=np.float32)
     fixed = _Fixed([mask, mask, mask])
     out = segment_plan(plan, Image.open(image_file), fixed, scope="same_outline")
@@ -167,8 +232,21 @@ def test_gas_edit_segment_flag_reaches_the_segmenter(tmp_path, capsys):
     image = tmp_path / "scene.png"
     render_pil(case.source).save(image)
     case.edit_plan().save(tmp_path / "plan.json")
-    code, _ = gas_edit(capsys, "--image", image, "--plan", tmp_path / "plan.json", "--segmenter", "world",
-                       "--segment", "same_outline", "--output_dir", tmp_path / "out", "--plan_only", "true")
+    code, _ = gas_edit(
+        capsys,
+        "--image",
+        image,
+        "--plan",
+        tmp_path / "plan.json",
+        "--segmenter",
+        "world",
+        "--segment",
+        "same_outline",
+        "--output_dir",
+        tmp_path / "out",
+        "--plan_only",
+        "true",
+    )
     assert code == 0
     plan = EditPlan.load(tmp_path / "out" / "plan.json")
     shaped = [s for s in plan.subtasks if s.source != s.target and s.box != (0.0, 0.0, 1.0, 1.0)]

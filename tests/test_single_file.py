@@ -22,12 +22,22 @@ from gas_lightning.errors import ModelLoadError
 from gas_lightning.testing import build_tiny_sd, build_tiny_sdxl
 
 REPO = Path(__file__).resolve().parents[1]
-UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
-               "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+UNET_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
 VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-OPENCLIP_LAYER = [("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
-                  ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]
-
+OPENCLIP_LAYER = [
+    ("self_attn.out_proj", "attn.out_proj"),
+    ("layer_norm1", "ln_1"),
+    ("layer_norm2", "ln_2"),
+    ("mlp.fc1", "mlp.c_fc"),
+    ("mlp.fc2", "mlp.c_proj"),
+]
 
 
 # --- diffusers layout -> original layout (test-only) -----------------------------------------
@@ -58,16 +68,28 @@ def unet_to_ldm(state: dict, config: dict) -> dict:
             new = f"input_blocks.{1 + int(p[1]) * per + per - 1}.0.op.{p[-1]}"
         elif p[0] == "down_blocks":
             block, rest = 1 + int(p[1]) * per + int(p[3]), ".".join(p[4:])
-            new = f"input_blocks.{block}.0.{_rename_first(rest, UNET_RESNET)}" if p[2] == "resnets" else f"input_blocks.{block}.1.{rest}"
+            new = (
+                f"input_blocks.{block}.0.{_rename_first(rest, UNET_RESNET)}"
+                if p[2] == "resnets"
+                else f"input_blocks.{block}.1.{rest}"
+            )
         elif p[0] == "mid_block":
             rest = ".".join(p[3:])
-            new = f"middle_block.{2 * int(p[2])}.{_rename_first(rest, UNET_RESNET)}" if p[1] == "resnets" else f"middle_block.1.{rest}"
+            new = (
+                f"middle_block.{2 * int(p[2])}.{_rename_first(rest, UNET_RESNET)}"
+                if p[1] == "resnets"
+                else f"middle_block.1.{rest}"
+            )
         elif p[0] == "up_blocks" and p[2] == "upsamplers":
             has_attention = any(k.startswith(f"up_blocks.{p[1]}.attentions.") for k in state)
             new = f"output_blocks.{int(p[1]) * per + per - 1}.{2 if has_attention else 1}.conv.{p[-1]}"
         elif p[0] == "up_blocks":
             block, rest = int(p[1]) * per + int(p[3]), ".".join(p[4:])
-            new = f"output_blocks.{block}.0.{_rename_first(rest, UNET_RESNET)}" if p[2] == "resnets" else f"output_blocks.{block}.1.{rest}"
+            new = (
+                f"output_blocks.{block}.0.{_rename_first(rest, UNET_RESNET)}"
+                if p[2] == "resnets"
+                else f"output_blocks.{block}.1.{rest}"
+            )
         else:
             raise KeyError(key)
         out["model.diffusion_model." + new] = value
@@ -90,7 +112,9 @@ def vae_to_ldm(state: dict, config: dict) -> dict:
         elif p[1] == "down_blocks":
             new = f"{side}.down.{p[2]}.downsample.conv.{p[-1]}"
         elif p[1] == "up_blocks" and p[3] == "resnets":
-            new = f"{side}.up.{n_up - 1 - int(p[2])}.block.{p[4]}.{'.'.join(p[5:])}".replace("conv_shortcut", "nin_shortcut")
+            new = f"{side}.up.{n_up - 1 - int(p[2])}.block.{p[4]}.{'.'.join(p[5:])}".replace(
+                "conv_shortcut", "nin_shortcut"
+            )
         elif p[1] == "up_blocks":
             new = f"{side}.up.{n_up - 1 - int(p[2])}.upsample.conv.{p[-1]}"
         elif p[1] == "mid_block" and p[2] == "resnets":
@@ -131,14 +155,19 @@ def openclip_to_ldm(state: dict, prefix: str) -> dict:
             rest = rest.replace(d, o)
         out[f"{prefix}transformer.resblocks.{layer}.{rest}"] = value
     for (layer, kind), parts in fused.items():
-        out[f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+        out[f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat(
+            [parts["q"], parts["k"], parts["v"]]
+        )
     return out
 
 
 def write_single_file(folder: Path, target: Path) -> Path:
     """The whole model as one original-layout .safetensors file."""
     config = lambda c: json.loads((folder / c / "config.json").read_text())  # noqa: E731
-    state = {**unet_to_ldm(_weights(folder, "unet"), config("unet")), **vae_to_ldm(_weights(folder, "vae"), config("vae"))}
+    state = {
+        **unet_to_ldm(_weights(folder, "unet"), config("unet")),
+        **vae_to_ldm(_weights(folder, "vae"), config("vae")),
+    }
     if (folder / "text_encoder_2").is_dir():
         state.update(clip_to_ldm(_weights(folder, "text_encoder"), "conditioner.embedders.0.transformer."))
         state.update(openclip_to_ldm(_weights(folder, "text_encoder_2"), "conditioner.embedders.1.model."))
@@ -158,7 +187,12 @@ def config_folder(folder: Path, target: Path) -> Path:
 def single(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"single_{request.param}")
     folder = (build_tiny_sdxl if request.param == "sdxl" else build_tiny_sd)(tmp / "model")
-    return request.param, folder, write_single_file(folder, tmp / "model.safetensors"), config_folder(folder, tmp / "config")
+    return (
+        request.param,
+        folder,
+        write_single_file(folder, tmp / "model.safetensors"),
+        config_folder(folder, tmp / "config"),
+    )
 
 
 # --- tests -----------------------------------------------------------------------------------
@@ -183,8 +217,12 @@ def test_single_file_equals_the_folder_it_came_from(single):
     prompts = ["a cat", "snow"]
     z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([100, 700])
-    torch.testing.assert_close(got.predict_eps(z, t, got.encode_prompts(prompts)),
-                               ref.predict_eps(z, t, ref.encode_prompts(prompts)), rtol=0, atol=0)
+    torch.testing.assert_close(
+        got.predict_eps(z, t, got.encode_prompts(prompts)),
+        ref.predict_eps(z, t, ref.encode_prompts(prompts)),
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_single_file_edit_end_to_end(single, image_file, tmp_path):
@@ -192,9 +230,24 @@ def test_single_file_edit_end_to_end(single, image_file, tmp_path):
 
     family, _, file, config = single
     out = tmp_path / "out"
-    argv = ["--config", str(REPO / "configs" / "tiny.yaml"), "--model", str(file), "--model_config", str(config),
-            "--image", image_file, "--request", "change the red block into a yellow block. change the grass into snow.",
-            "--boxes", "[[0.05, 0.05, 0.45, 0.5], [0, 0, 1, 1]]", "--output_dir", str(out), "--trainer.max_steps", "2"]
+    argv = [
+        "--config",
+        str(REPO / "configs" / "tiny.yaml"),
+        "--model",
+        str(file),
+        "--model_config",
+        str(config),
+        "--image",
+        image_file,
+        "--request",
+        "change the red block into a yellow block. change the grass into snow.",
+        "--boxes",
+        "[[0.05, 0.05, 0.45, 0.5], [0, 0, 1, 1]]",
+        "--output_dir",
+        str(out),
+        "--trainer.max_steps",
+        "2",
+    ]
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 0
@@ -210,9 +263,15 @@ def test_a_single_file_model_loaded_once_edits_through_the_api(single, image_fil
 
     _, _, file, config = single
     model = load_model(str(file), device="cpu", model_config=str(config))
-    result = edit(image_file, "change the red block into a yellow block. change the grass into snow.",
-                  boxes=[[0.05, 0.05, 0.45, 0.5], [0, 0, 1, 1]], model=model, steps=1,
-                  config=REPO / "configs" / "tiny.yaml", output_dir=tmp_path / "api")
+    result = edit(
+        image_file,
+        "change the red block into a yellow block. change the grass into snow.",
+        boxes=[[0.05, 0.05, 0.45, 0.5], [0, 0, 1, 1]],
+        model=model,
+        steps=1,
+        config=REPO / "configs" / "tiny.yaml",
+        output_dir=tmp_path / "api",
+    )
     saved = yaml.safe_load((tmp_path / "api" / "config.yaml").read_text())
     assert saved["model"] == str(file) and saved["model_config"] == str(config)
     with pytest.raises(SystemExit) as exit_info:
@@ -225,9 +284,21 @@ def test_a_single_file_model_loaded_once_edits_through_the_api(single, image_fil
 def _expect(capsys, tmp_path, image_file, model, *extra) -> str:
     from gas_lightning.cli import main
 
-    argv = ["--config", str(REPO / "configs" / "tiny.yaml"), "--model", str(model), "--image", image_file,
-            "--request", "change the red block into a yellow block. change the grass into snow.",
-            "--boxes", "[[0.05, 0.05, 0.45, 0.5], [0, 0, 1, 1]]", "--output_dir", str(tmp_path / "o"), *extra]
+    argv = [
+        "--config",
+        str(REPO / "configs" / "tiny.yaml"),
+        "--model",
+        str(model),
+        "--image",
+        image_file,
+        "--request",
+        "change the red block into a yellow block. change the grass into snow.",
+        "--boxes",
+        "[[0.05, 0.05, 0.45, 0.5], [0, 0, 1, 1]]",
+        "--output_dir",
+        str(tmp_path / "o"),
+        *extra,
+    ]
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     err = capsys.readouterr().err.strip()
@@ -240,8 +311,10 @@ def test_single_file_errors(single, tmp_path, image_file, capsys):
     assert "needs --model_config FOLDER" in _expect(capsys, tmp_path, image_file, file)
     assert "drop --model_config" in _expect(capsys, tmp_path, image_file, folder, "--model_config", str(config))
     assert "is not a folder" in _expect(capsys, tmp_path, image_file, file, "--model_config", str(file))
-    other = config_folder(build_tiny_sd(tmp_path / "sd") if family == "sdxl" else build_tiny_sdxl(tmp_path / "xl"),
-                          tmp_path / "other_config")
+    other = config_folder(
+        build_tiny_sd(tmp_path / "sd") if family == "sdxl" else build_tiny_sdxl(tmp_path / "xl"),
+        tmp_path / "other_config",
+    )
     capsys.readouterr()  # the builder's progress bars
     err = _expect(capsys, tmp_path, image_file, file, "--model_config", str(other))
     assert "is a checkpoint of" in err and "config folder of" in err
@@ -249,16 +322,21 @@ def test_single_file_errors(single, tmp_path, image_file, capsys):
     unet_config = json.loads((resized / "unet" / "config.json").read_text())
     (resized / "unet" / "config.json").write_text(json.dumps({**unet_config, "block_out_channels": [16, 64]}))
     assert "could not be loaded with the configs in --model_config" in _expect(
-        capsys, tmp_path, image_file, file, "--model_config", str(resized))
+        capsys, tmp_path, image_file, file, "--model_config", str(resized)
+    )
     lora = tmp_path / "lora.safetensors"
     save_file({"lora_unet_down_blocks_0.lora_down.weight": torch.zeros(2, 2)}, str(lora))
     assert "holds no UNet weights" in _expect(capsys, tmp_path, image_file, lora, "--model_config", str(config))
     pickled = tmp_path / "model.ckpt"
     torch.save({"state_dict": load_file(file)}, pickled)
-    assert "--allow_pickle_weights true" in _expect(capsys, tmp_path, image_file, pickled, "--model_config", str(config))
+    assert "--allow_pickle_weights true" in _expect(
+        capsys, tmp_path, image_file, pickled, "--model_config", str(config)
+    )
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(file.read_bytes()[:1000])
-    assert "not a readable .safetensors file" in _expect(capsys, tmp_path, image_file, truncated, "--model_config", str(config))
+    assert "not a readable .safetensors file" in _expect(
+        capsys, tmp_path, image_file, truncated, "--model_config", str(config)
+    )
 
 
 def test_single_file_family_check_refuses_transformers():

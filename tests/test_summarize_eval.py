@@ -10,14 +10,28 @@ import summarize_eval  # noqa: E402
 
 
 def record(method, seed, case, ok, psnr):
-    return {"method": method, "seed": seed, "case": case, "all_attributes": ok, "psnr_outside": psnr,
-            "bg_psnr_in_boxes": 20.0, "preserved": 1.0, "seconds": 1.0,
-            "attributes": [{"kind": "colour", "ok": bool(ok), "requested": "red", "got": "red"}]}
+    return {
+        "method": method,
+        "seed": seed,
+        "case": case,
+        "all_attributes": ok,
+        "psnr_outside": psnr,
+        "bg_psnr_in_boxes": 20.0,
+        "preserved": 1.0,
+        "seconds": 1.0,
+        "attributes": [{"kind": "colour", "ok": bool(ok), "requested": "red", "got": "red"}],
+    }
 
 
 def test_paired_success_and_psnr_by_hand(tmp_path):
-    rows = [record("boxes", 1, 0, 1.0, 30.0), record("boxes", 1, 1, 0.0, 20.0), record("boxes", 2, 0, 1.0, 25.0),
-            record("masks", 1, 0, 1.0, 33.0), record("masks", 1, 1, 1.0, float("nan")), record("masks", 2, 0, 0.0, 26.0)]
+    rows = [
+        record("boxes", 1, 0, 1.0, 30.0),
+        record("boxes", 1, 1, 0.0, 20.0),
+        record("boxes", 2, 0, 1.0, 25.0),
+        record("masks", 1, 0, 1.0, 33.0),
+        record("masks", 1, 1, 1.0, float("nan")),
+        record("masks", 2, 0, 0.0, 26.0),
+    ]
     path = tmp_path / "runs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = summarize_eval.summarize(summarize_eval.load([path]), n_boot=200)
@@ -33,8 +47,12 @@ def test_paired_success_and_psnr_by_hand(tmp_path):
 
 
 def test_psnr_outside_objects_is_paired_where_both_records_have_it(tmp_path):
-    rows = [record("boxes", 1, 0, 1.0, 30.0), record("boxes", 1, 1, 1.0, 30.0),
-            record("masks", 1, 0, 1.0, 31.0), record("masks", 1, 1, 1.0, 31.0)]
+    rows = [
+        record("boxes", 1, 0, 1.0, 30.0),
+        record("boxes", 1, 1, 1.0, 30.0),
+        record("masks", 1, 0, 1.0, 31.0),
+        record("masks", 1, 1, 1.0, 31.0),
+    ]
     rows[0]["psnr_outside_objects"], rows[2]["psnr_outside_objects"] = 20.0, 26.0  # case 1: older records, none
     path = tmp_path / "runs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

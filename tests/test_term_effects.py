@@ -55,6 +55,9 @@ def test_the_split_by_timestep_adds_up_to_each_terms_change():
 
 
 def test_the_command_prints_the_split_by_timestep(capsys):
-    assert term_effects.main(["--seed", "3", "--case", "1", "--steps", "3", "--masks", "same_outline", "--by_t", "500"]) == 0
+    assert (
+        term_effects.main(["--seed", "3", "--case", "1", "--steps", "3", "--masks", "same_outline", "--by_t", "500"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "text gap" in out and ("t    0- 499" in out or "t  500- 999" in out)

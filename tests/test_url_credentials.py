@@ -38,13 +38,29 @@ def files_holding(folder: Path, secret: str) -> list[str]:
     ],
     ids=["auto", "rules", "auto-structured", "llm", "sentences"],
 )
-@pytest.mark.parametrize("url", [WITH_PASSWORD, f"https://llm.example.com/v1?api_key={PASSWORD}",
-                                 f"https://{PASSWORD}@llm.example.com/v1"], ids=["user-password", "query", "user"])
+@pytest.mark.parametrize(
+    "url",
+    [WITH_PASSWORD, f"https://llm.example.com/v1?api_key={PASSWORD}", f"https://{PASSWORD}@llm.example.com/v1"],
+    ids=["user-password", "query", "user"],
+)
 def test_credentials_in_the_base_url_are_refused_and_written_nowhere(image_file, tmp_path, capsys, caplog, edit, url):
     out = tmp_path / "out"
     with caplog.at_level(logging.DEBUG):
-        code = run_cli(["--image", image_file, *edit, "--boxes", BOXES, "--llm_base_url", url,
-                        "--output_dir", str(out), "--plan_only", "true"])
+        code = run_cli(
+            [
+                "--image",
+                image_file,
+                *edit,
+                "--boxes",
+                BOXES,
+                "--llm_base_url",
+                url,
+                "--output_dir",
+                str(out),
+                "--plan_only",
+                "true",
+            ]
+        )
     captured = capsys.readouterr()
     assert code == 2
     assert "OPENAI_API_KEY" in captured.err and "Traceback" not in captured.err
@@ -58,8 +74,24 @@ def test_credentials_in_a_config_file_are_refused_before_a_full_edit(tiny_sd, im
     config.write_text(f"llm_base_url: {WITH_PASSWORD}\n")
     out = tmp_path / "out"
     with caplog.at_level(logging.DEBUG):
-        code = run_cli(["--config", str(config), "--model", tiny_sd, "--image", image_file, "--request", REQUEST,
-                        "--boxes", BOXES, "--output_dir", str(out), "--trainer.max_steps", "1"])
+        code = run_cli(
+            [
+                "--config",
+                str(config),
+                "--model",
+                tiny_sd,
+                "--image",
+                image_file,
+                "--request",
+                REQUEST,
+                "--boxes",
+                BOXES,
+                "--output_dir",
+                str(out),
+                "--trainer.max_steps",
+                "1",
+            ]
+        )
     captured = capsys.readouterr()
     assert code == 2 and "OPENAI_API_KEY" in captured.err
     assert PASSWORD not in captured.out + captured.err + caplog.text
@@ -68,15 +100,33 @@ def test_credentials_in_a_config_file_are_refused_before_a_full_edit(tiny_sd, im
 
 def test_a_plain_base_url_is_still_accepted_by_the_rules_planner(image_file, tmp_path):
     out = tmp_path / "out"
-    assert run_cli(["--image", image_file, "--request", REQUEST, "--boxes", BOXES, "--llm_base_url",
-                    "https://llm.example.com/v1", "--output_dir", str(out), "--plan_only", "true"]) == 0
+    assert (
+        run_cli(
+            [
+                "--image",
+                image_file,
+                "--request",
+                REQUEST,
+                "--boxes",
+                BOXES,
+                "--llm_base_url",
+                "https://llm.example.com/v1",
+                "--output_dir",
+                str(out),
+                "--plan_only",
+                "true",
+            ]
+        )
+        == 0
+    )
     assert "https://llm.example.com/v1" in (out / "config.yaml").read_text()
 
 
 def test_print_config_does_not_print_a_password(tmp_path, capsys):
     """jsonargparse prints --print_config while parsing; gas-edit checks the URL first."""
-    code = run_cli(["--image", "x.png", "--llm_base_url", WITH_PASSWORD, "--print_config",
-                    "--output_dir", str(tmp_path / "out")])
+    code = run_cli(
+        ["--image", "x.png", "--llm_base_url", WITH_PASSWORD, "--print_config", "--output_dir", str(tmp_path / "out")]
+    )
     out, err = capsys.readouterr()
     assert code == 2 and "OPENAI_API_KEY" in err
     assert PASSWORD not in out + err

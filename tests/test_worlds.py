@@ -11,11 +11,19 @@ from PIL import Image
 
 from gas_lightning.errors import GroundingError
 from gas_lightning.grounding.base import Grounder, GroundingMiss
-from gas_lightning.worlds import MODEL_DIR, EXAMPLE_IMAGE, EXAMPLE_REQUEST
+from gas_lightning.worlds import EXAMPLE_IMAGE, EXAMPLE_REQUEST, MODEL_DIR
 from gas_lightning.worlds.cases import Change, example_case, held_out_cases, make_case, sample_case
 from gas_lightning.worlds.grounder import WorldGrounder, parse_phrase
 from gas_lightning.worlds.scenes import (
-    BACKGROUNDS, COLOURS, PALETTE, Scene, SceneObject, caption_of, render, sample_scene, training_caption,
+    BACKGROUNDS,
+    COLOURS,
+    PALETTE,
+    Scene,
+    SceneObject,
+    caption_of,
+    render,
+    sample_scene,
+    training_caption,
 )
 from gas_lightning.worlds.scorer import aggregate, score
 
@@ -85,7 +93,9 @@ def test_cases_are_seeded_and_have_no_duplicates():
             kinds = [(o.shape, o.colour) for o in scene.objects]
             assert len(set(kinds)) == len(kinds)
         assert 2 <= len(c.changes) <= 3
-        assert c.plan.grounded and len(c.plan.subtasks) == len(c.edited_objects) + c.background_changed + len(c.kept_objects)
+        assert c.plan.grounded and len(c.plan.subtasks) == len(c.edited_objects) + c.background_changed + len(
+            c.kept_objects
+        )
         assert len(c.edit_plan(keep=False).subtasks) == len(c.changes)
         assert [s.keep for s in c.plan.subtasks].count(True) == len(c.kept_objects)
         for ch in c.changes:
@@ -99,7 +109,10 @@ def test_case_plan_and_request():
     assert c.request_text(keep=False) == "change the red circle into a yellow circle. change the snow into sand."
     p = c.plan
     assert [(s.source, s.target) for s in p.subtasks] == [
-        ("a red circle", "a yellow circle"), ("snow", "sand"), ("a blue square", "a blue square")]
+        ("a red circle", "a yellow circle"),
+        ("snow", "sand"),
+        ("a blue square", "a blue square"),
+    ]
     assert p.subtasks[0].box == src.box(0) and p.subtasks[1].box == (0.0, 0.0, 1.0, 1.0)
     assert p.subtasks[2].box == src.box(1) and p.subtasks[2].keep and p.subtasks[2].penalty is False
     assert p.source_prompt == "a red circle and a blue square on snow"
@@ -110,8 +123,14 @@ def test_case_plan_and_request():
 # scorer -----------------------------------------------------------------------------------
 def test_scorer_perfect_noop_and_wrong_object():
     src = _scene(("circle", "red", 2, 2, 12), ("square", "blue", 18, 4, 10), ("triangle", "green", 8, 18, 12))
-    c = make_case(src, [Change("colour", 0, "red", "yellow"), Change("shape", 1, "square", "circle"),
-                        Change("background", None, "snow", "sand")])
+    c = make_case(
+        src,
+        [
+            Change("colour", 0, "red", "yellow"),
+            Change("shape", 1, "square", "circle"),
+            Change("background", None, "snow", "sand"),
+        ],
+    )
     perfect = score(c.target_image, c)
     assert perfect["per_attribute"] == perfect["all_attributes"] == perfect["preserved"] == 1.0
     assert perfect["erosion"] == 0.0 and perfect["bg_psnr_in_boxes"] == perfect["psnr_outside"] == 60.0
@@ -122,8 +141,14 @@ def test_scorer_perfect_noop_and_wrong_object():
     assert noop["psnr_outside"] < 30
 
     # the yellow lands on the green triangle instead of the red circle
-    wrong = make_case(src, [Change("colour", 2, "green", "yellow"), Change("shape", 1, "square", "circle"),
-                            Change("background", None, "snow", "sand")])
+    wrong = make_case(
+        src,
+        [
+            Change("colour", 2, "green", "yellow"),
+            Change("shape", 1, "square", "circle"),
+            Change("background", None, "snow", "sand"),
+        ],
+    )
     s = score(wrong.target_image, c)
     assert [a["ok"] for a in s["attributes"]] == [False, True, True]
     assert s["preserved"] == 0.0 and s["all_attributes"] == 0.0
@@ -223,7 +248,9 @@ def test_shipped_model_loads_and_denoises():
     assert sched.config.num_train_timesteps == 1000 and sched.config.prediction_type == "epsilon"
     for word in [*COLOURS, *BACKGROUNDS, "circle", "square", "triangle"]:
         assert len(tok.tokenize(word)) == 1
-    ids = tok(["a red circle on snow"], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    ids = tok(
+        ["a red circle on snow"], padding="max_length", max_length=tok.model_max_length, return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         cond = text(ids)[0]
         out = unet(torch.randn(1, 3, 32, 32), torch.tensor([500]), encoder_hidden_states=cond).sample
@@ -252,8 +279,25 @@ def test_eval_world_json_has_every_metric_per_method(tmp_path):
 
     ev = _tool("eval_world")
     out = tmp_path / "r.json"
-    assert ev.main(["--cases", "1", "--steps", "2", "--methods", "dds,gas", "--json", str(out),
-                    "--figure", str(tmp_path / "f.png"), "--figure_cases", "1"]) == 0
+    assert (
+        ev.main(
+            [
+                "--cases",
+                "1",
+                "--steps",
+                "2",
+                "--methods",
+                "dds,gas",
+                "--json",
+                str(out),
+                "--figure",
+                str(tmp_path / "f.png"),
+                "--figure_cases",
+                "1",
+            ]
+        )
+        == 0
+    )
     payload = json.loads(out.read_text())
     assert list(payload["methods"]) == ["dds", "gas"]
     for agg in payload["methods"].values():
@@ -266,15 +310,33 @@ def test_eval_world_json_has_every_metric_per_method(tmp_path):
 
 def test_train_world_writes_a_loadable_model(tmp_path):
     """Three steps of a tiny UNet: the run folder gets TensorBoard logs and a model the loader reads."""
-    from gas_lightning.worlds.model import load_folder
-
     import torch
+
+    from gas_lightning.worlds.model import load_folder
 
     tw = _tool("train_world")
     threads = torch.get_num_threads()  # the script sets the process's thread count
     try:
-        tw.main(["--steps", "3", "--batch-size", "4", "--warmup", "1", "--save-every", "2", "--channels", "8,16,16",
-                 "--threads", "1", "--accelerator", "cpu", "--out", str(tmp_path)])
+        tw.main(
+            [
+                "--steps",
+                "3",
+                "--batch-size",
+                "4",
+                "--warmup",
+                "1",
+                "--save-every",
+                "2",
+                "--channels",
+                "8,16,16",
+                "--threads",
+                "1",
+                "--accelerator",
+                "cpu",
+                "--out",
+                str(tmp_path),
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     tok, text, unet, sched = load_folder(tmp_path / "model")
@@ -311,8 +373,25 @@ def test_eval_world_refuses_a_case_range_with_no_case(capsys):
 def test_eval_world_kinds_edits_only_the_cases_that_ask_for_that_kind(tmp_path, capsys):
     """--kinds shape: the jobs are the shape-change cases of the range, each under its own case number."""
     jobs = tmp_path / "jobs.jsonl"
-    assert _tool("eval_world").main(["--cases", "12", "--first_case", "2", "--seed", "4", "--methods", "gas",
-                                     "--kinds", "shape", "--write_jobs", str(jobs)]) == 0
+    assert (
+        _tool("eval_world").main(
+            [
+                "--cases",
+                "12",
+                "--first_case",
+                "2",
+                "--seed",
+                "4",
+                "--methods",
+                "gas",
+                "--kinds",
+                "shape",
+                "--write_jobs",
+                str(jobs),
+            ]
+        )
+        == 0
+    )
     names = [json.loads(line)["name"] for line in jobs.read_text().splitlines()]
     cases = held_out_cases(12, seed=4)
     wanted = [k for k in range(2, 12) if "shape" in [c.kind for c in cases[k].changes]]
@@ -331,7 +410,12 @@ def test_eval_world_noise_seed_redraws_only_the_edits_noise(tmp_path):
     for n in (0, 1):
         (tmp_path / f"n{n}").mkdir()
         jobs = tmp_path / f"n{n}" / "jobs.jsonl"
-        assert ev.main(["--cases", "3", "--seed", "4", "--methods", "gas", "--noise_seed", str(n), "--write_jobs", str(jobs)]) == 0
+        assert (
+            ev.main(
+                ["--cases", "3", "--seed", "4", "--methods", "gas", "--noise_seed", str(n), "--write_jobs", str(jobs)]
+            )
+            == 0
+        )
         lines[n] = [json.loads(line) for line in jobs.read_text().splitlines()]
     assert [j["name"] for j in lines[0]] == [j["name"] for j in lines[1]]
     assert len({j["seed"] for j in lines[0]} | {j["seed"] for j in lines[1]}) == 6  # every edit draws anew
@@ -339,6 +423,27 @@ def test_eval_world_noise_seed_redraws_only_the_edits_noise(tmp_path):
         assert (tmp_path / "n0" / a["plan"]).read_text() == (tmp_path / "n1" / b["plan"]).read_text()
         assert (tmp_path / "n0" / a["image"]).read_bytes() == (tmp_path / "n1" / b["image"]).read_bytes()
     progress = tmp_path / "p.jsonl"
-    assert ev.main(["--cases", "1", "--steps", "1", "--seed", "4", "--methods", "gas", "--noise_seed", "2",
-                    "--progress", str(progress), "--figure", str(tmp_path / "f.png"), "--figure_cases", "0"]) == 0
+    assert (
+        ev.main(
+            [
+                "--cases",
+                "1",
+                "--steps",
+                "1",
+                "--seed",
+                "4",
+                "--methods",
+                "gas",
+                "--noise_seed",
+                "2",
+                "--progress",
+                str(progress),
+                "--figure",
+                str(tmp_path / "f.png"),
+                "--figure_cases",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert json.loads(progress.read_text())["method"] == "gas+noise2"

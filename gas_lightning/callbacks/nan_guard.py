@@ -16,8 +16,10 @@ from typing_extensions import override
 
 from gas_lightning.errors import NonFiniteLatentError
 
-WHAT_TO_TRY = ("a smaller learning rate (--optimizer.lr), --trainer.precision 32, "
-               "or --dtype float32 when the model runs in half precision")
+WHAT_TO_TRY = (
+    "a smaller learning rate (--optimizer.lr), --trainer.precision 32, "
+    "or --dtype float32 when the model runs in half precision"
+)
 
 
 class NanGuard(Callback):
@@ -51,11 +53,16 @@ class NanGuard(Callback):
 
     def _resume(self) -> str:
         good = self.last_good_checkpoint()
-        return (f"the last good checkpoint is {good}: continue from it with --resume {good} and {WHAT_TO_TRY}"
-                if good is not None else f"no checkpoint was written before it; start again with {WHAT_TO_TRY}")
+        return (
+            f"the last good checkpoint is {good}: continue from it with --resume {good} and {WHAT_TO_TRY}"
+            if good is not None
+            else f"no checkpoint was written before it; start again with {WHAT_TO_TRY}"
+        )
 
     @override
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         check = getattr(pl_module, "check_gradient", None)
         if check is not None:
             check()  # its error gets the checkpoint to resume from in on_exception

@@ -43,7 +43,9 @@ class EditOutputs(Callback):
         edited = pl_module.decode().cpu()
         save_png(tensor_to_image(edited), self.output_dir / "edited.png")
         side = self.min_view_side
-        save_png(_viewable(tensor_to_image(torch.cat([source, edited], dim=-1)), side), self.output_dir / "comparison.png")
+        save_png(
+            _viewable(tensor_to_image(torch.cat([source, edited], dim=-1)), side), self.output_dir / "comparison.png"
+        )
         overlay = mask_overlay(source, pl_module.masks.subtasks.cpu())
         save_png(_viewable(tensor_to_image(overlay), side), self.output_dir / "masks.png")
         with atomic_write(self.output_dir / "latent.pt") as f:

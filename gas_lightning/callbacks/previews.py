@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
@@ -41,9 +42,9 @@ class EditPreviews(Callback):
     def __init__(self, every_n_steps: int = 50, save_png: bool = True):
         self.every_n_steps = int(every_n_steps)
         self.save_png = save_png
-        self._sinks: list[Callable[["Image.Image", int], None]] = []
+        self._sinks: list[Callable[[Image.Image, int], None]] = []
 
-    def add_sink(self, sink: Callable[["Image.Image", int], None]) -> None:
+    def add_sink(self, sink: Callable[[Image.Image, int], None]) -> None:
         """Also hand each preview (a PIL image at the working size, and its step) to `sink`."""
         self._sinks.append(sink)
 
@@ -62,7 +63,9 @@ class EditPreviews(Callback):
         self._log(trainer, "inputs/masks", mask_overlay(source, pl_module.masks.subtasks.cpu()), 0)
 
     @rank_zero_only
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if self.every_n_steps <= 0 or step % self.every_n_steps:
             return

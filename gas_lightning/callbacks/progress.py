@@ -37,9 +37,19 @@ class StepProgressBar(TQDMProgressBar):
         """Made with the edit's total and its current step (a resumed edit's), so that no line ever
         reads `step 20/?`: Lightning's bar starts without a total and learns one at the epoch's start."""
         trainer = self.trainer
-        return Tqdm(desc="", position=2 * self.process_position, disable=self.is_disabled, leave=True,
-                    dynamic_ncols=True, file=sys.stdout, smoothing=0, bar_format=self.BAR_FORMAT, unit="step",
-                    total=trainer.max_steps if trainer.max_steps > 0 else None, initial=trainer.global_step)
+        return Tqdm(
+            desc="",
+            position=2 * self.process_position,
+            disable=self.is_disabled,
+            leave=True,
+            dynamic_ncols=True,
+            file=sys.stdout,
+            smoothing=0,
+            bar_format=self.BAR_FORMAT,
+            unit="step",
+            total=trainer.max_steps if trainer.max_steps > 0 else None,
+            initial=trainer.global_step,
+        )
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -51,7 +61,9 @@ class StepProgressBar(TQDMProgressBar):
         """Lightning's would reset the bar to the epoch's batch count: the bar of init_train_tqdm stays."""
 
     @override
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         bar = self.train_progress_bar
         step = trainer.global_step
         if bar is not None and self._should_update(step, bar.total):
@@ -61,8 +73,14 @@ class StepProgressBar(TQDMProgressBar):
     @rank_zero_only
     def _announce(self, trainer: L.Trainer) -> None:
         start = f" from step {trainer.global_step}" if trainer.global_step else ""
-        log.info("editing on %s (precision %s), %d steps%s; outputs in %s", trainer.strategy.root_device,
-                 trainer.precision, trainer.max_steps, start, trainer.default_root_dir)
+        log.info(
+            "editing on %s (precision %s), %d steps%s; outputs in %s",
+            trainer.strategy.root_device,
+            trainer.precision,
+            trainer.max_steps,
+            start,
+            trainer.default_root_dir,
+        )
 
 
 def step_progress_bar(trainer_cfg: Any) -> list[ProgressBar]:

@@ -7,14 +7,17 @@ A `null` entry leaves that subtask to the detector; one flat box is accepted for
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from PIL import Image
 
 from gas_lightning.errors import PlanError
 from gas_lightning.plan import Box, EditPlan, check_box
 
-_FORMAT = "--boxes takes a JSON list of [x0, y0, x1, y1] boxes normalised to [0, 1], e.g. '[[0.1, 0.2, 0.5, 0.6], null]'"
+_FORMAT = (
+    "--boxes takes a JSON list of [x0, y0, x1, y1] boxes normalised to [0, 1], e.g. '[[0.1, 0.2, 0.5, 0.6], null]'"
+)
 
 
 def parse_boxes(text: str | Sequence[Any], count: int | None = None) -> list[Box | None]:
@@ -29,8 +32,10 @@ def parse_boxes(text: str | Sequence[Any], count: int | None = None) -> list[Box
             raise PlanError(f"--boxes is not valid JSON ({e.msg} at character {e.pos}). {_FORMAT}.") from None
     else:
         data = text
-    if isinstance(data, (list, tuple)) and len(data) == 4 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in data
+    if (
+        isinstance(data, (list, tuple))
+        and len(data) == 4
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in data)
     ):
         data = [data]  # one flat box
     if not isinstance(data, (list, tuple)) or not data:
@@ -40,7 +45,9 @@ def parse_boxes(text: str | Sequence[Any], count: int | None = None) -> list[Box
         if item is None:
             boxes.append(None)
             continue
-        if not isinstance(item, (list, tuple)) or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in item):
+        if not isinstance(item, (list, tuple)) or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) for v in item
+        ):
             raise PlanError(f"--boxes entry {i} must be 4 numbers or null, got {item!r}. {_FORMAT}.")
         boxes.append(check_box(item, f"--boxes entry {i}"))
     if count is not None and len(boxes) != count:

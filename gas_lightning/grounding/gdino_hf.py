@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -128,7 +129,9 @@ def assign_boxes(
     when a phrase has no candidate.
     """
     if logits.ndim != 2 or boxes_cxcywh.shape != (logits.shape[0], 4):
-        raise ValueError(f"expected logits [Q, T] and boxes [Q, 4], got {tuple(logits.shape)} and {tuple(boxes_cxcywh.shape)}")
+        raise ValueError(
+            f"expected logits [Q, T] and boxes [Q, 4], got {tuple(logits.shape)} and {tuple(boxes_cxcywh.shape)}"
+        )
     names = list(phrases) if phrases is not None else [f"phrase {i}" for i in range(len(spans))]
     scores = phrase_scores(logits, spans)  # [Q, P]
     xyxy = cxcywh_to_xyxy(boxes_cxcywh.float())

@@ -16,9 +16,10 @@ import ast
 import contextlib
 import importlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from PIL import Image
@@ -84,7 +85,9 @@ def bert_compat_needed() -> bool:
     """True when BertModel lacks the helpers groundingdino-py 0.4.0 copies (transformers >= 5)."""
     from transformers import BertModel
 
-    return not all(hasattr(BertModel, n) for n in ("get_extended_attention_mask", "invert_attention_mask", "get_head_mask"))
+    return not all(
+        hasattr(BertModel, n) for n in ("get_extended_attention_mask", "invert_attention_mask", "get_head_mask")
+    )
 
 
 @contextlib.contextmanager
@@ -105,7 +108,9 @@ def import_groundingdino() -> tuple[Any, Any]:
         gd = importlib.import_module("groundingdino.models.GroundingDINO.groundingdino")
     except ModuleNotFoundError as e:
         if e.name and e.name.split(".")[0] == "groundingdino":
-            raise ModelLoadError(f"--detector_backend groundingdino-py needs the groundingdino-py package, which is not installed. {INSTALL_HINT}") from None
+            raise ModelLoadError(
+                f"--detector_backend groundingdino-py needs the groundingdino-py package, which is not installed. {INSTALL_HINT}"
+            ) from None
         raise ModelLoadError(
             f"groundingdino-py is installed but its dependency {e.name!r} is missing ({e}). {INSTALL_HINT}"
         ) from None
@@ -141,7 +146,9 @@ def read_config(path: str | Path) -> dict[str, Any]:
             "gas-lightning reads GroundingDINO configs without executing them, so keep to literal values."
         )
     if out.get("modelname") != "groundingdino":
-        raise ModelLoadError(f"--detector_config {str(p)!r} has modelname {out.get('modelname')!r}; expected 'groundingdino'.")
+        raise ModelLoadError(
+            f"--detector_config {str(p)!r} has modelname {out.get('modelname')!r}; expected 'groundingdino'."
+        )
     return out
 
 
@@ -249,15 +256,19 @@ class GroundingDinoPyGrounder:
         if result.missing_keys or result.unexpected_keys:
             log.warning(
                 "groundingdino-py checkpoint: %d missing and %d unexpected weights",
-                len(result.missing_keys), len(result.unexpected_keys),
+                len(result.missing_keys),
+                len(result.unexpected_keys),
             )
         self.model = model.to(self.device).eval()
 
     def _check_shapes(self, expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
         """load_state_dict(strict=False) forgives missing keys but not other shapes (a SwinB checkpoint
         with the SwinT config); name the config to use instead of a page of size mismatches."""
-        wrong = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items()
-                 if k in expected and v.shape != expected[k].shape]
+        wrong = [
+            (k, tuple(v.shape), tuple(expected[k].shape))
+            for k, v in state.items()
+            if k in expected and v.shape != expected[k].shape
+        ]
         if not wrong:
             return
         key, got, want = wrong[0]

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -47,8 +48,10 @@ def inside_box(weights: np.ndarray, box: Box, margin: float = 0.01) -> np.ndarra
     x0, y0, x1, y1 = box
     my, mx = max(1, round(margin * h)), max(1, round(margin * w))
     keep = np.zeros_like(weights)
-    keep[max(0, int(np.floor(y0 * h)) - my) : int(np.ceil(y1 * h)) + my,
-         max(0, int(np.floor(x0 * w)) - mx) : int(np.ceil(x1 * w)) + mx] = 1.0
+    keep[
+        max(0, int(np.floor(y0 * h)) - my) : int(np.ceil(y1 * h)) + my,
+        max(0, int(np.floor(x0 * w)) - mx) : int(np.ceil(x1 * w)) + mx,
+    ] = 1.0
     return weights * keep
 
 
@@ -59,9 +62,11 @@ def load_sam(name: str, device: torch.device) -> tuple[Any, Any]:
     from gas_lightning.io import looks_like_path
 
     source = os.path.expanduser(str(name))
-    how = (f"Pass --segmenter /local/path to a SAM folder saved with save_pretrained (config.json, weights, "
-           f"processor config), e.g. made on a machine with internet by `hf download {EXAMPLE_SAM} --local-dir "
-           "/local/path`; nothing is downloaded here.")
+    how = (
+        f"Pass --segmenter /local/path to a SAM folder saved with save_pretrained (config.json, weights, "
+        f"processor config), e.g. made on a machine with internet by `hf download {EXAMPLE_SAM} --local-dir "
+        "/local/path`; nothing is downloaded here."
+    )
     if looks_like_path(str(name)) and not Path(source).is_dir():
         raise ModelLoadError(f"segmenter folder {str(name)!r} does not exist or is not a folder. {how}")
     try:
@@ -93,7 +98,8 @@ class SamSegmenter:
         inputs = self.processor(images=rgb, input_boxes=prompts, return_tensors="pt").to(self.device)
         out = self.model(**inputs, multimask_output=True)
         masks = self.processor.image_processor.post_process_masks(
-            out.pred_masks.float().cpu(), inputs["original_sizes"].cpu(), inputs["reshaped_input_sizes"].cpu())[0]
+            out.pred_masks.float().cpu(), inputs["original_sizes"].cpu(), inputs["reshaped_input_sizes"].cpu()
+        )[0]
         best = out.iou_scores[0].float().cpu().argmax(dim=-1)  # (n_boxes,)
         return [masks[i, int(best[i])].numpy().astype(np.float32) for i in range(len(boxes))]
 
@@ -114,8 +120,11 @@ def segment_plan(plan: EditPlan, image: Image.Image, segmenter: Segmenter, scope
 
     if scope not in SEGMENT_SCOPES:
         raise ValueError(f"segment scope must be one of {SEGMENT_SCOPES}, got {scope!r}")
-    todo = [i for i, s in enumerate(plan.subtasks) if s.box is not None and s.mask is None and s.box != WHOLE_IMAGE
-            and (scope == "all" or s.keeps_outline)]
+    todo = [
+        i
+        for i, s in enumerate(plan.subtasks)
+        if s.box is not None and s.mask is None and s.box != WHOLE_IMAGE and (scope == "all" or s.keeps_outline)
+    ]
     if not todo:
         return plan
     found = segmenter.segment(image, [plan.subtasks[i].box for i in todo], [plan.subtasks[i].source for i in todo])
@@ -125,6 +134,7 @@ def segment_plan(plan: EditPlan, image: Image.Image, segmenter: Segmenter, scope
         if weights.max() > 0:
             masks[i] = weights
         else:
-            log.warning("the segmenter found nothing in the box of '%s'; that subtask keeps its box",
-                        plan.subtasks[i].source)
+            log.warning(
+                "the segmenter found nothing in the box of '%s'; that subtask keeps its box", plan.subtasks[i].source
+            )
     return attach_masks(plan, masks)

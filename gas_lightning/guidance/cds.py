@@ -9,9 +9,9 @@ change, the arrangement of parts may not.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +50,10 @@ class CDSConfig:
         if self.reduction not in REDUCTIONS:
             raise GasError(f"guidance.cds.reduction must be one of {', '.join(REDUCTIONS)}, got {self.reduction!r}")
         if not self.weight >= 0 or not self.temperature > 0 or self.n_patches < 1:
-            raise GasError(f"guidance.cds needs weight >= 0, temperature > 0 and n_patches >= 1, got weight "
-                           f"{self.weight}, temperature {self.temperature}, n_patches {self.n_patches}")
+            raise GasError(
+                f"guidance.cds needs weight >= 0, temperature > 0 and n_patches >= 1, got weight "
+                f"{self.weight}, temperature {self.temperature}, n_patches {self.n_patches}"
+            )
         if not self.patch_sizes or any(int(k) < 1 for k in self.patch_sizes):
             raise GasError(f"guidance.cds.patch_sizes must be positive integers, got {list(self.patch_sizes)}")
 
@@ -60,7 +62,9 @@ class SelfAttentionCapture:
     """Forward hooks on the `attn1` modules of the UNet's up blocks, active only inside `capture()`."""
 
     def __init__(self, unet: nn.Module):
-        self.modules = [m for name, m in unet.named_modules() if name.startswith("up_blocks") and name.endswith("attn1")]
+        self.modules = [
+            m for name, m in unet.named_modules() if name.startswith("up_blocks") and name.endswith("attn1")
+        ]
         self._store: list[torch.Tensor] | None = None
         self._handles = [m.register_forward_hook(self._hook) for m in self.modules]
 
@@ -85,12 +89,17 @@ def coarsest_downscale(unet: nn.Module) -> int:
     """How many latent cells one cell of the coarsest hooked feature map spans (per side): up block i of
     n works at 1 / 2**(n - 1 - i) of the latent's resolution (4 for SD 1.5 and SDXL)."""
     n = len(unet.config.up_block_types)
-    blocks = {int(name.split(".")[1]) for name, _ in unet.named_modules()
-              if name.startswith("up_blocks") and name.endswith("attn1")}
+    blocks = {
+        int(name.split(".")[1])
+        for name, _ in unet.named_modules()
+        if name.startswith("up_blocks") and name.endswith("attn1")
+    }
     return max((2 ** (n - 1 - i) for i in blocks), default=1)
 
 
-def check_preserve_form_boxes(plan: EditPlan, latent_hw: tuple[int, int], unet: nn.Module, pixels_per_cell: int) -> None:
+def check_preserve_form_boxes(
+    plan: EditPlan, latent_hw: tuple[int, int], unet: nn.Module, pixels_per_cell: int
+) -> None:
     """A preserve-form box narrower or shorter than one cell of the coarsest hooked map is refused: the
     reference widens it to that one cell, where PatchNCE has no other patch to contrast with, so
     the shape loss silently does nothing there."""
@@ -105,7 +114,8 @@ def check_preserve_form_boxes(plan: EditPlan, latent_hw: tuple[int, int], unet: 
                 f"the preserve-form subtask '{s.source}' has a box of {(x1 - x0) * w * pixels_per_cell:.0f} x "
                 f"{(y1 - y0) * h * pixels_per_cell:.0f} px, smaller than one cell of the coarsest self-attention map its "
                 f"shape loss compares ({side} px at this working size); the smallest box that works is {side} x {side} "
-                f"px ({factor / w:.3g} x {factor / h:.3g} of the image): enlarge the box, or set preserve_form off for it")
+                f"px ({factor / w:.3g} x {factor / h:.3g} of the image): enlarge the box, or set preserve_form off for it"
+            )
 
 
 def to_maps(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -116,8 +126,9 @@ def to_maps(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return tokens.transpose(1, 2).reshape(b, c, h, w)
 
 
-def crop_at(region: Region, latent_hw: tuple[int, int], feature_hw: tuple[int, int]
-            ) -> tuple[slice, slice, torch.Tensor | None]:
+def crop_at(
+    region: Region, latent_hw: tuple[int, int], feature_hw: tuple[int, int]
+) -> tuple[slice, slice, torch.Tensor | None]:
     """The rows and columns of a (feature_h, feature_w) map that the region covers, and for a soft mask
     its weight on those cells (None for a box).
 
@@ -148,7 +159,12 @@ def _pool(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def patch_nce(
-    query: torch.Tensor, key: torch.Tensor, rows: slice, cols: slice, weights: torch.Tensor | None, cfg: CDSConfig,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    rows: slice,
+    cols: slice,
+    weights: torch.Tensor | None,
+    cfg: CDSConfig,
     generator: torch.Generator,
 ) -> torch.Tensor:
     """PatchNCE between the edited branch's (`query`) and the source branch's (`key`) (C, h, w) feature

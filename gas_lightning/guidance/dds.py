@@ -21,8 +21,8 @@ the loss scale, so the CDS part enters unscaled, as in the reference.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -69,7 +69,9 @@ class GuidanceConfig:
         from gas_lightning.errors import GasError
 
         if self.batched_noise not in BATCHED_NOISE:
-            raise GasError(f"guidance.batched_noise must be one of {', '.join(BATCHED_NOISE)}, got {self.batched_noise!r}")
+            raise GasError(
+                f"guidance.batched_noise must be one of {', '.join(BATCHED_NOISE)}, got {self.batched_noise!r}"
+            )
 
     def beta(self, t: int) -> float:
         """Whole-scene weight beta(t): 0.5 at low noise down to 0.1 at high noise, in buckets of 200 steps."""
@@ -165,8 +167,13 @@ class GroundedScoreGuidance:
     the frozen networks stay out of state_dict, checkpoints and DDP.
     """
 
-    def __init__(self, backbone: Backbone, config: GuidanceConfig | None = None,
-                 null_embedding: PromptEmbeddings | torch.Tensor | None = None, loss_scale: float = 2000.0):
+    def __init__(
+        self,
+        backbone: Backbone,
+        config: GuidanceConfig | None = None,
+        null_embedding: PromptEmbeddings | torch.Tensor | None = None,
+        loss_scale: float = 2000.0,
+    ):
         self.backbone = backbone
         self.config = config or GuidanceConfig()
         self.loss_scale = float(loss_scale)  # the optimiser step's; the CDS gradient is divided by it
@@ -180,7 +187,7 @@ class GroundedScoreGuidance:
             self._capture = SelfAttentionCapture(self.backbone.unet)
         return self._capture
 
-    def to(self, device: torch.device) -> "GroundedScoreGuidance":
+    def to(self, device: torch.device) -> GroundedScoreGuidance:
         self.backbone.to(device)
         self.null = self.null.to(device)
         return self
@@ -223,11 +230,20 @@ class GroundedScoreGuidance:
         direction = self._cfg(e0_tgt, ec_tgt, target_scale) - self._cfg(e0_src, ec_src, source_scale)
         grad = self._weight(term, t) * gamma * term.mask * direction / (h * w)
         finite = torch.isfinite(grad)  # non-finite entries are counted here and left to the module (see nonfinite)
-        return grad, TermLog(t=t, gamma_tensor=gamma, grad_norm_tensor=torch.where(finite, grad, 0).norm(),
-                             nonfinite_tensor=(~finite).sum())
+        return grad, TermLog(
+            t=t,
+            gamma_tensor=gamma,
+            grad_norm_tensor=torch.where(finite, grad, 0).norm(),
+            nonfinite_tensor=(~finite).sum(),
+        )
 
     def _cds(
-        self, z: torch.Tensor, z_src: torch.Tensor, terms: Sequence[Term], t: torch.Tensor, eps: torch.Tensor,
+        self,
+        z: torch.Tensor,
+        z_src: torch.Tensor,
+        terms: Sequence[Term],
+        t: torch.Tensor,
+        eps: torch.Tensor,
         generator: torch.Generator,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Gradient of the PatchNCE losses of `terms` on z, each masked to its term's region.
@@ -276,7 +292,12 @@ class GroundedScoreGuidance:
     # the two schedules ------------------------------------------------------------------------
     @torch.no_grad()
     def term_gradient(
-        self, z: torch.Tensor, z_src: torch.Tensor, term: Term, t: int, eps: torch.Tensor,
+        self,
+        z: torch.Tensor,
+        z_src: torch.Tensor,
+        term: Term,
+        t: int,
+        eps: torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, TermLog]:
         """One term alone: [null src, null tgt, x src, y tgt] in one UNet call."""
@@ -295,8 +316,13 @@ class GroundedScoreGuidance:
 
     @torch.no_grad()
     def batched_gradient(
-        self, z: torch.Tensor, z_src: torch.Tensor, terms: Sequence[Term], t: int | Sequence[int],
-        eps: torch.Tensor | Sequence[torch.Tensor], generator: torch.Generator | None = None,
+        self,
+        z: torch.Tensor,
+        z_src: torch.Tensor,
+        terms: Sequence[Term],
+        t: int | Sequence[int],
+        eps: torch.Tensor | Sequence[torch.Tensor],
+        generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, list[TermLog]]:
         """All terms in one UNet call.
 
@@ -312,7 +338,10 @@ class GroundedScoreGuidance:
             raise ValueError(f"per-term sampling needs {n} timesteps and noises, got {len(ts)} and {len(eps)}")
         tt = to_device(torch.tensor(ts), z.device)
         noise = torch.cat(list(eps)) if per_term else eps.expand(n, -1, -1, -1)
-        z_t_src, z_t_tgt = self._noisy(z_src.expand(n, -1, -1, -1), tt, noise), self._noisy(z.expand(n, -1, -1, -1), tt, noise)
+        z_t_src, z_t_tgt = (
+            self._noisy(z_src.expand(n, -1, -1, -1), tt, noise),
+            self._noisy(z.expand(n, -1, -1, -1), tt, noise),
+        )
         cond = [tm.src_emb for tm in terms] + [tm.tgt_emb for tm in terms]
         if per_term:  # [null src x a, null tgt x a, x src x n, y tgt x n], a <= n
             # Terms given the same draw (keep_aware: the same eps object) noise the same z and z_src, so their
@@ -334,15 +363,18 @@ class GroundedScoreGuidance:
         total = torch.zeros_like(z, dtype=torch.float32)
         logs = []
         for i, tm in enumerate(terms):
-            grad, tlog = self._dds(tm, ts[i], e0_src[i : i + 1], e0_tgt[i : i + 1], ec_src[i : i + 1], ec_tgt[i : i + 1])
+            grad, tlog = self._dds(
+                tm, ts[i], e0_src[i : i + 1], e0_tgt[i : i + 1], ec_src[i : i + 1], ec_tgt[i : i + 1]
+            )
             total += grad
             logs.append(tlog)
         preserve = [i for i, tm in enumerate(terms) if tm.preserve_form]
         k = self.backbone.micro_batch or max(len(preserve), 1)  # the CDS calls keep activations for a backward pass
-        for chunk in ([preserve[j : j + k] for j in range(0, len(preserve), k)] if generator is not None else []):
+        for chunk in [preserve[j : j + k] for j in range(0, len(preserve), k)] if generator is not None else []:
             idx = to_device(torch.tensor(chunk), z.device)
-            g, losses = self._cds(z, z_src, [terms[i] for i in chunk], tt.index_select(0, idx), noise.index_select(0, idx),
-                                  generator)
+            g, losses = self._cds(
+                z, z_src, [terms[i] for i in chunk], tt.index_select(0, idx), noise.index_select(0, idx), generator
+            )
             total += g
             for i, loss in zip(chunk, losses):  # a chunk's CDS gradient is one: each of its terms counts it
                 logs[i].cds_loss_tensor = loss

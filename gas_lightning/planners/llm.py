@@ -17,7 +17,8 @@ import os
 import time
 import urllib.parse
 import zlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 from PIL import Image
@@ -73,8 +74,10 @@ def check_base_url(url: str | None) -> None:
         parts = urllib.parse.urlsplit(url.strip())
         parts.port  # noqa: B018  (raises on a malformed port)
     except ValueError:
-        raise PlannerError("the LLM base URL (--llm_base_url / OPENAI_BASE_URL) is not a valid URL; "
-                           "give e.g. http://localhost:8000/v1.") from None
+        raise PlannerError(
+            "the LLM base URL (--llm_base_url / OPENAI_BASE_URL) is not a valid URL; "
+            "give e.g. http://localhost:8000/v1."
+        ) from None
     if "@" in url or parts.query or parts.fragment:
         raise PlannerError(
             "the LLM base URL (--llm_base_url / OPENAI_BASE_URL) carries a user name, password or query string; "
@@ -82,8 +85,10 @@ def check_base_url(url: str | None) -> None:
             "key in the OPENAI_API_KEY environment variable instead."
         )
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise PlannerError("the LLM base URL (--llm_base_url / OPENAI_BASE_URL) is not an http(s) URL; "
-                           "give e.g. http://localhost:8000/v1.")
+        raise PlannerError(
+            "the LLM base URL (--llm_base_url / OPENAI_BASE_URL) is not an http(s) URL; "
+            "give e.g. http://localhost:8000/v1."
+        )
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -131,7 +136,9 @@ class LLMPlanner:
         base = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).strip().rstrip("/")
         check_base_url(base)
         if not (timeout > 0 and max_retries >= 0 and backoff >= 0 and max_reply_bytes > 0):
-            raise PlannerError("the LLM planner needs timeout > 0, max_retries >= 0, backoff >= 0 and max_reply_bytes > 0.")
+            raise PlannerError(
+                "the LLM planner needs timeout > 0, max_retries >= 0, backoff >= 0 and max_reply_bytes > 0."
+            )
         self.model = model.strip()
         self.url = base + "/chat/completions"
         self.timeout = float(timeout)
@@ -168,7 +175,9 @@ class LLMPlanner:
             for attempt in range(attempts):
                 if attempt:
                     self._sleep(wait)
-                log.info("asking the LLM planner at %s (model %s), attempt %d/%d", url, self.model, attempt + 1, attempts)
+                log.info(
+                    "asking the LLM planner at %s (model %s), attempt %d/%d", url, self.model, attempt + 1, attempts
+                )
                 wait = min(self.backoff * 2**attempt, MAX_WAIT)
                 try:
                     content = self._complete(client, messages)
@@ -234,7 +243,9 @@ class LLMPlanner:
         except (ValueError, KeyError, IndexError, TypeError):
             raise BadCompletion(self._redact(f"the server's answer is not a chat completion: {raw[:200]!r}")) from None
         if isinstance(content, list):  # content parts
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+            content = "".join(
+                p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+            )
         if not isinstance(content, str):
             raise BadCompletion("the chat completion has no text content")
         return content
@@ -298,4 +309,6 @@ class LLMPlanner:
                 f"the LLM endpoint {url} answered {status}; check --llm_base_url / OPENAI_BASE_URL "
                 f"(it usually ends in /v1) and that the server serves --llm_model {self.model!r}."
             )
-        return PlannerError(f"the LLM endpoint {url} rejected the request ({status}); check --llm_model {self.model!r}.")
+        return PlannerError(
+            f"the LLM endpoint {url} rejected the request ({status}); check --llm_model {self.model!r}."
+        )

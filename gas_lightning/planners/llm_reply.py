@@ -32,7 +32,6 @@ class BadCompletion(ReplyError):
     """The server's answer holds no assistant text (not the model's fault to correct)."""
 
 
-
 # --- reply parsing -----------------------------------------------------------------------------
 def check_depth(text: str, start: int = 0) -> None:
     """Refuse JSON nested deeper than MAX_DEPTH before json parses it (it recurses per level, so
@@ -119,7 +118,9 @@ def parse_reply(text: str) -> EditPlan:
     extra = sorted(set(data) - set(REPLY_KEYS) - set(OPTIONAL_KEYS))
     if missing or extra:
         parts = ([f"missing keys {missing}"] if missing else []) + ([f"unexpected keys {extra}"] if extra else [])
-        raise ReplyError(f"{' and '.join(parts)}; the keys must be {list(REPLY_KEYS)}, optionally {list(OPTIONAL_KEYS)}")
+        raise ReplyError(
+            f"{' and '.join(parts)}; the keys must be {list(REPLY_KEYS)}, optionally {list(OPTIONAL_KEYS)}"
+        )
     keep = _strings(data, "keep_phrases", MAX_PHRASE, least=0) if "keep_phrases" in data else []
     sources = _strings(data, "source_phrases", MAX_PHRASE)
     targets = _strings(data, "target_phrases", MAX_PHRASE)

@@ -26,7 +26,9 @@ _FORMS = [
 ]
 
 # "keep A." names an object that must not change (a keep subtask: A -> A).
-_KEEP = re.compile(r"^(?:please\s+)?(?:keep|leave)\s+(?P<src>.+?)(?:\s+(?:unchanged|as it is|as is|intact))?$", re.I | re.S)
+_KEEP = re.compile(
+    r"^(?:please\s+)?(?:keep|leave)\s+(?P<src>.+?)(?:\s+(?:unchanged|as it is|as is|intact))?$", re.I | re.S
+)
 
 ACCEPTED_FORMS = ('"change A into B"', '"change A to B"', '"replace A with B"', '"turn A into B"', '"keep A"')
 EXAMPLE_REQUEST = "change the dog into a cat. replace the cup with a bowl."
@@ -93,6 +95,8 @@ def parse_request(text: str) -> EditPlan:
         targets.append(tgt)
         keeps.append(keep)
     if all(keeps):
-        raise PlannerError(f'the request only keeps things ({"; ".join(sentences)}); add at least one "change A into B."')
+        raise PlannerError(
+            f'the request only keeps things ({"; ".join(sentences)}); add at least one "change A into B."'
+        )
     plan = EditPlan.from_lists(sources, targets)
     return plan.replace_subtasks([replace(s, penalty=False) if k else s for s, k in zip(plan.subtasks, keeps)])

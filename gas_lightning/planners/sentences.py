@@ -45,9 +45,15 @@ PREPOSITIONS = frozenset(
     "to next".split()
 )
 MULTIWORD_PREPOSITIONS = (
-    ("next", "to"), ("close", "to"), ("on", "top", "of"), ("in", "front", "of"),
-    ("in", "the", "middle", "of"), ("to", "the", "left", "of"), ("to", "the", "right", "of"),
-    ("on", "the", "left", "of"), ("on", "the", "right", "of"),
+    ("next", "to"),
+    ("close", "to"),
+    ("on", "top", "of"),
+    ("in", "front", "of"),
+    ("in", "the", "middle", "of"),
+    ("to", "the", "left", "of"),
+    ("to", "the", "right", "of"),
+    ("on", "the", "left", "of"),
+    ("on", "the", "right", "of"),
 )
 CONJUNCTIONS = frozenset("and or but nor while whereas as than so then".split())
 PRONOUNS = frozenset("it it's they them he she him i we you that which who whom whose where when there there's".split())
@@ -153,7 +159,9 @@ def diff_sentences(source: str, target: str) -> EditPlan:
                 if a is not None and b is not None:
                     union([("s", a), ("t", b)])
             continue
-        differing.append(f"{' '.join(src.words[i1:i2]) or '(nothing)'!r} -> {' '.join(tgt.words[j1:j2]) or '(nothing)'!r}")
+        differing.append(
+            f"{' '.join(src.words[i1:i2]) or '(nothing)'!r} -> {' '.join(tgt.words[j1:j2]) or '(nothing)'!r}"
+        )
         s_nodes = [("s", c) for c in src.chunks(range(i1, i2))]
         t_nodes = [("t", c) for c in tgt.chunks(range(j1, j2))]
         # a word inserted (deleted) inside a phrase changes the phrase around the insertion point

@@ -15,7 +15,14 @@ import numpy as np
 
 from gas_lightning.plan import WHOLE_IMAGE, EditPlan, Subtask
 from gas_lightning.worlds.scenes import (
-    BACKGROUNDS, COLOURS, DEFAULT_SIZE, SHAPES, Scene, caption_of, render, sample_scene,
+    BACKGROUNDS,
+    COLOURS,
+    DEFAULT_SIZE,
+    SHAPES,
+    Scene,
+    caption_of,
+    render,
+    sample_scene,
 )
 
 CASE_SALT = 0x6A5  # keeps case seeds apart from the training stream (default_rng(seed))
@@ -83,8 +90,10 @@ class EditCase:
             subtasks.append(Subtask(source=self.source.background, target=self.target.background, box=WHOLE_IMAGE))
         plan = EditPlan(source_prompt=self.source.caption, target_prompt=self.target.caption, subtasks=tuple(subtasks))
         if keep and self.kept_objects:
-            plan = plan.with_keep([self.source.objects[i].phrase for i in self.kept_objects],
-                                  [self.source.box(i) for i in self.kept_objects])
+            plan = plan.with_keep(
+                [self.source.objects[i].phrase for i in self.kept_objects],
+                [self.source.box(i) for i in self.kept_objects],
+            )
         return plan
 
     @property
@@ -101,7 +110,9 @@ class EditCase:
         if self.background_changed:
             parts.append(f"change the {self.source.background} into {self.target.background}.")
         if keep:
-            parts += [f"keep the {self.source.objects[i].colour} {self.source.objects[i].shape}." for i in self.kept_objects]
+            parts += [
+                f"keep the {self.source.objects[i].colour} {self.source.objects[i].shape}." for i in self.kept_objects
+            ]
         return " ".join(parts)
 
 
@@ -180,9 +191,7 @@ def _chained(case: EditCase) -> bool:
     """True when an edited object becomes what another object was ("red square" -> "yellow
     square" while a yellow square exists): legal, but such requests read ambiguously."""
     before = {(o.shape, o.colour) for o in case.source.objects}
-    return any(
-        (case.target.objects[i].shape, case.target.objects[i].colour) in before for i in case.edited_objects
-    )
+    return any((case.target.objects[i].shape, case.target.objects[i].colour) in before for i in case.edited_objects)
 
 
 def _other(rng: np.random.Generator, names: list[str], current: str) -> str:
@@ -214,8 +223,11 @@ def example_case(size: int = DEFAULT_SIZE) -> EditCase:
         background="snow",
         size=size,
     )
-    return make_case(source, [
-        Change("colour", 0, "red", "yellow"),
-        Change("colour", 1, "blue", "green"),
-        Change("background", None, "snow", "sand"),
-    ])
+    return make_case(
+        source,
+        [
+            Change("colour", 0, "red", "yellow"),
+            Change("colour", 1, "blue", "green"),
+            Change("background", None, "snow", "sand"),
+        ],
+    )

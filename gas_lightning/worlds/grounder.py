@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import deque
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -46,11 +46,15 @@ def parse_phrase(phrase: str) -> tuple[str, str | None, str | None]:
     backgrounds = [w for w in words if w in BACKGROUND_WORDS]
     unknown = [w for w in words if w not in COLOURS and w not in SHAPES and w not in BACKGROUND_WORDS]
     if unknown:
-        raise GroundingError(_help(phrase, f"unknown word{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}"))
+        raise GroundingError(
+            _help(phrase, f"unknown word{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}")
+        )
     if backgrounds and not (colours or shapes):
         return ("background", None, None)
     if backgrounds or len(colours) > 1 or len(shapes) > 1:
-        raise GroundingError(_help(phrase, "it names more than one thing; give one object or the background per phrase"))
+        raise GroundingError(
+            _help(phrase, "it names more than one thing; give one object or the background per phrase")
+        )
     return ("object", colours[0] if colours else None, shapes[0] if shapes else None)
 
 
@@ -95,7 +99,9 @@ def classify_shape(pix: np.ndarray) -> str:
     return "triangle"
 
 
-def _soft_mask(arr: np.ndarray, others: np.ndarray, pix: np.ndarray, colour: np.ndarray, ground: np.ndarray) -> np.ndarray:
+def _soft_mask(
+    arr: np.ndarray, others: np.ndarray, pix: np.ndarray, colour: np.ndarray, ground: np.ndarray
+) -> np.ndarray:
     """Alpha of `colour` over `ground` on the component and the pixels up to two steps around it
     (a triangle's apex blends over two rows) inside its box grown by two, except other objects'.
     A rim pixel's nearest named colour can be a third one (red over sky reads purple), so the
@@ -163,7 +169,9 @@ class WorldGrounder:
         for box, phrase in zip(boxes, phrases):
             what, colour, shape = parse_phrase(phrase)
             whole = inside_box(np.ones(labels.shape, dtype=np.float32), box)
-            fits = [(c, pix) for c, s, _, pix in objects if what == "object" and colour in (None, c) and shape in (None, s)]
+            fits = [
+                (c, pix) for c, s, _, pix in objects if what == "object" and colour in (None, c) and shape in (None, s)
+            ]
             scored = [(float(whole[pix[:, 0], pix[:, 1]].sum()), c, pix) for c, pix in fits]
             scored = [t for t in scored if t[0] > 0]
             if not scored:
@@ -181,7 +189,7 @@ class WorldGrounder:
 
     def background(self, image: Image.Image) -> str:
         labels = nearest_colour_names(np.asarray(image.convert("RGB")), PALETTE)
-        counts = np.bincount(labels.ravel(), minlength=len(NAMES))[len(COLOURS):]
+        counts = np.bincount(labels.ravel(), minlength=len(NAMES))[len(COLOURS) :]
         return list(BACKGROUNDS)[int(counts.argmax())]
 
     def ground(self, image: Image.Image, phrases: list[str]) -> list[Box]:

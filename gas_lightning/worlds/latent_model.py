@@ -17,7 +17,6 @@ from pathlib import Path
 from gas_lightning.errors import GasError
 from gas_lightning.worlds import ASSETS_DIR
 from gas_lightning.worlds import model as pixel_model
-from gas_lightning.worlds.model import TEXT_HIDDEN
 
 LATENT_MODEL_DIR = ASSETS_DIR / "shapes-latent-model"
 """Where the trained latent model ships inside the package (gas-lightning:shapes-latent)."""
@@ -51,9 +50,13 @@ def build_unet(channels: tuple[int, int, int] = UNET_CHANNELS):
     """Cross-attention at 16x16 and 8x8 on the way down and up (CDS hooks both up resolutions), as SD
     has it at its three finer resolutions; the text-pooled time embedding of the pixel model kept."""
     return pixel_model.build_unet(
-        channels, sample_size=IMAGE_SIZE // 8, in_channels=LATENT_CHANNELS,
+        channels,
+        sample_size=IMAGE_SIZE // 8,
+        in_channels=LATENT_CHANNELS,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8)
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=8,
+    )
 
 
 def build_scheduler():
@@ -76,14 +79,16 @@ def save_folder(folder: str | Path, tokenizer, text_encoder, unet, scheduler, va
     folder = pixel_model.save_folder(folder, tokenizer, text_encoder, unet, scheduler)
     vae.save_pretrained(folder / "vae", safe_serialization=True)
     index = json.loads((folder / "model_index.json").read_text())
-    index.update({
-        "_class_name": "StableDiffusionPipeline",
-        "vae": ["diffusers", "AutoencoderKL"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "gas_world": "shapes-latent",  # loading checks such folders for the measured vae scaling_factor
-    })
+    index.update(
+        {
+            "_class_name": "StableDiffusionPipeline",
+            "vae": ["diffusers", "AutoencoderKL"],
+            "safety_checker": [None, None],
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+            "gas_world": "shapes-latent",  # loading checks such folders for the measured vae scaling_factor
+        }
+    )
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return folder
 
@@ -109,5 +114,7 @@ def check_scene_size(scene_size: int, model_size: int) -> None:
     """Scenes drawn smaller than the model's size would be upsampled into blurred edges the model never
     saw, and scored on a grid coarser than its own: refuse them."""
     if scene_size < model_size:
-        raise GasError(f"scenes of {scene_size} px are smaller than this model's {model_size} px; draw the cases at "
-                       f"{model_size} px (leave --size out to use the model's size)")
+        raise GasError(
+            f"scenes of {scene_size} px are smaller than this model's {model_size} px; draw the cases at "
+            f"{model_size} px (leave --size out to use the model's size)"
+        )

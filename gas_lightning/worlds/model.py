@@ -41,10 +41,14 @@ def text_encoder_config(vocab_size: int, bos_id: int, eos_id: int):
     )
 
 
-def build_unet(channels: tuple[int, int, int] = (32, 64, 64), sample_size: int = IMAGE_SIZE, in_channels: int = 3,
-               down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-               up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-               attention_head_dim: int = 4):
+def build_unet(
+    channels: tuple[int, int, int] = (32, 64, 64),
+    sample_size: int = IMAGE_SIZE,
+    in_channels: int = 3,
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim: int = 4,
+):
     """The worlds' UNet; the defaults are the pixel model's, the latent model passes its own layout."""
     from diffusers import UNet2DConditionModel
 
@@ -126,14 +130,25 @@ def encode(tokenizer, text_encoder, prompts: list[str]):
     """Prompt embeddings exactly as in training: padded to model_max_length, no attention mask."""
     import torch
 
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         return text_encoder(ids)[0]
 
 
-def sample_images(tokenizer, text_encoder, unet, scheduler, prompts: list[str], steps: int = 50,
-                  guidance: float = 6.0, seed: int = 0, batch_size: int = 64, vae=None):
+def sample_images(
+    tokenizer,
+    text_encoder,
+    unet,
+    scheduler,
+    prompts: list[str],
+    steps: int = 50,
+    guidance: float = 6.0,
+    seed: int = 0,
+    batch_size: int = 64,
+    vae=None,
+):
     """Text-to-image with DDIM and classifier-free guidance; uint8 (N, H, W, 3) numpy array.
     With a `vae` (the latent world) the samples are latents, decoded at the end."""
     import numpy as np
@@ -145,7 +160,7 @@ def sample_images(tokenizer, text_encoder, unet, scheduler, prompts: list[str], 
     size = unet.config.sample_size
     out = []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
+        chunk = prompts[start : start + batch_size]
         cond = encode(tokenizer, text_encoder, chunk)
         uncond = encode(tokenizer, text_encoder, [""]).expand_as(cond)
         x = torch.randn(len(chunk), unet.config.in_channels, size, size, generator=gen)

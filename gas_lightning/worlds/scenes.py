@@ -9,9 +9,9 @@ model to learn than jagged ones); masks are the pixels an object covers by at le
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -99,7 +99,7 @@ class Scene:
     def caption(self) -> str:
         return caption_of(self.phrases, self.background)
 
-    def with_size(self, size: int) -> "Scene":
+    def with_size(self, size: int) -> Scene:
         return replace(self, size=int(size))
 
 
@@ -175,7 +175,9 @@ def _place(rng: np.random.Generator, n: int, size: int, tries: int = 200) -> lis
             break
         s = int(rng.integers(lo, hi + 1))
         x, y = int(rng.integers(0, size - s + 1)), int(rng.integers(0, size - s + 1))
-        if all(x + s + gap <= px or px + ps + gap <= x or y + s + gap <= py or py + ps + gap <= y for px, py, ps in placed):
+        if all(
+            x + s + gap <= px or px + ps + gap <= x or y + s + gap <= py or py + ps + gap <= y for px, py, ps in placed
+        ):
             placed.append((x, y, s))
     return placed if len(placed) == n else None
 

@@ -19,7 +19,8 @@ ground in an edited box counts: the halo a box leaves and a mask should not), an
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -68,7 +69,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 def _box_mask(box: tuple[int, int, int, int], size: int, pad: int = 0) -> np.ndarray:
     x0, y0, x1, y1 = box
     m = np.zeros((size, size), dtype=bool)
-    m[max(0, y0 - pad):min(size, y1 + pad), max(0, x0 - pad):min(size, x1 + pad)] = True
+    m[max(0, y0 - pad) : min(size, y1 + pad), max(0, x0 - pad) : min(size, x1 + pad)] = True
     return m
 
 
@@ -178,8 +179,15 @@ def aggregate(scores: Sequence[dict[str, Any]] | Iterable[dict[str, Any]]) -> di
     for kind in ("colour", "shape", "background"):
         oks = [a["ok"] for a in attrs if a["kind"] == kind]
         out[kind] = float(np.mean(oks)) if oks else None
-    for key in ("all_attributes", "erosion", "eroded", "bg_psnr_in_boxes", "psnr_outside", "psnr_outside_objects",
-                "preserved"):
+    for key in (
+        "all_attributes",
+        "erosion",
+        "eroded",
+        "bg_psnr_in_boxes",
+        "psnr_outside",
+        "psnr_outside_objects",
+        "preserved",
+    ):
         vals = [s[key] for s in scores if s.get(key) is not None and not math.isnan(s[key])]
         out[key] = float(np.mean(vals)) if vals else float("nan")
     return out

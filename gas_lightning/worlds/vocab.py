@@ -17,8 +17,26 @@ from gas_lightning.errors import PlanError
 from gas_lightning.worlds.scenes import BACKGROUNDS, COLOURS, SHAPES
 
 EXTRA_WORDS = (
-    "a", "an", "the", "and", "on", "in", "with", "of", "into", "to", ",", ".",
-    "background", "scene", "image", "change", "shape", "colour", "color", "object",
+    "a",
+    "an",
+    "the",
+    "and",
+    "on",
+    "in",
+    "with",
+    "of",
+    "into",
+    "to",
+    ",",
+    ".",
+    "background",
+    "scene",
+    "image",
+    "change",
+    "shape",
+    "colour",
+    "color",
+    "object",
 )
 WORDS: tuple[str, ...] = tuple(dict.fromkeys((*COLOURS, *SHAPES, *BACKGROUNDS, *EXTRA_WORDS)))
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"

@@ -42,10 +42,28 @@ def timed_run(jobs: Path, out: Path, devices: int, steps: int, threads: int | No
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    cmd = [sys.executable, "-m", "gas_lightning.cli", "batch", "--config", str(REPO / "configs" / "shapes.yaml"),
-           "--jobs", str(jobs), "--output_dir", str(out), "--trainer.max_steps", str(steps),
-           "--lr_scheduler.T_max", str(steps), "--trainer.devices", str(devices), "--trainer.accelerator", "cpu",
-           "--trainer.callbacks", "[]"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gas_lightning.cli",
+        "batch",
+        "--config",
+        str(REPO / "configs" / "shapes.yaml"),
+        "--jobs",
+        str(jobs),
+        "--output_dir",
+        str(out),
+        "--trainer.max_steps",
+        str(steps),
+        "--lr_scheduler.T_max",
+        str(steps),
+        "--trainer.devices",
+        str(devices),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.callbacks",
+        "[]",
+    ]
     load_before = os.getloadavg()
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -53,10 +71,16 @@ def timed_run(jobs: Path, out: Path, devices: int, steps: int, threads: int | No
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
-    return {"devices": devices, "threads": threads, "seconds": round(seconds, 1), "ok": summary["ok"],
-            "job_seconds": round(sum(r["seconds"] for r in summary["jobs"]), 1),
-            "load_before": [round(v, 2) for v in load_before], "load_after": [round(v, 2) for v in os.getloadavg()],
-            "command": " ".join(cmd)}
+    return {
+        "devices": devices,
+        "threads": threads,
+        "seconds": round(seconds, 1),
+        "ok": summary["ok"],
+        "job_seconds": round(sum(r["seconds"] for r in summary["jobs"]), 1),
+        "load_before": [round(v, 2) for v in load_before],
+        "load_after": [round(v, 2) for v in os.getloadavg()],
+        "command": " ".join(cmd),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,8 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=8)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--devices", default="1,2", help="comma list of process counts; the first is the baseline")
-    p.add_argument("--one_thread_baseline", action="store_true",
-                   help="also time 1 process with OMP_NUM_THREADS=1 (one core, as each of 2 processes gets)")
+    p.add_argument(
+        "--one_thread_baseline",
+        action="store_true",
+        help="also time 1 process with OMP_NUM_THREADS=1 (one core, as each of 2 processes gets)",
+    )
     p.add_argument("--seed", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path("runs/batch_speed"))
     args = p.parse_args(argv)
@@ -79,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     base = runs[0]["seconds"]
     print(f"{args.jobs} jobs x {args.steps} steps, {os.cpu_count()} CPUs")
     for r in runs:
-        print(f"processes {r['devices']} (threads {r['threads'] or 'default'}): {r['seconds']} s, "
-              f"{r['seconds'] / base:.2f} of the first; load average before {r['load_before'][0]}, after {r['load_after'][0]}")
+        print(
+            f"processes {r['devices']} (threads {r['threads'] or 'default'}): {r['seconds']} s, "
+            f"{r['seconds'] / base:.2f} of the first; load average before {r['load_before'][0]}, after {r['load_after'][0]}"
+        )
     (args.out / "speed.json").write_text(json.dumps(runs, indent=2) + "\n")
     return 0
 

@@ -37,18 +37,24 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from gas_lightning.backbone import Backbone, resolve_dtype, set_attention
-from gas_lightning.loading import load_backbone
 from gas_lightning.callbacks import NullTextPenalty
 from gas_lightning.errors import GasError
 from gas_lightning.guidance.dds import BATCHED_NOISE, GuidanceConfig
+from gas_lightning.loading import load_backbone
 from gas_lightning.pipeline import build_edit, load_image
 from gas_lightning.plan import EditPlan
 from gas_lightning.resolve import resolve_bundled
 from gas_lightning.testing import ARCHITECTURES, build_arch_backbone
 
 SCHEDULES = ("sequential", "batched")
-PHRASES = [("the red circle", "a yellow circle"), ("the blue square", "a green square"), ("the snow", "sand"),
-           ("the orange triangle", "a purple triangle"), ("the green circle", "a red circle"), ("the sky", "a sunset")]
+PHRASES = [
+    ("the red circle", "a yellow circle"),
+    ("the blue square", "a green square"),
+    ("the snow", "sand"),
+    ("the orange triangle", "a purple triangle"),
+    ("the green circle", "a red circle"),
+    ("the sky", "a sunset"),
+]
 KEEP_PHRASES = ["the yellow square", "the purple circle", "the red triangle"]
 
 
@@ -124,7 +130,7 @@ class PeakRss:
     """Peak resident set size while inside, in MiB. The CPU has no allocator peak counter, so the
     RSS is sampled; freed heap is returned to the system first so earlier runs do not hide a peak."""
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self) -> PeakRss:
         gc.collect()
         try:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -160,8 +166,10 @@ def benchmark_plan(n: int, keep: int = 0) -> EditPlan:
         raise GasError(f"--keep must be between 0 and {len(KEEP_PHRASES)}, got {keep}")
     cols = 3 if n > 2 else n
     rows = -(-n // cols)
-    boxes = [[(k % cols) / cols, (k // cols) / rows, min(1.0, (k % cols + 1.3) / cols), min(1.0, (k // cols + 1.3) / rows)]
-             for k in range(n)]
+    boxes = [
+        [(k % cols) / cols, (k // cols) / rows, min(1.0, (k % cols + 1.3) / cols), min(1.0, (k // cols + 1.3) / rows)]
+        for k in range(n)
+    ]
     boxes += [[0.05 + 0.3 * k, 0.7, 0.25 + 0.3 * k, 0.95] for k in range(keep)]
     src, tgt = zip(*PHRASES[:n])
     src, tgt = list(src) + KEEP_PHRASES[:keep], list(tgt) + KEEP_PHRASES[:keep]
@@ -171,15 +179,30 @@ def benchmark_plan(n: int, keep: int = 0) -> EditPlan:
 def _trainer(args, callbacks: list, max_steps: int, log_dir: str) -> L.Trainer:
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    return L.Trainer(max_steps=max_steps, accelerator="gpu" if args.device.startswith("cuda") else "cpu", devices=1,
-                     precision=args.precision, logger=TensorBoardLogger(log_dir, name="", version=""),
-                     log_every_n_steps=args.log_every_n_steps, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, callbacks=[NullTextPenalty(), *callbacks])
+    return L.Trainer(
+        max_steps=max_steps,
+        accelerator="gpu" if args.device.startswith("cuda") else "cpu",
+        devices=1,
+        precision=args.precision,
+        logger=TensorBoardLogger(log_dir, name="", version=""),
+        log_every_n_steps=args.log_every_n_steps,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[NullTextPenalty(), *callbacks],
+    )
 
 
 def edit(backbone: Backbone, image, plan: EditPlan, schedule: str, args):
-    return build_edit(backbone, image, plan, GuidanceConfig(batched_noise=args.batched_noise),
-                      resolution=args.resolution, schedule=schedule, seed=0)
+    return build_edit(
+        backbone,
+        image,
+        plan,
+        GuidanceConfig(batched_noise=args.batched_noise),
+        resolution=args.resolution,
+        schedule=schedule,
+        seed=0,
+    )
 
 
 def timed_run(backbone: Backbone, counter: UNetCounter, image, plan: EditPlan, schedule: str, args, log_dir: str):
@@ -230,59 +253,100 @@ def run(backbone: Backbone, counter: UNetCounter, image, plan: EditPlan, schedul
             seconds, cpu_seconds, calls, samples, module = zip(*runs[schedule])
             s = statistics.median(seconds)
             out[schedule] = {
-                **({"host_syncs": host_syncs(backbone, image, plan, schedule, args, log_dir)} if args.sync_check else {}),
-                "s_per_step": s, "s_per_500_steps": 500 * s, "s_per_step_repeats": list(seconds),
+                **(
+                    {"host_syncs": host_syncs(backbone, image, plan, schedule, args, log_dir)}
+                    if args.sync_check
+                    else {}
+                ),
+                "s_per_step": s,
+                "s_per_500_steps": 500 * s,
+                "s_per_step_repeats": list(seconds),
                 "cpu_s_per_step": statistics.median(cpu_seconds),
-                "unet_calls_per_step": statistics.median(calls), "unet_samples_per_step": statistics.median(samples),
+                "unet_calls_per_step": statistics.median(calls),
+                "unet_samples_per_step": statistics.median(samples),
                 "peak_mem_mb": round(peak_memory(backbone, image, plan, schedule, args, log_dir), 1),
-                "n_terms": len(module[0].active_terms), "latent": list(module[0].latent.shape),
+                "n_terms": len(module[0].active_terms),
+                "latent": list(module[0].latent.shape),
             }
     return out
 
 
 def build_backbone(args) -> Backbone:
     if args.arch is None:
-        backbone = load_backbone(resolve_bundled(args.model), device=args.device, dtype=args.dtype,
-                                 attention=args.attention)
+        backbone = load_backbone(
+            resolve_bundled(args.model), device=args.device, dtype=args.dtype, attention=args.attention
+        )
     else:
         backbone = build_arch_backbone(args.arch, args.device, resolve_dtype(args.dtype, args.device), args.width_mult)
         backbone.attention = set_attention(backbone.unet, args.attention)
-    return backbone.tune(compile=args.compile, low_memory=args.low_memory, micro_batch=args.micro_batch,
-                         channels_last=args.channels_last)
+    return backbone.tune(
+        compile=args.compile, low_memory=args.low_memory, micro_batch=args.micro_batch, channels_last=args.channels_last
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     flag = lambda v: {"true": True, "false": False}[v.lower()]  # noqa: E731
     model = p.add_mutually_exclusive_group()
-    model.add_argument("--model", default="gas-lightning:shapes-model", help="hub id, local folder or gas-lightning:NAME")
-    model.add_argument("--arch", choices=list(ARCHITECTURES), default=None,
-                       help="a published architecture with random weights instead of --model")
-    p.add_argument("--width_mult", type=float, default=1.0, help="--arch only: narrower UNet/VAE (e.g. 0.25 for the CPU)")
+    model.add_argument(
+        "--model", default="gas-lightning:shapes-model", help="hub id, local folder or gas-lightning:NAME"
+    )
+    model.add_argument(
+        "--arch",
+        choices=list(ARCHITECTURES),
+        default=None,
+        help="a published architecture with random weights instead of --model",
+    )
+    p.add_argument(
+        "--width_mult", type=float, default=1.0, help="--arch only: narrower UNet/VAE (e.g. 0.25 for the CPU)"
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on a busy machine a second "
-                   "OpenMP thread spin-waits, seconds per call; 0 = torch's default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on a busy machine a second "
+        "OpenMP thread spin-waits, seconds per call; 0 = torch's default)",
+    )
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"], help="weights dtype")
     p.add_argument("--precision", default="32-true", help="Trainer precision, e.g. 16-mixed (autocast, fp32 weights)")
     p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "xformers"])
     p.add_argument("--compile", type=flag, default=False, help="torch.compile the UNet (true/false)")
     p.add_argument("--channels_last", type=flag, default=False, help="UNet weights in NHWC order (true/false)")
-    p.add_argument("--low_memory", type=flag, default=False,
-                   help="micro-batched UNet calls, text encoder and VAE off the accelerator between uses (true/false)")
-    p.add_argument("--micro_batch", type=int, default=None, help="most samples per UNet call (default 4 with --low_memory)")
-    p.add_argument("--batched_noise", default="shared", choices=list(BATCHED_NOISE),
-                   help="the batched schedule's sampling: shared (2n + 2 samples per call, the SD configs' default) or "
-                        "per_term / keep_aware (4n; keep_aware 2 fewer per --keep subtask; the sequential schedule is the same either way)")
+    p.add_argument(
+        "--low_memory",
+        type=flag,
+        default=False,
+        help="micro-batched UNet calls, text encoder and VAE off the accelerator between uses (true/false)",
+    )
+    p.add_argument(
+        "--micro_batch", type=int, default=None, help="most samples per UNet call (default 4 with --low_memory)"
+    )
+    p.add_argument(
+        "--batched_noise",
+        default="shared",
+        choices=list(BATCHED_NOISE),
+        help="the batched schedule's sampling: shared (2n + 2 samples per call, the SD configs' default) or "
+        "per_term / keep_aware (4n; keep_aware 2 fewer per --keep subtask; the sequential schedule is the same either way)",
+    )
     p.add_argument("--subtasks", type=int, default=3)
-    p.add_argument("--keep", type=int, default=0,
-                   help="keep subtasks added to them (under keep_aware each shares an edit's draw and null-text samples)")
+    p.add_argument(
+        "--keep",
+        type=int,
+        default=0,
+        help="keep subtasks added to them (under keep_aware each shares an edit's draw and null-text samples)",
+    )
     p.add_argument("--resolution", type=int, default=None, help="short side in pixels (default: the model's)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--log_every_n_steps", type=int, default=50, help="Trainer logging interval (logging steps sync)")
-    p.add_argument("--sync_check", type=flag, default=False,
-                   help="CUDA: one more fit per schedule counting host synchronisations in non-logging steps")
+    p.add_argument(
+        "--sync_check",
+        type=flag,
+        default=False,
+        help="CUDA: one more fit per schedule counting host synchronisations in non-logging steps",
+    )
     p.add_argument("--schedules", default=",".join(SCHEDULES), help="comma list of sequential, batched")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     return p
@@ -306,33 +370,54 @@ def main(argv: list[str] | None = None) -> int:
     counter = UNetCounter(backbone.unet)
     backbone.unet = counter
     image = load_image(resolve_bundled("gas-lightning:example.png"))
-    result = {"model": args.model if args.arch is None else backbone.source, "device": args.device,
-              "device_name": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
-              "threads": torch.get_num_threads(), "dtype": str(backbone.dtype).replace("torch.", ""),
-              "precision": args.precision, "attention": backbone.attention, "compile": args.compile, "channels_last": args.channels_last,
-              "low_memory": args.low_memory, "batched_noise": args.batched_noise, "micro_batch": backbone.micro_batch, "subtasks": args.subtasks,
-              "keep": args.keep,
-              "resolution": args.resolution or backbone.default_resolution, "steps": args.steps,
-              "warmup": args.warmup, "repeats": args.repeats, "torch": torch.__version__}
+    result = {
+        "model": args.model if args.arch is None else backbone.source,
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
+        "threads": torch.get_num_threads(),
+        "dtype": str(backbone.dtype).replace("torch.", ""),
+        "precision": args.precision,
+        "attention": backbone.attention,
+        "compile": args.compile,
+        "channels_last": args.channels_last,
+        "low_memory": args.low_memory,
+        "batched_noise": args.batched_noise,
+        "micro_batch": backbone.micro_batch,
+        "subtasks": args.subtasks,
+        "keep": args.keep,
+        "resolution": args.resolution or backbone.default_resolution,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "torch": torch.__version__,
+    }
     result.update(run(backbone, counter, image, plan, schedules, args))
     if len(schedules) == 2:
         seq, bat = result["sequential"], result["batched"]
         result["ratio"] = seq["s_per_step"] / bat["s_per_step"]
         result["ratio_repeats"] = [a / b for a, b in zip(seq["s_per_step_repeats"], bat["s_per_step_repeats"])]
         result["cpu_ratio"] = seq["cpu_s_per_step"] / bat["cpu_s_per_step"]
-    print(f"{result['model']} on {result['device_name']} ({result['dtype']}, {result['precision']}, "
-          f"attention={result['attention']}, compile={args.compile}, low_memory={args.low_memory}, "
-          f"batched_noise={args.batched_noise}), "
-          f"{args.subtasks} subtasks + {args.keep} kept, {result['resolution']} px")
-    print(f"{'schedule':<11} {'s/step':>9} {'s/500 steps':>12} {'CPU s/step':>11} {'UNet calls':>11} {'samples':>8} "
-          f"{'peak MiB':>9}")
+    print(
+        f"{result['model']} on {result['device_name']} ({result['dtype']}, {result['precision']}, "
+        f"attention={result['attention']}, compile={args.compile}, low_memory={args.low_memory}, "
+        f"batched_noise={args.batched_noise}), "
+        f"{args.subtasks} subtasks + {args.keep} kept, {result['resolution']} px"
+    )
+    print(
+        f"{'schedule':<11} {'s/step':>9} {'s/500 steps':>12} {'CPU s/step':>11} {'UNet calls':>11} {'samples':>8} "
+        f"{'peak MiB':>9}"
+    )
     for schedule in schedules:
         r = result[schedule]
-        print(f"{schedule:<11} {r['s_per_step']:>9.4f} {r['s_per_500_steps']:>12.1f} {r['cpu_s_per_step']:>11.4f} "
-              f"{r['unet_calls_per_step']:>11g} {r['unet_samples_per_step']:>8g} {r['peak_mem_mb']:>9.0f}")
+        print(
+            f"{schedule:<11} {r['s_per_step']:>9.4f} {r['s_per_500_steps']:>12.1f} {r['cpu_s_per_step']:>11.4f} "
+            f"{r['unet_calls_per_step']:>11g} {r['unet_samples_per_step']:>8g} {r['peak_mem_mb']:>9.0f}"
+        )
     if "ratio" in result:
-        print(f"sequential / batched seconds per step: {result['ratio']:.2f} (repeats "
-              f"{', '.join(f'{v:.2f}' for v in result['ratio_repeats'])}; CPU seconds {result['cpu_ratio']:.2f})")
+        print(
+            f"sequential / batched seconds per step: {result['ratio']:.2f} (repeats "
+            f"{', '.join(f'{v:.2f}' for v in result['ratio_repeats'])}; CPU seconds {result['cpu_ratio']:.2f})"
+        )
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -74,14 +74,24 @@ def case_job(key: str, item: dict, images: Path, size: tuple[int, int], seed: in
         return {**job, "source": source, "target": target, "boxes": [box] * subtasks}
     words = item.get("blended_word", "").split()
     if len(words) != 2 or words[0] == words[1]:
-        raise ValueError(f"the prompts differ in no noun phrase and blended_word {item.get('blended_word')!r} names no change")
-    return {**job, "sources": [words[0]], "targets": [words[1]], "source_prompt": source, "target_prompt": target,
-            "boxes": [box]}
+        raise ValueError(
+            f"the prompts differ in no noun phrase and blended_word {item.get('blended_word')!r} names no change"
+        )
+    return {
+        **job,
+        "sources": [words[0]],
+        "targets": [words[1]],
+        "source_prompt": source,
+        "target_prompt": target,
+        "boxes": [box],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pie_root", type=Path, required=True, help="the folder holding mapping_file.json and annotation_images/")
+    p.add_argument(
+        "--pie_root", type=Path, required=True, help="the folder holding mapping_file.json and annotation_images/"
+    )
     p.add_argument("--out", type=Path, required=True, help="the jobs file to write")
     p.add_argument("--types", default=None, help="comma list of editing_type_id to keep (default: all)")
     p.add_argument("--limit", type=int, default=None, help="the first N cases (after --types)")

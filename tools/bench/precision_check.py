@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from gas_lightning.backbone import Backbone, IdentityCodec
-from gas_lightning.loading import load_backbone
 from gas_lightning.guidance import GroundedScoreGuidance, GuidanceConfig, Term
+from gas_lightning.loading import load_backbone
 from gas_lightning.masks import subtask_masks
 from gas_lightning.testing import SD15_UNET
 
@@ -41,9 +41,16 @@ def sd15_backbone(device: str) -> tuple[Backbone, int]:
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**SD15_UNET).eval().requires_grad_(False)
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    bb = Backbone(unet=unet, text_encoder=torch.nn.Identity(), tokenizer=None, codec=IdentityCodec(),
-                  alphas_cumprod=sched.alphas_cumprod.float(), prediction_type="epsilon", attention="sdpa",
-                  source="sd15-architecture (random weights)")
+    bb = Backbone(
+        unet=unet,
+        text_encoder=torch.nn.Identity(),
+        tokenizer=None,
+        codec=IdentityCodec(),
+        alphas_cumprod=sched.alphas_cumprod.float(),
+        prediction_type="epsilon",
+        attention="sdpa",
+        source="sd15-architecture (random weights)",
+    )
     return bb.to(device), 768
 
 
@@ -59,8 +66,10 @@ def gradient(bb: Backbone, precision: str, inputs: dict, t: int) -> torch.Tensor
     autocast = precision.endswith("autocast")
     bb.unet.to(torch.float32 if autocast else dtype)
     ctx = torch.autocast(bb.device.type, dtype=dtype) if autocast else contextlib.nullcontext()
-    terms = [Term(name=f"t{k}", src_emb=s.to(bb.dtype), tgt_emb=g.to(bb.dtype), mask=m, weight=1.0)
-             for k, (s, g, m) in enumerate(zip(inputs["src"], inputs["tgt"], inputs["masks"]))]
+    terms = [
+        Term(name=f"t{k}", src_emb=s.to(bb.dtype), tgt_emb=g.to(bb.dtype), mask=m, weight=1.0)
+        for k, (s, g, m) in enumerate(zip(inputs["src"], inputs["tgt"], inputs["masks"]))
+    ]
     guidance = GroundedScoreGuidance(bb, GuidanceConfig(), null_embedding=inputs["null"].to(bb.dtype))
     with ctx:
         grad, _ = guidance.batched_gradient(inputs["z"], inputs["z_src"], terms, t, inputs["eps"])
@@ -73,7 +82,8 @@ def compare(bb: Backbone, dim: int, latent: int, timesteps: list[int], precision
     channels = int(bb.unet.config.in_channels)
     z_src = torch.randn(1, channels, latent, latent, generator=gen).to(dev)
     inputs = {
-        "z_src": z_src, "z": z_src + 0.1 * torch.randn(z_src.shape, generator=gen).to(dev),
+        "z_src": z_src,
+        "z": z_src + 0.1 * torch.randn(z_src.shape, generator=gen).to(dev),
         "eps": torch.randn(z_src.shape, generator=gen).to(dev),
         "null": torch.randn(1, 77, dim, generator=gen).to(dev),
         "src": [torch.randn(1, 77, dim, generator=gen).to(dev) for _ in BOXES],
@@ -92,8 +102,13 @@ def compare(bb: Backbone, dim: int, latent: int, timesteps: list[int], precision
     for p, rows in out.items():
         cos = sorted(r["cosine"] for r in rows)
         rel = sorted(r["relative_error"] for r in rows)
-        summary[p] = {"cosine_median": cos[len(cos) // 2], "cosine_min": cos[0],
-                      "relative_error_median": rel[len(rel) // 2], "relative_error_max": rel[-1], "per_t": rows}
+        summary[p] = {
+            "cosine_median": cos[len(cos) // 2],
+            "cosine_min": cos[0],
+            "relative_error_median": rel[len(rel) // 2],
+            "relative_error_max": rel[-1],
+            "per_t": rows,
+        }
     return summary
 
 
@@ -121,9 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         for prec, r in result["archs"][arch].items():
             if prec == "latent":
                 continue
-            print(f"{arch} {prec}: cosine median {r['cosine_median']:.5f} (min {r['cosine_min']:.5f}), "
-                  f"relative error median {r['relative_error_median']:.4f} (max {r['relative_error_max']:.4f})",
-                  flush=True)
+            print(
+                f"{arch} {prec}: cosine median {r['cosine_median']:.5f} (min {r['cosine_min']:.5f}), "
+                f"relative error median {r['relative_error_median']:.4f} (max {r['relative_error_max']:.4f})",
+                flush=True,
+            )
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from gas_lightning.loading import load_backbone
 from gas_lightning.callbacks import NullTextPenalty
 from gas_lightning.errors import GasError
 from gas_lightning.guidance import GuidanceConfig
+from gas_lightning.loading import load_backbone
 from gas_lightning.pipeline import build_edit, tensor_to_image
 from gas_lightning.plan import EditPlan, Subtask
 from gas_lightning.resolve import resolve_bundled
@@ -42,8 +42,19 @@ from gas_lightning.worlds import MODEL_DIR, aggregate, held_out_cases, render_pi
 from gas_lightning.worlds.cases import KINDS, EditCase
 from gas_lightning.worlds.latent_model import check_scene_size, world_size
 
-METRICS = ("per_attribute", "all_attributes", "colour", "shape", "background", "erosion", "bg_psnr_in_boxes",
-           "psnr_outside", "psnr_outside_objects", "preserved", "seconds_per_edit")
+METRICS = (
+    "per_attribute",
+    "all_attributes",
+    "colour",
+    "shape",
+    "background",
+    "erosion",
+    "bg_psnr_in_boxes",
+    "psnr_outside",
+    "psnr_outside_objects",
+    "preserved",
+    "seconds_per_edit",
+)
 
 
 @dataclass(frozen=True)
@@ -73,8 +84,12 @@ class Method:
     wide_guidance_scale: float | None = 7.5
     preserve_form: bool = False
     grounded: bool = False  # boxes from the request text and the WorldGrounder instead of the case
-    keep_unmentioned: bool = False  # grounded: keep subtasks for the objects the request does not name (gas-edit's default)
-    shape_context: bool = False  # shape changes name the ground around them: "a red square on snow" -> "a red triangle on sand"
+    keep_unmentioned: bool = (
+        False  # grounded: keep subtasks for the objects the request does not name (gas-edit's default)
+    )
+    shape_context: bool = (
+        False  # shape changes name the ground around them: "a red square on snow" -> "a red triangle on sand"
+    )
     # batched schedule's sampling, as configs/shapes.yaml: keep_aware (per-term draws, a keep term sharing the
     # draw of the edit around it), chosen on validation seed 2 over shared (docs/method.md) and per_term.
     batched_noise: str = "keep_aware"
@@ -99,7 +114,10 @@ class Method:
             plan = case.edit_plan(keep=self.keep)
         if self.preserve_form:
             # keep the form of edited objects whose shape is not requested to change
-            subtasks = [replace(s, preserve_form=kind == "same_shape") for s, kind in zip(plan.subtasks, subtask_kinds(case, plan))]
+            subtasks = [
+                replace(s, preserve_form=kind == "same_shape")
+                for s, kind in zip(plan.subtasks, subtask_kinds(case, plan))
+            ]
             plan = plan.replace_subtasks(subtasks)
         return plan
 
@@ -108,33 +126,53 @@ class Method:
         if wide is not None and args.wide_guidance_scale is not None:
             wide = args.wide_guidance_scale
         scale = args.guidance_scale if self.guidance_scale is None else self.guidance_scale
-        return GuidanceConfig(guidance_scale=scale, full_prompt=self.full_prompt, batched_noise=self.batched_noise,
-                              overlap_weight=self.overlap_weight, wide_guidance_scale=wide,
-                              target_balance=self.target_balance)
+        return GuidanceConfig(
+            guidance_scale=scale,
+            full_prompt=self.full_prompt,
+            batched_noise=self.batched_noise,
+            overlap_weight=self.overlap_weight,
+            wide_guidance_scale=wide,
+            target_balance=self.target_balance,
+        )
 
 
 def subtask_kinds(case: EditCase, plan: EditPlan) -> list[str | None]:
     """Per subtask of a case's plan (edited objects first, in case.edit_plan's order): "reshaped" for an
     object whose shape changes, "same_shape" for one that keeps it, None for the background and keeps."""
     reshaped, objs = {c.index for c in case.changes if c.kind == "shape"}, case.edited_objects
-    return [None if k >= len(objs) else "reshaped" if objs[k] in reshaped else "same_shape"
-            for k in range(len(plan.subtasks))]
+    return [
+        None if k >= len(objs) else "reshaped" if objs[k] in reshaped else "same_shape"
+        for k in range(len(plan.subtasks))
+    ]
 
 
 METHODS = {
     m.name: m
     for m in (
         Method("dds", full_prompt_only=True, keep=False, wide_guidance_scale=None, target_balance=False),
-        Method("dds_7.5", full_prompt_only=True, keep=False, guidance_scale=7.5, wide_guidance_scale=None,
-               target_balance=False),
+        Method(
+            "dds_7.5",
+            full_prompt_only=True,
+            keep=False,
+            guidance_scale=7.5,
+            wide_guidance_scale=None,
+            target_balance=False,
+        ),
         Method("gas"),
         Method("gas_unbalanced", target_balance=False),  # the preset before 2026-12-06
         Method("gas_sequential", schedule="sequential"),
         Method("gas_per_term", batched_noise="per_term"),
         Method("gas_keep_aware", batched_noise="keep_aware"),
         Method("gas_shared", batched_noise="shared"),
-        Method("gas_reference", full_prompt=True, penalty=True, keep=False, guidance_scale=7.5, wide_guidance_scale=None,
-               target_balance=False),
+        Method(
+            "gas_reference",
+            full_prompt=True,
+            penalty=True,
+            keep=False,
+            guidance_scale=7.5,
+            wide_guidance_scale=None,
+            target_balance=False,
+        ),
         Method("gas_no_keep", keep=False),
         Method("gas_no_wide", wide_guidance_scale=None),
         Method("gas_overlap_0.1", overlap_weight=0.1),
@@ -160,32 +198,57 @@ def case_plan(case: EditCase, method: Method, args) -> EditPlan:
 
         plan = segment_plan(plan, render_pil(case.source), WorldGrounder(), scope=args.masks)
     if method.shape_context:  # after segmenting: the grounder reads one object per phrase
-        plan = plan.replace_subtasks([
-            replace(s, source=f"{s.source} on {case.source.background}", target=f"{s.target} on {case.target.background}")
-            if kind == "reshaped" else s
-            for s, kind in zip(plan.subtasks, subtask_kinds(case, plan))])
+        plan = plan.replace_subtasks(
+            [
+                replace(
+                    s,
+                    source=f"{s.source} on {case.source.background}",
+                    target=f"{s.target} on {case.target.background}",
+                )
+                if kind == "reshaped"
+                else s
+                for s, kind in zip(plan.subtasks, subtask_kinds(case, plan))
+            ]
+        )
     return plan
 
 
 def edit_seed(args, case: EditCase) -> int:
     """The seed of one case's edit (its timesteps and noise); --noise_seed N draws another set for the same case."""
-    return args.seed * 1000 + (case.seed or 0) + 1_000_000 * getattr(args, "noise_seed", 0)  # tools with their own args: 0
+    return (
+        args.seed * 1000 + (case.seed or 0) + 1_000_000 * getattr(args, "noise_seed", 0)
+    )  # tools with their own args: 0
 
 
 def case_module(backbone, case: EditCase, method: Method, args):
     """The ready edit of one case (not yet run) and the callbacks its method needs."""
-    module = build_edit(backbone, render_pil(case.source), case_plan(case, method, args), guidance_config=method.guidance(args),
-                        schedule=method.schedule, seed=edit_seed(args, case), loss_scale=args.loss_scale,
-                        optimizer=lambda params: torch.optim.SGD(params, lr=args.lr),
-                        lr_scheduler=scheduler_factory(args))
+    module = build_edit(
+        backbone,
+        render_pil(case.source),
+        case_plan(case, method, args),
+        guidance_config=method.guidance(args),
+        schedule=method.schedule,
+        seed=edit_seed(args, case),
+        loss_scale=args.loss_scale,
+        optimizer=lambda params: torch.optim.SGD(params, lr=args.lr),
+        lr_scheduler=scheduler_factory(args),
+    )
     return module, [NullTextPenalty()] if method.penalty else []
 
 
 def edit_case(backbone, case: EditCase, method: Method, args, ready=None) -> tuple[np.ndarray, float]:
     """Edit one case; `ready`: case_module's (module, callbacks) for it, e.g. with hooks attached."""
     module, callbacks = ready if ready is not None else case_module(backbone, case, method, args)
-    trainer = L.Trainer(max_steps=args.steps, accelerator=args.accelerator, devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+    trainer = L.Trainer(
+        max_steps=args.steps,
+        accelerator=args.accelerator,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
     start = time.perf_counter()
     trainer.fit(module)
     seconds = time.perf_counter() - start
@@ -207,24 +270,50 @@ def write_jobs(path: Path, numbered: list[tuple[int, EditCase]], names: list[str
             image.parent.mkdir(parents=True, exist_ok=True)
             render_pil(case.source).save(image)
             case_plan(case, method, args).save(plan)
-            sched = None if args.lr_schedule == "constant" else {"class_path": "torch.optim.lr_scheduler.CosineAnnealingLR",
-                                                                "init_args": {"T_max": args.steps, "eta_min": args.lr * args.lr_final}}
-            lines.append({"name": job, "image": f"images/{image.name}", "plan": f"plans/{plan.name}",
-                          "seed": edit_seed(args, case), "schedule": method.schedule,
-                          "loss_scale": args.loss_scale, "resolution": None, "guidance": asdict(method.guidance(args)),
-                          "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": args.lr}}, "lr_scheduler": sched,
-                          "trainer": {"max_steps": args.steps, "precision": "32-true", "callbacks": [
-                              {"class_path": "gas_lightning.callbacks.NullTextPenalty"}] if method.penalty else []}})
+            sched = (
+                None
+                if args.lr_schedule == "constant"
+                else {
+                    "class_path": "torch.optim.lr_scheduler.CosineAnnealingLR",
+                    "init_args": {"T_max": args.steps, "eta_min": args.lr * args.lr_final},
+                }
+            )
+            lines.append(
+                {
+                    "name": job,
+                    "image": f"images/{image.name}",
+                    "plan": f"plans/{plan.name}",
+                    "seed": edit_seed(args, case),
+                    "schedule": method.schedule,
+                    "loss_scale": args.loss_scale,
+                    "resolution": None,
+                    "guidance": asdict(method.guidance(args)),
+                    "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": args.lr}},
+                    "lr_scheduler": sched,
+                    "trainer": {
+                        "max_steps": args.steps,
+                        "precision": "32-true",
+                        "callbacks": [{"class_path": "gas_lightning.callbacks.NullTextPenalty"}]
+                        if method.penalty
+                        else [],
+                    },
+                }
+            )
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    print(f"{len(lines)} jobs: gas-edit batch --model {args.model} --attention sdpa --trainer.accelerator "
-          f"{args.accelerator} --jobs {path} --output_dir runs/world_batch", file=sys.stderr)
+    print(
+        f"{len(lines)} jobs: gas-edit batch --model {args.model} --attention sdpa --trainer.accelerator "
+        f"{args.accelerator} --jobs {path} --output_dir runs/world_batch",
+        file=sys.stderr,
+    )
 
 
 def scheduler_factory(args):
     """--lr_schedule cosine: torch's cosine decay over the step budget to --lr_final * lr."""
     if args.lr_schedule == "constant":
         return None
-    return lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps, eta_min=args.lr * args.lr_final)
+    return lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(
+        opt, T_max=args.steps, eta_min=args.lr * args.lr_final
+    )
 
 
 def figure(rows: list[list[np.ndarray]], header: list[str], path: Path) -> None:
@@ -256,46 +345,94 @@ def parser() -> argparse.ArgumentParser:
     """The command line; also the one source of the edit settings' defaults for tools that edit a case."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", type=int, default=50)
-    p.add_argument("--first_case", type=int, default=0,
-                   help="edit cases first_case..cases-1 only (to split one seed's cases over processes)")
+    p.add_argument(
+        "--first_case",
+        type=int,
+        default=0,
+        help="edit cases first_case..cases-1 only (to split one seed's cases over processes)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--noise_seed", type=int, default=0,
-                   help="edit the same cases with another draw of timesteps and noise (0: the usual one); results are "
-                        "recorded as METHOD+noiseN, to measure how many verdicts flip by the draw alone")
-    p.add_argument("--kinds", default=None,
-                   help="comma list of change kinds (colour, shape, background): edit only the cases that ask for one "
-                        "of them, for a study of those changes (the other cases' numbers stay unmeasured)")
+    p.add_argument(
+        "--noise_seed",
+        type=int,
+        default=0,
+        help="edit the same cases with another draw of timesteps and noise (0: the usual one); results are "
+        "recorded as METHOD+noiseN, to measure how many verdicts flip by the draw alone",
+    )
+    p.add_argument(
+        "--kinds",
+        default=None,
+        help="comma list of change kinds (colour, shape, background): edit only the cases that ask for one "
+        "of them, for a study of those changes (the other cases' numbers stay unmeasured)",
+    )
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list of {', '.join(METHODS)}")
-    p.add_argument("--model", default=str(MODEL_DIR), help="a world model folder or gas-lightning:NAME "
-                   "(shapes-model, the pixel world; shapes-latent, the latent world in SD's layout)")
+    p.add_argument(
+        "--model",
+        default=str(MODEL_DIR),
+        help="a world model folder or gas-lightning:NAME "
+        "(shapes-model, the pixel world; shapes-latent, the latent world in SD's layout)",
+    )
     p.add_argument("--size", type=int, default=None, help="scene size in px (default: the model's own, 32 or 128)")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--lr", type=float, default=0.2)
     p.add_argument("--lr_schedule", choices=("constant", "cosine"), default="cosine")
     p.add_argument("--lr_final", type=float, default=0.0, help="cosine: the last steps' lr as a fraction of --lr")
     p.add_argument("--loss_scale", type=float, default=2000.0)
-    p.add_argument("--guidance_scale", type=float, default=12.5,
-                   help="CFG scale of the methods that do not fix their own (all but gas_reference, dds_7.5)")
-    p.add_argument("--wide_guidance_scale", type=float, default=None,
-                   help="override the background-sized boxes' scale of the methods that have one")
-    p.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu",
-                   help="gpu: for wide validation sweeps; the published numbers are CPU runs (float results differ slightly)")
+    p.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=12.5,
+        help="CFG scale of the methods that do not fix their own (all but gas_reference, dds_7.5)",
+    )
+    p.add_argument(
+        "--wide_guidance_scale",
+        type=float,
+        default=None,
+        help="override the background-sized boxes' scale of the methods that have one",
+    )
+    p.add_argument(
+        "--accelerator",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="gpu: for wide validation sweeps; the published numbers are CPU runs (float results differ slightly)",
+    )
     p.add_argument("--json", type=Path, default=None, help="write the results object here ('-' for stdout)")
-    p.add_argument("--progress", type=Path, default=None,
-                   help="append each case's scores to this JSON-lines file as soon as it is done")
-    p.add_argument("--masks", nargs="?", const="all", default=None, choices=["all", "same_outline"],
-                   help="object subtasks edit inside the objects' soft masks (WorldGrounder) instead of their boxes; "
-                        "same_outline: only kept objects and recolours, shape changes keep their boxes")
-    p.add_argument("--requests", choices=("case", "user"), default="case",
-                   help="user: the cases' requests without their keep sentences, as a user types them (no method gets "
-                        "the case's keep subtasks); results are recorded as METHOD+user")
-    p.add_argument("--keeping_only", action="store_true",
-                   help="edit only the cases that keep an object, the only ones where --requests user leaves one "
-                        "unnamed (elsewhere gas_grounded and gas_grounded_keep_unmentioned edit the same plan)")
+    p.add_argument(
+        "--progress",
+        type=Path,
+        default=None,
+        help="append each case's scores to this JSON-lines file as soon as it is done",
+    )
+    p.add_argument(
+        "--masks",
+        nargs="?",
+        const="all",
+        default=None,
+        choices=["all", "same_outline"],
+        help="object subtasks edit inside the objects' soft masks (WorldGrounder) instead of their boxes; "
+        "same_outline: only kept objects and recolours, shape changes keep their boxes",
+    )
+    p.add_argument(
+        "--requests",
+        choices=("case", "user"),
+        default="case",
+        help="user: the cases' requests without their keep sentences, as a user types them (no method gets "
+        "the case's keep subtasks); results are recorded as METHOD+user",
+    )
+    p.add_argument(
+        "--keeping_only",
+        action="store_true",
+        help="edit only the cases that keep an object, the only ones where --requests user leaves one "
+        "unnamed (elsewhere gas_grounded and gas_grounded_keep_unmentioned edit the same plan)",
+    )
     p.add_argument("--figure", type=Path, default=Path("outputs/world_eval.png"))
     p.add_argument("--figure_cases", type=int, default=6)
-    p.add_argument("--write_jobs", type=Path, default=None,
-                   help="write the cases as a gas-edit batch jobs file (same settings) instead of editing them")
+    p.add_argument(
+        "--write_jobs",
+        type=Path,
+        default=None,
+        help="write the cases as a gas-edit batch jobs file (same settings) instead of editing them",
+    )
     return p
 
 
@@ -310,8 +447,10 @@ def main(argv: list[str] | None = None) -> int:
     if kinds - set(KINDS):
         p.error(f"unknown --kinds {sorted(kinds - set(KINDS))}; choose from {', '.join(KINDS)}")
     if not 0 <= args.first_case < args.cases:
-        p.error(f"--first_case {args.first_case} leaves no case of --cases {args.cases}: --cases is the last case + 1 "
-                f"(cases 25-49: --cases 50 --first_case 25)")
+        p.error(
+            f"--first_case {args.first_case} leaves no case of --cases {args.cases}: --cases is the last case + 1 "
+            f"(cases 25-49: --cases 50 --first_case 25)"
+        )
     for path in (args.progress, args.json, args.figure):  # made before the edits, not found missing after them
         if path is not None and str(path) != "-":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -339,8 +478,12 @@ def main(argv: list[str] | None = None) -> int:
     per_case: dict[str, list[dict]] = {}
     fig_rows = [[c.source_image, c.target_image] for c in cases[: args.figure_cases]]
     for method_name in names:
-        name = method_name + ("+" + MASK_TAGS[args.masks] if args.masks else "") + (f"+noise{args.noise_seed}" if args.noise_seed else "") \
+        name = (
+            method_name
+            + ("+" + MASK_TAGS[args.masks] if args.masks else "")
+            + (f"+noise{args.noise_seed}" if args.noise_seed else "")
             + ("+user" if args.requests == "user" else "")
+        )
         scores, times = [], []
         for k, (index, case) in enumerate(numbered):
             image, seconds = edit_case(backbone, case, METHODS[method_name], args)
@@ -367,13 +510,24 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "methods": results,
         "per_case": per_case,
-        "cases": args.cases, "first_case": args.first_case, "seed": args.seed,
+        "cases": args.cases,
+        "first_case": args.first_case,
+        "seed": args.seed,
         "threads": torch.get_num_threads(),
-        "settings": {"steps": args.steps, "lr": args.lr, "lr_schedule": args.lr_schedule, "lr_final": args.lr_final,
-                     "loss_scale": args.loss_scale,
-                     "guidance_scale": args.guidance_scale, "wide_guidance_scale": args.wide_guidance_scale,
-                     "masks": args.masks, "requests": args.requests, "keeping_only": args.keeping_only,
-                     "model": args.model, "size": size},
+        "settings": {
+            "steps": args.steps,
+            "lr": args.lr,
+            "lr_schedule": args.lr_schedule,
+            "lr_final": args.lr_final,
+            "loss_scale": args.loss_scale,
+            "guidance_scale": args.guidance_scale,
+            "wide_guidance_scale": args.wide_guidance_scale,
+            "masks": args.masks,
+            "requests": args.requests,
+            "keeping_only": args.keeping_only,
+            "model": args.model,
+            "size": size,
+        },
     }
     if args.json is not None:
         text = json.dumps(payload, indent=2)

@@ -28,7 +28,7 @@ def round_trip(vae, images: np.ndarray, batch: int = 16) -> np.ndarray:
     """uint8 (N, H, W, 3) -> uint8 decode(encode(x).mean), the latent path an edit takes."""
     out = []
     for start in range(0, len(images), batch):
-        x = torch.from_numpy(images[start:start + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        x = torch.from_numpy(images[start : start + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         y = vae.decode(vae.encode(x).latent_dist.mode()).sample
         out.append(((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
     return np.concatenate(out)
@@ -53,8 +53,11 @@ def check(vae, cases) -> dict:
         psnrs.append(psnr(img, case.source_image))
     return {
         "cases": len(cases),
-        "psnr_db_mean": float(np.mean(psnrs)), "psnr_db_std": float(np.std(psnrs)), "psnr_db_min": float(np.min(psnrs)),
-        "objects_unchanged": float(np.mean(kept)), "ground_unchanged": float(np.mean(ground)),
+        "psnr_db_mean": float(np.mean(psnrs)),
+        "psnr_db_std": float(np.std(psnrs)),
+        "psnr_db_min": float(np.min(psnrs)),
+        "objects_unchanged": float(np.mean(kept)),
+        "ground_unchanged": float(np.mean(ground)),
         "all_unchanged": float(np.mean([k and g for k, g in zip(kept, ground)])),
     }
 
@@ -73,8 +76,12 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     t0 = time.time()
     vae = AutoencoderKL.from_pretrained(args.vae).eval()
-    result = {**check(vae, held_out_cases(args.cases, seed=args.seed, size=args.size)), "seed": args.seed,
-              "vae": args.vae, "seconds": round(time.time() - t0, 1)}
+    result = {
+        **check(vae, held_out_cases(args.cases, seed=args.seed, size=args.size)),
+        "seed": args.seed,
+        "vae": args.vae,
+        "seconds": round(time.time() - t0, 1),
+    }
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

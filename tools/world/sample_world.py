@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gas_lightning.worlds.grounder import classify_shape, components
 from gas_lightning.resolve import resolve_bundled
 from gas_lightning.worlds import latent_model
+from gas_lightning.worlds.grounder import classify_shape, components
 from gas_lightning.worlds.model import MODEL_DIR, load_folder, sample_images
 from gas_lightning.worlds.scenes import BACKGROUNDS, COLOURS, PALETTE, SHAPES, nearest_colour_names
 
@@ -62,11 +62,17 @@ def read_sample(img: np.ndarray) -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(MODEL_DIR), help="a world model folder or gas-lightning:NAME (a latent one has vae/)")
+    ap.add_argument(
+        "--model", default=str(MODEL_DIR), help="a world model folder or gas-lightning:NAME (a latent one has vae/)"
+    )
     ap.add_argument("--n", type=int, default=96, help="number of captions (balanced over the world)")
     ap.add_argument("--steps", type=int, default=10, help="DDIM steps")
-    ap.add_argument("--guidance", type=float, default=2.0,
-                    help="CFG scale; above ~3, or with many steps, the pixel-space samples overshoot (see the model card)")
+    ap.add_argument(
+        "--guidance",
+        type=float,
+        default=2.0,
+        help="CFG scale; above ~3, or with many steps, the pixel-space samples overshoot (see the model card)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="write the rates to this file")
@@ -83,8 +89,15 @@ def main(argv=None) -> dict:
     t0 = time.time()
     folder = Path(resolve_bundled(args.model))
     parts = latent_model.load_folder(folder) if (folder / "vae").is_dir() else (*load_folder(folder), None)
-    images = sample_images(*parts[:4], prompts, steps=args.steps, guidance=args.guidance, seed=args.seed, vae=parts[4],
-                           batch_size=16 if parts[4] is not None else 64)
+    images = sample_images(
+        *parts[:4],
+        prompts,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        vae=parts[4],
+        batch_size=16 if parts[4] is not None else 64,
+    )
     seconds = time.time() - t0
     reads = [read_sample(im) for im in images]
     rates = {
@@ -94,11 +107,16 @@ def main(argv=None) -> dict:
         "all": float(np.mean([(r["colour"], r["shape"], r["background"]) == p for r, p in zip(reads, picks)])),
         "colour_present": float(np.mean([c in r["colours"] for r, (c, s, b) in zip(reads, picks)])),
         "shape_present": float(np.mean([r["colours"].get(c) == s for r, (c, s, b) in zip(reads, picks)])),
-        "all_present": float(np.mean([r["colours"].get(c) == s and r["background"] == b
-                                      for r, (c, s, b) in zip(reads, picks)])),
+        "all_present": float(
+            np.mean([r["colours"].get(c) == s and r["background"] == b for r, (c, s, b) in zip(reads, picks)])
+        ),
         "extra_objects": float(np.mean([r["objects"] > 1 for r in reads])),
-        "n": args.n, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
-        "seconds": round(seconds, 1), "model": args.model,
+        "n": args.n,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "seed": args.seed,
+        "seconds": round(seconds, 1),
+        "model": args.model,
     }
     print(json.dumps(rates, indent=2))
     if args.json:
@@ -110,7 +128,7 @@ def main(argv=None) -> dict:
         grid = np.zeros((rows * (s + 2), cols * (s + 2), 3), dtype=np.uint8)
         for i, im in enumerate(images):
             r, c = divmod(i, cols)
-            grid[r * (s + 2):r * (s + 2) + s, c * (s + 2):c * (s + 2) + s] = im
+            grid[r * (s + 2) : r * (s + 2) + s, c * (s + 2) : c * (s + 2) + s] = im
         zoom = max(1, 128 // s)
         Image.fromarray(grid).resize((grid.shape[1] * zoom, grid.shape[0] * zoom), Image.NEAREST).save(args.grid)
     return rates

@@ -22,7 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-PAIRED_PSNR = {"psnr_outside": "PSNR outside the edited boxes", "psnr_outside_objects": "PSNR outside the edited objects"}
+PAIRED_PSNR = {
+    "psnr_outside": "PSNR outside the edited boxes",
+    "psnr_outside_objects": "PSNR outside the edited objects",
+}
 KEYS = ("all_attributes", "per_attribute_ok", "bg_psnr_in_boxes", "psnr_outside", "preserved", "seconds")
 
 
@@ -82,7 +85,9 @@ def summarize(data, n_boot: int = 4000) -> dict:
     rng = np.random.default_rng(0)
     result: dict = {"methods": {}, "paired": {}}
     for method, seeds in sorted(data.items()):
-        per_seed = {s: np.array([r["all_attributes"] for _, r in sorted(cases.items())]) for s, cases in sorted(seeds.items())}
+        per_seed = {
+            s: np.array([r["all_attributes"] for _, r in sorted(cases.items())]) for s, cases in sorted(seeds.items())
+        }
         means = {s: float(v.mean()) for s, v in per_seed.items()}
         lo, hi = _bootstrap_mean(list(per_seed.values()), rng, n_boot)
         recs = [r for cases in seeds.values() for r in cases.values()]
@@ -113,8 +118,11 @@ def summarize(data, n_boot: int = 4000) -> dict:
             continue
         diff = np.array([data[a][s][c]["all_attributes"] - data[b][s][c]["all_attributes"] for s, c in shared])
         result["paired"][f"{a} - {b}"] = {
-            "cases": len(diff), "difference": float(diff.mean()), "ci95": _paired_ci(diff, rng, n_boot),
-            "only_first_right": int((diff > 0).sum()), "only_second_right": int((diff < 0).sum()),
+            "cases": len(diff),
+            "difference": float(diff.mean()),
+            "ci95": _paired_ci(diff, rng, n_boot),
+            "only_first_right": int((diff > 0).sum()),
+            "only_second_right": int((diff < 0).sum()),
         }
         # PSNR outside the edited boxes and outside the edited objects, paired (cases where both are
         # finite; records written before the second existed have none): what masks are for
@@ -123,8 +131,11 @@ def summarize(data, n_boot: int = 4000) -> dict:
             psnr = psnr[np.isfinite(psnr)]
             if len(psnr):
                 result["paired"][f"{a} - {b}"][key] = {
-                    "cases": len(psnr), "difference_db": float(psnr.mean()), "median_db": float(np.median(psnr)),
-                    "ci95": _paired_ci(psnr, rng, n_boot)}
+                    "cases": len(psnr),
+                    "difference_db": float(psnr.mean()),
+                    "median_db": float(np.median(psnr)),
+                    "ci95": _paired_ci(psnr, rng, n_boot),
+                }
     return result
 
 
@@ -134,27 +145,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     summary = summarize(load(args.files))
-    print("| method | cases | all attributes per seed | mean | seed sd | 95% interval | colour | shape "
-          "| bg PSNR in boxes | PSNR outside | preserved | complete | s / edit |")
+    print(
+        "| method | cases | all attributes per seed | mean | seed sd | 95% interval | colour | shape "
+        "| bg PSNR in boxes | PSNR outside | preserved | complete | s / edit |"
+    )
     print("|---" * 13 + "|")
     for m, r in summary["methods"].items():
         seeds = ", ".join(f"{s}: {v:.2f}" for s, v in r["all_attributes_per_seed"].items())
-        print(f"| {m} | {sum(r['cases_per_seed'].values())} | {seeds} | {r['all_attributes_mean']:.3f} "
-              f"| {r['all_attributes_seed_sd']:.3f} | {r['all_attributes_ci95'][0]:.2f}-{r['all_attributes_ci95'][1]:.2f} "
-              f"| {r['colour']:.3f} | {r['shape']:.3f} | {r['bg_psnr_in_boxes']:.1f} | {r['psnr_outside']:.1f} "
-              f"| {r['preserved']:.3f} | {r['complete']:.3f} | {r['seconds_per_edit']:.1f} |")
+        print(
+            f"| {m} | {sum(r['cases_per_seed'].values())} | {seeds} | {r['all_attributes_mean']:.3f} "
+            f"| {r['all_attributes_seed_sd']:.3f} | {r['all_attributes_ci95'][0]:.2f}-{r['all_attributes_ci95'][1]:.2f} "
+            f"| {r['colour']:.3f} | {r['shape']:.3f} | {r['bg_psnr_in_boxes']:.1f} | {r['psnr_outside']:.1f} "
+            f"| {r['preserved']:.3f} | {r['complete']:.3f} | {r['seconds_per_edit']:.1f} |"
+        )
     for m, r in summary["methods"].items():
-        print(f"{m} shape changes (right/asked): "
-              + ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in r["shape_by_change"].items()))
+        print(
+            f"{m} shape changes (right/asked): "
+            + ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in r["shape_by_change"].items())
+        )
     for pair, r in summary["paired"].items():
-        print(f"paired {pair}: {r['difference']:+.3f} over {r['cases']} cases "
-              f"(95% {r['ci95'][0]:+.3f}..{r['ci95'][1]:+.3f}; only first right {r['only_first_right']}, "
-              f"only second right {r['only_second_right']})")
+        print(
+            f"paired {pair}: {r['difference']:+.3f} over {r['cases']} cases "
+            f"(95% {r['ci95'][0]:+.3f}..{r['ci95'][1]:+.3f}; only first right {r['only_first_right']}, "
+            f"only second right {r['only_second_right']})"
+        )
         for key, label in PAIRED_PSNR.items():
             if key in r:
                 q = r[key]
-                print(f"  {label}: {q['difference_db']:+.2f} dB (95% {q['ci95'][0]:+.2f}..{q['ci95'][1]:+.2f}; "
-                      f"median {q['median_db']:+.2f}) over {q['cases']} cases")
+                print(
+                    f"  {label}: {q['difference_db']:+.2f} dB (95% {q['ci95'][0]:+.2f}..{q['ci95'][1]:+.2f}; "
+                    f"median {q['median_db']:+.2f}) over {q['cases']} cases"
+                )
     if args.json is not None:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
     return 0

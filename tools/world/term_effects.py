@@ -57,8 +57,13 @@ def attach(module, by_t: dict | None = None, bin_width: int = 200) -> dict[str, 
         return grad, log
 
     def recording_step(batch, batch_idx):
-        if type(module.optimizers().optimizer) is not torch.optim.SGD or module.optimizers().param_groups[0]["momentum"]:
-            raise SystemExit("term_effects needs plain SGD (no momentum): only then is the edit a sum of the steps' gradients")
+        if (
+            type(module.optimizers().optimizer) is not torch.optim.SGD
+            or module.optimizers().param_groups[0]["momentum"]
+        ):
+            raise SystemExit(
+                "term_effects needs plain SGD (no momentum): only then is the edit a sum of the steps' gradients"
+            )
         lr = module.optimizers().param_groups[0]["lr"]
         step.clear()
         out = training_step(batch, batch_idx)
@@ -82,17 +87,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--masks", default=None, choices=["all", "same_outline"])
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--model", default=str(MODEL_DIR))
-    p.add_argument("--by_t", type=int, default=None, metavar="WIDTH",
-                   help="also split each term's change by its drawn timestep in bins of WIDTH, with the text gaps "
-                        "(target text on the current latent / source text on the source) inside the term's region")
+    p.add_argument(
+        "--by_t",
+        type=int,
+        default=None,
+        metavar="WIDTH",
+        help="also split each term's change by its drawn timestep in bins of WIDTH, with the text gaps "
+        "(target text on the current latent / source text on the source) inside the term's region",
+    )
     a = p.parse_args(argv)
     if a.methods not in eval_world.METHODS:
         p.error(f"unknown method {a.methods!r}; choose from {', '.join(eval_world.METHODS)}")
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     # every other edit setting as eval_world has it (the preset's lr, schedule and guidance)
-    args = eval_world.parser().parse_args(["--seed", str(a.seed), "--steps", str(a.steps), "--model", a.model]
-                                          + (["--masks", a.masks] if a.masks else []))
+    args = eval_world.parser().parse_args(
+        ["--seed", str(a.seed), "--steps", str(a.steps), "--model", a.model] + (["--masks", a.masks] if a.masks else [])
+    )
     backbone = load_backbone(a.model, device="cpu", attention="sdpa")
     if not isinstance(backbone.codec, IdentityCodec):
         raise SystemExit("term_effects reads latents as pixels: it needs a pixel-space model such as the bundled one")
@@ -104,11 +115,20 @@ def main(argv: list[str] | None = None) -> int:
     image, _ = eval_world.edit_case(backbone, case, method, args, ready=(module, callbacks))
     result = score(image, case)
     print(f"seed {a.seed} case {a.case}: {case.request}")
-    print("  " + "; ".join(f"{x['kind']} {x['requested']}: {x['got']} ({'ok' if x['ok'] else 'wrong'})"
-                           for x in result["attributes"]))
+    print(
+        "  "
+        + "; ".join(
+            f"{x['kind']} {x['requested']}: {x['got']} ({'ok' if x['ok'] else 'wrong'})" for x in result["attributes"]
+        )
+    )
     src = case.source_image.astype(np.float64)
-    regions = [(f"object {i}: {o.colour} {o.shape} -> {case.target.objects[i].colour} {case.target.objects[i].shape}",
-                case.source.mask(i) > 0.5) for i, o in enumerate(case.source.objects)]
+    regions = [
+        (
+            f"object {i}: {o.colour} {o.shape} -> {case.target.objects[i].colour} {case.target.objects[i].shape}",
+            case.source.mask(i) > 0.5,
+        )
+        for i, o in enumerate(case.source.objects)
+    ]
     regions.append((f"background: {case.source.background} -> {case.target.background}", ~case.source.object_union))
     for label, m in regions:
         print(f"{label}\n  source {src[m].mean(0).round()}  finished {image[m].astype(np.float64).mean(0).round()}")
@@ -118,8 +138,10 @@ def main(argv: list[str] | None = None) -> int:
             for (n, lo), (delta_t, tgt_gaps, src_gaps) in sorted((by_t or {}).items()):
                 if n == name and np.abs(rgb[m].mean(0)).max() >= 0.05:  # terms that touch this region
                     part = delta_t[0].permute(1, 2, 0).cpu().numpy() * 127.5
-                    print(f"      t {lo:4d}-{lo + a.by_t - 1:4d} ({len(tgt_gaps):3d} draws) {part[m].mean(0).round(1)}"
-                          f"  text gap {np.mean(tgt_gaps):.4f} target / {np.mean(src_gaps):.4f} source")
+                    print(
+                        f"      t {lo:4d}-{lo + a.by_t - 1:4d} ({len(tgt_gaps):3d} draws) {part[m].mean(0).round(1)}"
+                        f"  text gap {np.mean(tgt_gaps):.4f} target / {np.mean(src_gaps):.4f} source"
+                    )
     return 0
 
 

@@ -43,17 +43,40 @@ def edit_images(a, threads: int) -> list[np.ndarray]:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(threads)
     bb = load_backbone(str(MODEL_DIR), device="cpu", attention="sdpa")
-    args = argparse.Namespace(seed=a.seed, loss_scale=2000.0, lr=0.2, steps=a.steps, lr_schedule="cosine", lr_final=0.0,
-                              accelerator="cpu", guidance_scale=12.5, wide_guidance_scale=None,
-                              masks=None if a.masks == "none" else a.masks)
+    args = argparse.Namespace(
+        seed=a.seed,
+        loss_scale=2000.0,
+        lr=0.2,
+        steps=a.steps,
+        lr_schedule="cosine",
+        lr_final=0.0,
+        accelerator="cpu",
+        guidance_scale=12.5,
+        wide_guidance_scale=None,
+        masks=None if a.masks == "none" else a.masks,
+    )
     return [ew.edit_case(bb, case, ew.METHODS[a.method], args)[0] for case in held_out_cases(a.cases, seed=a.seed)]
 
 
 def isa_side(a, name: str, out: Path) -> tuple[list[np.ndarray], str]:
     """One side of `--compare isa`, in a child whose CPU kernels are capped at `name`."""
     env = {**os.environ, **ISA_CEILINGS[name]}
-    cmd = [sys.executable, __file__, "--cases", str(a.cases), "--seed", str(a.seed), "--method", a.method,
-           "--steps", str(a.steps), "--masks", a.masks, "--save", str(out)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--cases",
+        str(a.cases),
+        "--seed",
+        str(a.seed),
+        "--method",
+        a.method,
+        "--steps",
+        str(a.steps),
+        "--masks",
+        a.masks,
+        "--save",
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"thread_check: the {name} run failed:\n{proc.stderr[-2000:]}")
@@ -67,8 +90,12 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=2)
     p.add_argument("--method", default="gas", choices=sorted(ew.METHODS))
     p.add_argument("--steps", type=int, default=150, help="the preset's 150 unless a quick check needs fewer")
-    p.add_argument("--masks", default="same_outline", choices=["none", "all", "same_outline"],
-                   help="as eval_world --masks (default: the preset's same_outline)")
+    p.add_argument(
+        "--masks",
+        default="same_outline",
+        choices=["none", "all", "same_outline"],
+        help="as eval_world --masks (default: the preset's same_outline)",
+    )
     p.add_argument("--compare", default="threads", choices=["threads", "isa"])
     p.add_argument("--save", type=Path, default=None, help=argparse.SUPPRESS)  # a child of --compare isa
     a = p.parse_args(argv)
@@ -76,8 +103,11 @@ def main(argv=None) -> int:
         import torch
 
         images = edit_images(a, threads=1)
-        np.savez(a.save, capability=torch.backends.cpu.get_cpu_capability(),
-                 **{f"case{i:04d}": img for i, img in enumerate(images)})
+        np.savez(
+            a.save,
+            capability=torch.backends.cpu.get_cpu_capability(),
+            **{f"case{i:04d}": img for i, img in enumerate(images)},
+        )
         return 0
     if a.compare == "threads":
         sides = {"1_thread": edit_images(a, 1), "2_threads": edit_images(a, 2)}
@@ -91,11 +121,20 @@ def main(argv=None) -> int:
     for case, x, y in zip(held_out_cases(a.cases, seed=a.seed), first, second):
         diff = np.abs(x.astype(int) - y.astype(int))
         sx, sy = score(x, case), score(y, case)
-        print(json.dumps({"compare": a.compare, **({"capability": capabilities} if capabilities else {}),
-                          "max_pixel_diff": int(diff.max()), "mean_pixel_diff": float(diff.mean()),
-                          f"verdicts_{na}": [v["ok"] for v in sx["attributes"]],
-                          f"verdicts_{nb}": [v["ok"] for v in sy["attributes"]],
-                          "preserved": [sx["preserved"], sy["preserved"]]}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "compare": a.compare,
+                    **({"capability": capabilities} if capabilities else {}),
+                    "max_pixel_diff": int(diff.max()),
+                    "mean_pixel_diff": float(diff.mean()),
+                    f"verdicts_{na}": [v["ok"] for v in sx["attributes"]],
+                    f"verdicts_{nb}": [v["ok"] for v in sy["attributes"]],
+                    "preserved": [sx["preserved"], sy["preserved"]],
+                }
+            ),
+            flush=True,
+        )
     return 0
 
 

@@ -36,7 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_world import SceneStream, ThreadTuner, cosine_factor, denoising_loss  # noqa: E402
 
 from gas_lightning.worlds.latent_model import (  # noqa: E402
-    IMAGE_SIZE, UNET_CHANNELS, build_scheduler, build_unet, build_vae, save_folder,
+    IMAGE_SIZE,
+    UNET_CHANNELS,
+    build_scheduler,
+    build_unet,
+    build_vae,
+    save_folder,
 )
 from gas_lightning.worlds.model import MODEL_DIR  # noqa: E402
 from gas_lightning.worlds.scenes import render, sample_scene  # noqa: E402
@@ -86,7 +91,7 @@ def random_crops(x: torch.Tensor, crop: int) -> torch.Tensor:
         return x
     cells = (x.shape[-1] - crop) // 8 + 1
     offs = torch.randint(0, cells, (x.shape[0], 2)) * 8
-    return torch.stack([im[:, y:y + crop, c:c + crop] for im, (y, c) in zip(x, offs.tolist())])
+    return torch.stack([im[:, y : y + crop, c : c + crop] for im, (y, c) in zip(x, offs.tolist())])
 
 
 class VaeStage(L.LightningModule):
@@ -152,8 +157,20 @@ class LatentPool:
 
 
 class UnetStage(L.LightningModule):
-    def __init__(self, tokenizer, text_encoder, unet, vae, scheduler, lr: float, text_lr: float,
-                 schedule: Schedule, min_snr: float, batch_size: int, pool: int):
+    def __init__(
+        self,
+        tokenizer,
+        text_encoder,
+        unet,
+        vae,
+        scheduler,
+        lr: float,
+        text_lr: float,
+        schedule: Schedule,
+        min_snr: float,
+        batch_size: int,
+        pool: int,
+    ):
         super().__init__()
         self.tokenizer, self.noise_scheduler = tokenizer, scheduler
         self.text_encoder, self.unet, self.vae = text_encoder, unet, vae.requires_grad_(False).eval()
@@ -171,8 +188,13 @@ class UnetStage(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW([{"params": self.unet.parameters(), "lr": self.lr},
-                                 {"params": self.text_encoder.parameters(), "lr": self.text_lr}], weight_decay=0.01)
+        opt = torch.optim.AdamW(
+            [
+                {"params": self.unet.parameters(), "lr": self.lr},
+                {"params": self.text_encoder.parameters(), "lr": self.text_lr},
+            ],
+            weight_decay=0.01,
+        )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -195,8 +217,11 @@ class Snapshot(L.Callback):
         minutes = (time.time() - self.t0) / 60
         if step % 50 == 0:
             lr = trainer.optimizers[0].param_groups[0]["lr"]
-            print(f"[{minutes:.1f} min] step {step}: loss (mean of 100) {float(torch.stack(self.losses).mean()):.4f} "
-                  f"lr {lr:.2e}", flush=True)
+            print(
+                f"[{minutes:.1f} min] step {step}: loss (mean of 100) {float(torch.stack(self.losses).mean()):.4f} "
+                f"lr {lr:.2e}",
+                flush=True,
+            )
         if step % self.every == 0:
             self.save(step, minutes)
 
@@ -215,8 +240,8 @@ class Snapshot(L.Callback):
 
 
 def build_stage(args):
-    from transformers import CLIPTextModel, CLIPTokenizer
     from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     schedule = Schedule(args.warmup, args.steps, 60 * (args.max_minutes - 1.0))
     if args.stage == "vae":
@@ -229,8 +254,19 @@ def build_stage(args):
     tok = CLIPTokenizer.from_pretrained(str(Path(args.text) / "tokenizer"))
     text = CLIPTextModel.from_pretrained(str(Path(args.text) / "text_encoder"))
     channels = tuple(int(c) for c in args.channels.split(","))
-    module = UnetStage(tok, text.train(), build_unet(channels), vae, build_scheduler(), args.lr, args.text_lr, schedule,
-                       args.min_snr, args.batch_size, args.pool)
+    module = UnetStage(
+        tok,
+        text.train(),
+        build_unet(channels),
+        vae,
+        build_scheduler(),
+        args.lr,
+        args.text_lr,
+        schedule,
+        args.min_snr,
+        args.batch_size,
+        args.pool,
+    )
     return module, tok
 
 
@@ -248,17 +284,32 @@ def main(argv=None) -> None:
     ap.add_argument("--channels", default=",".join(map(str, UNET_CHANNELS)), help="unet stage: the UNet's block widths")
     ap.add_argument("--pool", type=int, default=512, help="unet stage: encoded scenes kept and drawn from")
     ap.add_argument("--refresh", type=int, default=8, help="unet stage: new scenes encoded into the pool per step")
-    ap.add_argument("--held-out", type=int, default=64, help="vae stage: scenes for the round-trip PSNR of each snapshot")
-    ap.add_argument("--crop", type=int, default=64, help="vae stage: train on random crops this wide (a quarter of the cost)")
-    ap.add_argument("--vae", default=None, help="unet stage: the VAE folder (default OUT/vae/ema-latest); "
-                    "vae stage: start from this VAE instead of random weights")
-    ap.add_argument("--decoder-only", action="store_true",
-                    help="vae stage: train the decoder alone (with --vae), so a UNet trained on the latents stays valid")
-    ap.add_argument("--text", default=str(MODEL_DIR), help="unet stage: the folder whose tokenizer/ and text_encoder/ start the run")
+    ap.add_argument(
+        "--held-out", type=int, default=64, help="vae stage: scenes for the round-trip PSNR of each snapshot"
+    )
+    ap.add_argument(
+        "--crop", type=int, default=64, help="vae stage: train on random crops this wide (a quarter of the cost)"
+    )
+    ap.add_argument(
+        "--vae",
+        default=None,
+        help="unet stage: the VAE folder (default OUT/vae/ema-latest); "
+        "vae stage: start from this VAE instead of random weights",
+    )
+    ap.add_argument(
+        "--decoder-only",
+        action="store_true",
+        help="vae stage: train the decoder alone (with --vae), so a UNet trained on the latents stays valid",
+    )
+    ap.add_argument(
+        "--text", default=str(MODEL_DIR), help="unet stage: the folder whose tokenizer/ and text_encoder/ start the run"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save-every", type=int, default=250)
-    ap.add_argument("--max-minutes", type=float, default=60.0, help="wall-time budget: the lr decays and training stops by then")
+    ap.add_argument(
+        "--max-minutes", type=float, default=60.0, help="wall-time budget: the lr decays and training stops by then"
+    )
     ap.add_argument("--resume", default=None, help="a Lightning checkpoint (OUT/STAGE/last.ckpt) to continue from")
     ap.add_argument("--accelerator", default="auto")
     ap.add_argument("--precision", default="32-true")
@@ -283,18 +334,35 @@ def main(argv=None) -> None:
         tok = CLIPTokenizer.from_pretrained(str(Path(args.text) / "tokenizer"))
     ema = EMAWeightAveraging(decay=decay, update_starting_at_step=args.warmup)
     per_step = args.batch_size if vae_stage else args.refresh
-    data = DataLoader(SceneStream(tok, per_step, args.seed, size=IMAGE_SIZE), batch_size=None,
-                      num_workers=args.workers, persistent_workers=args.workers > 0)
+    data = DataLoader(
+        SceneStream(tok, per_step, args.seed, size=IMAGE_SIZE),
+        batch_size=None,
+        num_workers=args.workers,
+        persistent_workers=args.workers > 0,
+    )
     trainer = L.Trainer(
-        accelerator=args.accelerator, precision=args.precision, devices=1, max_steps=args.steps,
-        max_time={"minutes": args.max_minutes}, logger=TensorBoardLogger(str(out), name="tb"),
-        log_every_n_steps=25, gradient_clip_val=1.0, enable_progress_bar=False,
-        callbacks=[ema, Snapshot(ema, out, args.save_every, args.held_out), ThreadTuner(args.threads),
-                   ModelCheckpoint(dirpath=str(out), save_last=True, every_n_train_steps=args.save_every, save_top_k=0)],
+        accelerator=args.accelerator,
+        precision=args.precision,
+        devices=1,
+        max_steps=args.steps,
+        max_time={"minutes": args.max_minutes},
+        logger=TensorBoardLogger(str(out), name="tb"),
+        log_every_n_steps=25,
+        gradient_clip_val=1.0,
+        enable_progress_bar=False,
+        callbacks=[
+            ema,
+            Snapshot(ema, out, args.save_every, args.held_out),
+            ThreadTuner(args.threads),
+            ModelCheckpoint(dirpath=str(out), save_last=True, every_n_train_steps=args.save_every, save_top_k=0),
+        ],
     )
     t0 = time.time()
     trainer.fit(module, data, ckpt_path=args.resume)
-    print(f"done: {trainer.global_step} steps in {(time.time() - t0) / 60:.1f} min; EMA in {out / 'ema-latest'}", flush=True)
+    print(
+        f"done: {trainer.global_step} steps in {(time.time() - t0) / 60:.1f} min; EMA in {out / 'ema-latest'}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -38,7 +38,11 @@ class SceneStream(IterableDataset):
     def ids(self, caption: str) -> torch.Tensor:
         if caption not in self._ids:
             self._ids[caption] = self.tok(
-                caption, padding="max_length", max_length=self.tok.model_max_length, truncation=True, return_tensors="pt"
+                caption,
+                padding="max_length",
+                max_length=self.tok.model_max_length,
+                truncation=True,
+                return_tensors="pt",
             ).input_ids[0]
         return self._ids[caption]
 
@@ -83,8 +87,20 @@ def denoising_loss(unet, cond: torch.Tensor, alphas_cumprod: torch.Tensor, x0: t
 class WorldDiffusion(L.LightningModule):
     """Epsilon-prediction DDPM training of UNet + CLIP text encoder, with an EMA copy."""
 
-    def __init__(self, tokenizer, text_encoder, unet, scheduler, lr: float, text_lr: float, warmup: int,
-                 max_steps: int, ema_decay: float, min_snr: float, max_seconds: float = float("inf")):
+    def __init__(
+        self,
+        tokenizer,
+        text_encoder,
+        unet,
+        scheduler,
+        lr: float,
+        text_lr: float,
+        warmup: int,
+        max_steps: int,
+        ema_decay: float,
+        min_snr: float,
+        max_seconds: float = float("inf"),
+    ):
         super().__init__()
         self.max_seconds, self.t_start = max_seconds, None
         self.tokenizer, self.noise_scheduler = tokenizer, scheduler
@@ -171,8 +187,11 @@ class ThreadTuner(L.Callback):
             self.times[2] = time.perf_counter() - self.t_mark
             best = 1 if self.times[1] < self.times[2] else self.max_threads
             torch.set_num_threads(best)
-            print(f"threads: 1 -> {self.times[1] / self.probe:.2f} s/step, {self.max_threads} -> "
-                  f"{self.times[2] / self.probe:.2f} s/step; using {best}", flush=True)
+            print(
+                f"threads: 1 -> {self.times[1] / self.probe:.2f} s/step, {self.max_threads} -> "
+                f"{self.times[2] / self.probe:.2f} s/step; using {best}",
+                flush=True,
+            )
 
 
 class SaveEMA(L.Callback):
@@ -187,10 +206,16 @@ class SaveEMA(L.Callback):
         if step % 50 == 0:
             mean = float(torch.stack(self.losses).mean())
             lr = trainer.optimizers[0].param_groups[0]["lr"]
-            print(f"[{(time.time() - self.t0) / 60:.1f} min] step {step}: loss (mean of 100) {mean:.4f} lr {lr:.2e}", flush=True)
+            print(
+                f"[{(time.time() - self.t0) / 60:.1f} min] step {step}: loss (mean of 100) {mean:.4f} lr {lr:.2e}",
+                flush=True,
+            )
         if step % self.every == 0:
             module.save_ema(self.out / "ema-latest")
-            print(f"[{(time.time() - self.t0) / 60:.1f} min] step {step}: saved EMA to {self.out / 'ema-latest'}", flush=True)
+            print(
+                f"[{(time.time() - self.t0) / 60:.1f} min] step {step}: saved EMA to {self.out / 'ema-latest'}",
+                flush=True,
+            )
 
 
 def main(argv=None) -> None:
@@ -206,10 +231,19 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save-every", type=int, default=500)
-    ap.add_argument("--max-minutes", type=float, default=85.0, help="wall-time budget: the lr schedule ends and training stops by then")
-    ap.add_argument("--init", default=None, help="start from this model folder (continue a run) instead of random weights")
+    ap.add_argument(
+        "--max-minutes",
+        type=float,
+        default=85.0,
+        help="wall-time budget: the lr schedule ends and training stops by then",
+    )
+    ap.add_argument(
+        "--init", default=None, help="start from this model folder (continue a run) instead of random weights"
+    )
     ap.add_argument("--export", default=None, help="also copy the final model folder here (e.g. the package assets)")
-    ap.add_argument("--channels", default="32,64,64", help="UNet block widths (the shipped GPU-trained model: 40,80,80)")
+    ap.add_argument(
+        "--channels", default="32,64,64", help="UNet block widths (the shipped GPU-trained model: 40,80,80)"
+    )
     ap.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto picks a GPU when there is one")
     ap.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed")
     ap.add_argument("--workers", type=int, default=0, help="DataLoader worker processes rendering scenes")
@@ -229,12 +263,31 @@ def main(argv=None) -> None:
         text.train()
         unet.train()
         print(f"continuing from {args.init}", flush=True)
-    print(f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, "
-          f"text encoder {sum(p.numel() for p in text.parameters()) / 1e6:.2f}M", flush=True)
-    module = WorldDiffusion(tok, text, unet, sched, args.lr, args.text_lr, args.warmup, args.steps, args.ema, args.min_snr,
-                            max_seconds=60 * (args.max_minutes - 1.0))
-    data = DataLoader(SceneStream(tok, args.batch_size, args.seed), batch_size=None, num_workers=args.workers,
-                      persistent_workers=args.workers > 0, pin_memory=torch.cuda.is_available())
+    print(
+        f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, "
+        f"text encoder {sum(p.numel() for p in text.parameters()) / 1e6:.2f}M",
+        flush=True,
+    )
+    module = WorldDiffusion(
+        tok,
+        text,
+        unet,
+        sched,
+        args.lr,
+        args.text_lr,
+        args.warmup,
+        args.steps,
+        args.ema,
+        args.min_snr,
+        max_seconds=60 * (args.max_minutes - 1.0),
+    )
+    data = DataLoader(
+        SceneStream(tok, args.batch_size, args.seed),
+        batch_size=None,
+        num_workers=args.workers,
+        persistent_workers=args.workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
     trainer = L.Trainer(
         accelerator=args.accelerator,
         precision=args.precision,
@@ -256,8 +309,11 @@ def main(argv=None) -> None:
     loss = trainer.callback_metrics.get("train/loss")
     device = trainer.strategy.root_device
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type}", flush=True)
-    print(f"done: {trainer.global_step} steps in {minutes:.1f} min, last loss {float(loss) if loss is not None else float('nan'):.4f}; "
-          f"model in {final}", flush=True)
+    print(
+        f"done: {trainer.global_step} steps in {minutes:.1f} min, last loss {float(loss) if loss is not None else float('nan'):.4f}; "
+        f"model in {final}",
+        flush=True,
+    )
     if args.export:
         dst = Path(args.export)
         if dst.exists():
