@@ -38,6 +38,14 @@ def _ctrl_c(at: int) -> list[str]:
     return ["--trainer.callbacks+=test_first_hour.CtrlCAtBatch", f"--trainer.callbacks.at_batch={at}"]
 
 
+def _resume_last(tiny_sd, image_file, out: Path, steps: int, every: int) -> list[int]:
+    """`--resume last` on `out`; the steps each fit started from (asserting the run exits 0)."""
+    STARTS.clear()
+    args = ["--trainer.max_steps", str(steps), "--checkpoint_every", str(every), "--resume", "last"]
+    assert run_cli(edit_args(tiny_sd, image_file, out, *args, "--trainer.callbacks+=test_first_hour.RecordStart")) == 0
+    return list(STARTS)
+
+
 # --- 2: Ctrl-C, then --resume last ---------------------------------------------------------------
 
 
@@ -54,25 +62,8 @@ def test_ctrl_c_says_where_the_checkpoint_is_and_resume_last_takes_the_newest(
     assert code == 130
     assert str(out / "checkpoints" / "interrupted.ckpt") in err and "--resume last" in err, err
     assert "Detected KeyboardInterrupt" not in err
-    STARTS.clear()
-    assert (
-        run_cli(
-            edit_args(
-                tiny_sd,
-                image_file,
-                out,
-                "--trainer.max_steps",
-                "6",
-                "--checkpoint_every",
-                "2",
-                "--resume",
-                "last",
-                "--trainer.callbacks+=test_first_hour.RecordStart",
-            )
-        )
-        == 0
-    )
-    assert STARTS == [3]  # from interrupted.ckpt (step 3), not last.ckpt (step 2): no step redone
+    # from interrupted.ckpt (step 3), not last.ckpt (step 2): no step redone
+    assert _resume_last(tiny_sd, image_file, out, 6, 2) == [3]
 
 
 def test_resume_last_after_a_stop_before_the_first_periodic_checkpoint(
@@ -87,25 +78,7 @@ def test_resume_last_after_a_stop_before_the_first_periodic_checkpoint(
         == 130
     )
     assert not (out / "checkpoints" / "last.ckpt").exists()
-    STARTS.clear()
-    assert (
-        run_cli(
-            edit_args(
-                tiny_sd,
-                image_file,
-                out,
-                "--trainer.max_steps",
-                "4",
-                "--checkpoint_every",
-                "50",
-                "--resume",
-                "last",
-                "--trainer.callbacks+=test_first_hour.RecordStart",
-            )
-        )
-        == 0
-    )
-    assert STARTS == [1]
+    assert _resume_last(tiny_sd, image_file, out, 4, 50) == [1]
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
 
 
