@@ -119,7 +119,9 @@ class VaeStage(L.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.vae.parameters(), lr=self.lr, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.schedule)
+        # A plain function, not the Schedule object: LambdaLR saves and restores an object's
+        # attributes, which would bring back an old run's clock and budget on --resume.
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self.schedule(step))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def export(self, folder: Path, held_out: torch.Tensor) -> dict:
@@ -195,7 +197,9 @@ class UnetStage(L.LightningModule):
             ],
             weight_decay=0.01,
         )
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.schedule)
+        # A plain function, not the Schedule object: LambdaLR saves and restores an object's
+        # attributes, which would bring back an old run's clock and budget on --resume.
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self.schedule(step))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def export(self, folder: Path, held_out: torch.Tensor) -> dict:
@@ -237,6 +241,15 @@ class Snapshot(L.Callback):
         stats = source.export(folder, self.held_out)
         (folder / "progress.json").write_text(json.dumps({"step": step, "minutes": round(minutes, 1), **stats}) + "\n")
         print(f"[{minutes:.1f} min] step {step}: EMA saved to {folder} {stats}", flush=True)
+
+
+def resumed_minutes(ckpt: str | None) -> float:
+    """Training minutes a checkpoint's Timer already counted (0 without one)."""
+    if not ckpt:
+        return 0.0
+    state = torch.load(ckpt, map_location="cpu", weights_only=False).get("callbacks", {})
+    timer = next((v for k, v in state.items() if k.startswith("Timer")), {})
+    return timer.get("time_elapsed", {}).get("train", 0.0) / 60
 
 
 def build_stage(args):
@@ -345,7 +358,8 @@ def main(argv=None) -> None:
         precision=args.precision,
         devices=1,
         max_steps=args.steps,
-        max_time={"minutes": args.max_minutes},
+        # Lightning's Timer restores the time already spent; --max-minutes is this run's own budget.
+        max_time={"minutes": args.max_minutes + resumed_minutes(args.resume)},
         logger=TensorBoardLogger(str(out), name="tb"),
         log_every_n_steps=25,
         gradient_clip_val=1.0,
