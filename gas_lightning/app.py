@@ -97,6 +97,19 @@ def annotation(image: Image.Image, plan: EditPlan) -> dict[str, Any]:
     return {"image": image, "boxes": boxes}
 
 
+def check_rows(report: dict | None) -> list[list]:
+    """The page's check table: one row per subtask (its number, objects, verdict and scores)."""
+    return [
+        [
+            v["index"],
+            f"{v['source']} -> {v['target']}",
+            v["verdict"],
+            ", ".join(f"{k} {x:.2f}" for k, x in v["scores"].items()),
+        ]
+        for v in (report or {}).get("verdicts", [])
+    ]
+
+
 def label_colours(plan: EditPlan) -> dict[str, tuple[int, int, int]]:
     """Each object's label and the colour of its boxes (the first subtask's), also for objects drawn without one."""
     from gas_lightning.grounding.base import _COLOURS
@@ -203,6 +216,25 @@ class EditApp:
         except GroundingMiss as miss:
             plan = plan_edit(image, request, config=self.config, grounding_fallback="whole_image")
             return plan, f"not found: {', '.join(miss.missing)}; each has the whole image as its box: draw it"
+
+    def rerun(self, session: str, done_dir: str | Path, steps: int, seed: int = 0) -> Iterator[tuple]:
+        """Run the subtasks of a finished edit that were not judged done again, on its result: a new
+        edit of its edited.png, with the subtasks judged done held as keep terms (as a --refine pass)."""
+        import json
+
+        from gas_lightning.checking import Verdict
+        from gas_lightning.pipeline import load_image
+        from gas_lightning.refine import failed, refine_plan
+
+        out = Path(done_dir)
+        if not (out / "report.json").is_file():
+            raise GasError("this edit was not checked (no report.json), so nothing is known to have failed")
+        plan = EditPlan.load(out / "plan.json")
+        verdicts = [Verdict.from_dict(v) for v in json.loads((out / "report.json").read_text())["verdicts"]]
+        if not failed(plan, verdicts):
+            raise GasError("every subtask was judged done: nothing to run again")
+        again = refine_plan(plan, verdicts, self._cfg.refine_boost, [1] * len(plan.subtasks))
+        yield from self.run(session, load_image(out / "edited.png"), again, steps, seed)
 
     def stop(self, session: str) -> bool:
         """Ask the session's running edit to stop after its current step; False when none runs."""

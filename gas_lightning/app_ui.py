@@ -27,6 +27,7 @@ from gas_lightning.app import (  # noqa: E402
     EXAMPLE_IMAGE,
     EditApp,
     annotation,
+    check_rows,
     label_colours,
     load_upload,
     plan_with_boxes,
@@ -105,9 +106,9 @@ def build_ui(app: EditApp) -> gr.Blocks:
     def outputs_of(event):
         kind = event[0]
         if kind == "step":
-            return gr.skip(), f"step {event[1]}/{event[2]}", gr.skip(), gr.skip()
+            return gr.skip(), f"step {event[1]}/{event[2]}", gr.skip(), gr.skip(), gr.skip()
         if kind == "preview":
-            return event[1], f"step {event[2]}: preview", gr.skip(), gr.skip()
+            return event[1], f"step {event[2]}: preview", gr.skip(), gr.skip(), gr.skip()
         if kind == "stopped":
             out = event[1]
             return (
@@ -115,14 +116,17 @@ def build_ui(app: EditApp) -> gr.Blocks:
                 f"{event[2]}; the checkpoint is kept in {out / 'checkpoints'}: Continue resumes it.",
                 gr.skip(),
                 [str(out / n) for n in DOWNLOADS[1:]],
+                gr.skip(),
             )
         result = event[1]
         out = result.output_dir
+        checked = [n for n in ("report.json", "report.png") if (out / n).is_file()]
         return (
             gr.skip(),
             f"done: {result.steps} steps; the edit is in {out}",
             str(out / "edited.png"),
-            [str(out / n) for n in DOWNLOADS],
+            [str(out / n) for n in (*DOWNLOADS, *checked)],
+            check_rows(result.report),
         )
 
     def run_events(state, events):
@@ -130,7 +134,7 @@ def build_ui(app: EditApp) -> gr.Blocks:
             if event[0] == "stopped":
                 state = {**state, "stopped": str(event[1])}
             elif event[0] == "done":
-                state = {**state, "stopped": None}
+                state = {**state, "stopped": None, "done": str(event[1].output_dir)}
             yield (*outputs_of(event), state)
 
     @_page_errors
@@ -143,7 +147,7 @@ def build_ui(app: EditApp) -> gr.Blocks:
             raise GasError("the image was rotated in the box editor; rotate it back (the edit uses it as uploaded)")
         plan = plan_with_boxes(EditPlan.from_dict(state["plan"]), (boxes or {}).get("boxes") or [], state["image"].size)
         state = {**state, "run_plan": plan.to_dict(), "steps": steps, "seed": seed, "stopped": None}
-        yield None, "starting", None, None, state
+        yield None, "starting", None, None, [], state
         yield from run_events(state, app.run(req.session_hash, state["image"], plan, steps, seed))
 
     @_page_errors
@@ -151,11 +155,18 @@ def build_ui(app: EditApp) -> gr.Blocks:
         if not state.get("stopped"):
             raise GasError("nothing to continue: Continue resumes an edit you stopped")
         plan = EditPlan.from_dict(state["run_plan"])
-        yield gr.skip(), "continuing", gr.skip(), gr.skip(), state
+        yield gr.skip(), "continuing", gr.skip(), gr.skip(), gr.skip(), state
         yield from run_events(
             state,
             app.run(req.session_hash, state["image"], plan, state["steps"], state["seed"], resume_dir=state["stopped"]),
         )
+
+    @_page_errors
+    def again(steps, seed, state, req: gr.Request):
+        if not state.get("done"):
+            raise GasError("nothing to run again: finish an edit first")
+        yield gr.skip(), "running the failed subtasks again", gr.skip(), gr.skip(), gr.skip(), state
+        yield from run_events(state, app.rerun(req.session_hash, state["done"], steps, seed))
 
     def stop(req: gr.Request):
         return "stopping after this step..." if app.stop(req.session_hash) else "no edit is running"
@@ -186,6 +197,13 @@ def build_ui(app: EditApp) -> gr.Blocks:
                 with gr.Row():
                     preview = gr.Image(label="Preview", type="pil", interactive=False, height=300, elem_id="preview")
                     edited = gr.Image(label="Edited", type="filepath", interactive=False, height=300, elem_id="edited")
+                checks = gr.Dataframe(
+                    headers=["#", "subtask", "verdict", "scores"],
+                    label="Check: a verdict per subtask (docs/guide/checking.md)",
+                    interactive=False,
+                    elem_id="checks",
+                )
+                rerun = gr.Button("Run the failed subtasks again", elem_id="rerun")
                 downloads = gr.File(
                     label="Downloads: edited.png, plan.json, config.yaml",
                     file_count="multiple",
@@ -198,11 +216,12 @@ def build_ui(app: EditApp) -> gr.Blocks:
         example.click(take_example, None, [boxes, state, upload]).success(**found)
         find.click(**found)
         request.submit(**found)
-        edit_outputs = [preview, status, edited, downloads, state]
+        edit_outputs = [preview, status, edited, downloads, checks, state]
         run.click(
             start, [request, boxes, steps, seed, state], edit_outputs, concurrency_limit=1, concurrency_id="device"
         )
         cont.click(resume, [state], edit_outputs, concurrency_limit=1, concurrency_id="device")
+        rerun.click(again, [steps, seed, state], edit_outputs, concurrency_limit=1, concurrency_id="device")
         halt.click(stop, None, status, queue=False)
     return demo
 

@@ -272,9 +272,12 @@ class _Runner:
     def measure(self, cfg, edited, plan, out: Path) -> dict:
         from gas_lightning.io import atomic_write
         from gas_lightning.pipeline import load_image
+        from gas_lightning.report import summary
         from gas_lightning.resolve import resolve_bundled
 
         values = self.metrics(load_image(resolve_bundled(cfg.image)), edited, plan)
+        if (out / "report.json").is_file():  # the edit's own check (docs/guide/checking.md), summarised
+            values.update(summary(json.loads((out / "report.json").read_text())))
         with atomic_write(out / "metrics.json", "w") as f:
             f.write(json.dumps(values, indent=2) + "\n")
         return values

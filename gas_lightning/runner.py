@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any, Literal, Optional
 
 from jsonargparse import ActionConfigFile, Namespace
 
-from gas_lightning.errors import EditInterrupted, GasError
-from gas_lightning.worlds import MODEL_DIR
+from gas_lightning.errors import GasError
+from gas_lightning.fitting import cpu_precision  # noqa: F401  (tests and tools/bench import it from here)
+from gas_lightning.worlds import ASSETS_DIR, MODEL_DIR
 from gas_lightning.worlds.vocab import check_known
 
 if TYPE_CHECKING:
@@ -49,12 +50,14 @@ class EditResult:
     output_dir: Path
     attention: str | None = None
     steps: int = 0
+    report: dict | None = None  # report.json's object when the edit was checked (docs/guide/checking.md)
 
 
 def build_parser(exit_on_error: bool = True):
     from lightning.pytorch import Trainer
     from lightning.pytorch.cli import LightningArgumentParser, LRSchedulerCallable, OptimizerCallable
 
+    from gas_lightning.checking import CheckSpec
     from gas_lightning.guidance import GuidanceConfig
     from gas_lightning.resolve import GroundingSpec, PlanSpec
 
@@ -151,6 +154,7 @@ def build_parser(exit_on_error: bool = True):
     )
     p.add_class_arguments(PlanSpec, nested_key=None, as_group=True, fail_untyped=True)
     p.add_class_arguments(GroundingSpec, nested_key=None, as_group=True)
+    p.add_class_arguments(CheckSpec, nested_key=None, as_group=True)
     p.add_class_arguments(GuidanceConfig, "guidance")
     p.add_lightning_class_args(Trainer, "trainer")
     p.set_defaults(
@@ -166,6 +170,11 @@ def build_parser(exit_on_error: bool = True):
 
 def is_bundled_model(source: str | None) -> bool:
     return source is not None and Path(source).resolve() == MODEL_DIR.resolve()
+
+
+def is_world_model(source: str | None) -> bool:
+    """A model shipped in the package (the pixel or the latent shapes world): its images are world images."""
+    return source is not None and Path(source).resolve().is_relative_to(ASSETS_DIR.resolve())
 
 
 def is_child_rank() -> bool:
@@ -197,13 +206,13 @@ def run_edit(
     user corrected. `callbacks` are added to the Trainer's.
     """
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import TensorBoardLogger
 
-    from gas_lightning.callbacks import EditOutputs, FinalCheckpoint, NanGuard
-    from gas_lightning.io import atomic_write, with_atomic_io
-    from gas_lightning.pipeline import build_edit, load_image, tensor_to_image
+    from gas_lightning.checking import CheckSpec
+    from gas_lightning.fitting import build_pass, fit, make_trainer
+    from gas_lightning.io import atomic_write
+    from gas_lightning.pipeline import load_image, tensor_to_image
     from gas_lightning.plan import EditPlan
+    from gas_lightning.report import find_lpips
     from gas_lightning.resolve import resolve_bundled
 
     out = Path(cfg.output_dir)
@@ -246,8 +255,9 @@ def run_edit(
         check_resume(resume, plan)  # before plan.json/config.yaml are rewritten: a refused resume loses nothing
     make_writable_dir(out)
     if not child and cfg.overwrite and resume is None:
-        for old in [*ckpt_dir.glob("*.ckpt"), out / "edited.png"]:  # else Lightning would version names and
-            old.unlink(missing_ok=True)  # "last" would be stale
+        stale = [*ckpt_dir.glob("*.ckpt"), out / "edited.png", out / "report.json", out / "report.png"]
+        for old in stale:  # else Lightning would version names, and "last" and the report would be stale
+            old.unlink(missing_ok=True)
     if not child:
         plan.save(out / "plan.json")
         if given_plan:  # a plan held in memory: config.yaml names the saved one, so it repeats the edit
@@ -284,34 +294,15 @@ def run_edit(
 
     init = parser.instantiate(cfg)
     check_lr_scheduler(init.lr_scheduler, cfg.trainer.max_steps)
+    check = CheckSpec(**{k: cfg[k] for k in CheckSpec.__dataclass_fields__})
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    all_callbacks = list(init.trainer.callbacks or []) + list(callbacks)
-    if not any(isinstance(c, ModelCheckpoint) for c in all_callbacks):
-        all_callbacks.append(
-            ModelCheckpoint(
-                dirpath=ckpt_dir,
-                filename="step{step:06d}",
-                auto_insert_metric_name=False,
-                every_n_train_steps=cfg.checkpoint_every,
-                save_top_k=-1,
-                save_last=True,
-                enable_version_counter=False,
-            )
-        )
-    final = FinalCheckpoint(ckpt_dir)
-    all_callbacks += [NanGuard(ckpt_dir), final, EditOutputs(out)]
-    trainer_kwargs = {k: v for k, v in vars(init.trainer).items() if k != "callbacks"}
-    if trainer_kwargs.get("logger") in (None, True):
-        trainer_kwargs["logger"] = TensorBoardLogger(save_dir=str(out), name="", version="", default_hp_metric=False)
-    if trainer_kwargs.get("default_root_dir") is None:
-        trainer_kwargs["default_root_dir"] = str(out)
-    trainer_kwargs["plugins"] = with_atomic_io(trainer_kwargs.get("plugins"))  # kill-safe writes, data-only loads
-    if trainer_kwargs.get("enable_model_summary") is None:  # one row, "other params": the latent
-        trainer_kwargs["enable_model_summary"] = False
-    cpu_precision(trainer_kwargs)
-    trainer = L.Trainer(callbacks=all_callbacks, **trainer_kwargs)
-
+    trainer, final = make_trainer(cfg, init, out, ckpt_dir, callbacks)
     device = str(trainer.strategy.root_device)
+    if check.refine and trainer.world_size > 1:
+        raise GasError("--refine runs on one device; set --trainer.devices 1 (or --refine 0)")
+    # before any step: a checker model that cannot load, or --refine on a photo with no checker, stops here
+    checker = None if child else build_checker(cfg, check, backbone, device)
+    lpips = find_lpips(check.check_lpips, device) if checker is not None else (None, None)
     if backbone is not None:  # load_backbone says which attention it set up; a given model is named here
         log.info("attention backend: %s", backbone.attention)
     if backbone is None:
@@ -337,26 +328,10 @@ def run_edit(
         cfg.compile or cfg.low_memory or cfg.micro_batch is not None
     ):  # asked for this edit: applied to the given model
         backbone.tune(compile=cfg.compile, low_memory=cfg.low_memory, micro_batch=cfg.micro_batch)
-    module = build_edit(
-        backbone,
-        image,
-        plan,
-        guidance_config=init.guidance,
-        resolution=cfg.resolution,
-        schedule=cfg.schedule,
-        seed=cfg.seed,
-        loss_scale=cfg.loss_scale,
-        optimizer=init.optimizer,
-        lr_scheduler=init.lr_scheduler,
-    )
-    try:
-        trainer.fit(module, ckpt_path=resume, weights_only=True)
-    except SystemExit:  # Lightning answers Ctrl-C with sys.exit(1) after its callbacks saved the state
-        if trainer.interrupted:
-            raise EditInterrupted(trainer.global_step, final.interrupted, out) from None
-        raise
+    module = build_pass(backbone, image, plan, cfg, init)
+    fit(trainer, module, final, out, resume)
     edited = tensor_to_image(module.decode().cpu()) if trainer.is_global_zero else None
-    return EditResult(
+    result = EditResult(
         image=edited,
         plan=plan,
         latent=module.latent.detach().cpu(),
@@ -364,6 +339,11 @@ def run_edit(
         attention=backbone.attention,
         steps=trainer.global_step,
     )
+    if checker is None or not trainer.is_global_zero:
+        return result
+    from gas_lightning.refine import check_and_refine
+
+    return check_and_refine(cfg, parser, image, module, trainer, result, checker, lpips, backbone, callbacks)
 
 
 def newest_checkpoint(ckpt_dir: Path) -> Path:
@@ -411,20 +391,6 @@ def make_writable_dir(out: Path) -> None:
             f"--output_dir {str(out)!r} is not writable ({e.strerror or e}); "
             "choose a folder you can write to, or fix its permissions"
         ) from None
-
-
-def cpu_precision(trainer_kwargs: dict) -> None:
-    """16-mixed is CUDA's fp16 autocast. On the CPU Lightning swaps in bf16-mixed, which rounds the
-    small differences DDS follows 8x more coarsely (docs/configuration.md, mixed precision): run 32-true there."""
-    import torch
-
-    accelerator = trainer_kwargs.get("accelerator") or "auto"
-    on_cpu = accelerator == "cpu" or (
-        accelerator == "auto" and not torch.cuda.is_available() and not torch.backends.mps.is_available()
-    )
-    if on_cpu and str(trainer_kwargs.get("precision")) in ("16-mixed", "16"):
-        log.info("precision 16-mixed needs a GPU; on the CPU this edit runs in 32-true")
-        trainer_kwargs["precision"] = "32-true"
 
 
 def check_resume(path: str, plan) -> None:
@@ -490,3 +456,18 @@ def check_lr_scheduler(factory, max_steps: int) -> None:
             key,
             max_steps,
         )
+
+
+def build_checker(cfg: Namespace, check, backbone, device: str):
+    """The edit's checker (None when it is not checked): the world's for world images, else the photo one
+    from the configured detector and --check_clip. Loaded before the edit, so a model that cannot load
+    costs no step."""
+    from gas_lightning.checking import make_checker, wanted
+    from gas_lightning.resolve import GroundingSpec, make_grounder, resolve_bundled
+
+    model = backbone.source if backbone is not None else resolve_bundled(cfg.model)
+    world = cfg.detector == "world" or is_world_model(model)
+    detector = None
+    if wanted(check, world) and not (world and check.check_clip is None):
+        detector = make_grounder(GroundingSpec(**{k: cfg[k] for k in GroundingSpec.__dataclass_fields__}))
+    return make_checker(check, world, detector, device)

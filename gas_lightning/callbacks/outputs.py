@@ -27,19 +27,30 @@ class EditOutputs(Callback):
     edited.png is at the working size; comparison.png and masks.png are upscaled (nearest) to at
     least `min_view_side` pixels high, for viewing. latent.pt holds plain tensors and ints, so it
     loads with `torch.load(weights_only=True)`. Every file is written atomically (`atomic_write`).
+
+    Args:
+        output_dir: the edit's folder.
+        min_view_side: the viewing pictures' least height.
+        source_latent: the source shown in comparison.png and masks.png (default: the module's own
+            reference; a refine pass, whose reference is the previous result, passes the user's source).
+        save_plan: write plan.json (a refine pass's plan is not the user's and stays out of it).
     """
 
-    def __init__(self, output_dir: str | Path, min_view_side: int = 256):
+    def __init__(self, output_dir: str | Path, min_view_side: int = 256, source_latent=None, save_plan: bool = True):
         self.output_dir = Path(output_dir)
         self.min_view_side = int(min_view_side)
+        self.source_latent = source_latent
+        self.save_plan = save_plan
 
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        pl_module.plan.save(self.output_dir / "plan.json")  # atomic, like every output here
+        if self.save_plan:
+            pl_module.plan.save(self.output_dir / "plan.json")  # atomic, like every output here
 
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        source = pl_module.decode(pl_module.z_src).cpu()
+        reference = pl_module.z_src if self.source_latent is None else self.source_latent.to(pl_module.z_src)
+        source = pl_module.decode(reference).cpu()
         edited = pl_module.decode().cpu()
         save_png(tensor_to_image(edited), self.output_dir / "edited.png")
         side = self.min_view_side

@@ -466,7 +466,10 @@ STAGES = [
     ("image + plan + backbone -> a ready edit", ["pipeline"]),
     ("callbacks: penalty, previews, outputs, progress", ["callbacks"]),
     ("choosing the planner and box source", ["resolve"]),
-    ("one edit run, its records and metrics", ["runner", "records", "metrics", "jobs"]),
+    (
+        "one edit run: its passes, checks, report, records and metrics",
+        ["runner", "fitting", "checking", "report", "refine", "records", "metrics", "jobs"],
+    ),
     ("on top: the Python API, batch, the app, the command line", ["api", "batch", "app", "app_ui", "cli"]),
 ]
 

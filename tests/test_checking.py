@@ -1,0 +1,298 @@
+"""Checking an edit: world verdicts on hand-drawn pictures, photo verdicts from a tiny CLIP, the refine
+plan, the preservation report, and the edit path (report files, --refine passes, refusals, a failing check)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import test_metrics
+import torch
+from PIL import Image
+
+from gas_lightning.checking import DONE, NOT_DONE, UNSURE, CheckSpec, Verdict, make_checker
+from gas_lightning.checking.verdict import by_threshold, vote
+from gas_lightning.checking.world import WorldChecker
+from gas_lightning.errors import GasError
+from gas_lightning.plan import WHOLE_IMAGE, EditPlan, Subtask
+from gas_lightning.refine import failed, refine_plan
+from gas_lightning.report import edit_area, preservation
+from gas_lightning.worlds.scenes import BACKGROUNDS, COLOURS
+
+tiny_clip = test_metrics.tiny_clip  # the random CLIP folder fixture, shared
+BOX = (5 / 32, 5 / 32, 15 / 32, 15 / 32)  # the 10x10 square drawn at pixels 5..14
+
+
+def picture(ground="snow", colour="red", rect=(5, 5, 15, 15), holes=()) -> Image.Image:
+    """32x32 flat ground with one axis-aligned block (a square when rect is square)."""
+    arr = np.zeros((32, 32, 3), dtype=np.uint8)
+    arr[:] = BACKGROUNDS[ground]
+    if colour is not None:
+        x0, y0, x1, y1 = rect
+        arr[y0:y1, x0:x1] = COLOURS[colour]
+        for y, x in holes:
+            arr[y, x] = BACKGROUNDS[ground]
+    return Image.fromarray(arr)
+
+
+def judged(edited, source="the red square", target="a blue square", box=BOX, before=None):
+    plan = EditPlan("s", "t", (Subtask(source, target, box=box),))
+    return WorldChecker()(before or picture(), edited, plan)[0]
+
+
+# world verdicts ------------------------------------------------------------------------------------
+def test_a_recoloured_square_is_done_with_full_target_and_no_source():
+    v = judged(picture(colour="blue"))
+    assert v.verdict == DONE and v.scores == {"target": 1.0, "source": 0.0}
+
+
+def test_an_unchanged_square_is_not_done():
+    v = judged(picture())
+    assert v.verdict == NOT_DONE and v.scores == {"target": 0.0, "source": 1.0}
+
+
+def test_an_erased_object_is_not_done_and_a_shrunk_one_unsure():
+    assert judged(picture(colour=None)).verdict == NOT_DONE
+    # a 10x4 blue block where a 10x10 red square was: 40 of 100 pixels, between 0.2 and 0.5
+    shrunk = judged(picture(colour="blue", rect=(5, 5, 15, 9)), target="a blue object")
+    assert shrunk.verdict == UNSURE and shrunk.scores["target"] == pytest.approx(0.4)
+
+
+def test_a_few_noisy_pixels_inside_a_kept_square_keep_it_a_square():
+    # 98 of 100 pixels: fill 0.98 either way, but two holes in a 4x4 block would read as a circle unfilled
+    small = picture(colour="blue", rect=(5, 5, 9, 9))
+    holed = picture(colour="blue", rect=(5, 5, 9, 9), holes=[(6, 6), (7, 7)])
+    box = (5 / 32, 5 / 32, 9 / 32, 9 / 32)
+    v = judged(holed, "a blue square", "a blue square", box=box, before=small)
+    assert v.verdict == DONE and v.scores == {"target": 1.0}
+
+
+def test_a_background_change_reads_the_share_of_ground_pixels():
+    done = judged(picture("grass"), "the snow", "grass", WHOLE_IMAGE)
+    assert done.verdict == DONE and done.scores == {"target": 1.0, "source": 0.0}
+    half = np.asarray(picture("grass")).copy()
+    half[16:] = BACKGROUNDS["snow"]  # the bottom half snow: 512 snow, 412 grass ground pixels
+    v = judged(Image.fromarray(half), "the snow", "grass", WHOLE_IMAGE)
+    assert v.verdict == UNSURE and v.scores["target"] == pytest.approx((512 - 100) / (1024 - 100))
+
+
+def test_vote_and_thresholds_by_hand():
+    assert vote([DONE, DONE]) == DONE and vote([DONE, NOT_DONE]) == UNSURE and vote([]) == UNSURE
+    assert [by_threshold(x, 0.6, 0.4) for x in (0.6, 0.5, 0.39)] == [DONE, UNSURE, NOT_DONE]
+
+
+# photo verdicts ------------------------------------------------------------------------------------
+def test_clip_share_is_the_softmax_of_scaled_cosines_of_the_crop(tiny_clip):
+    from transformers import CLIPModel, CLIPProcessor
+
+    checker = make_checker(CheckSpec(check_clip=str(tiny_clip)), world=False)
+    edited = picture(colour="blue")
+    plan = EditPlan("s", "t", (Subtask("a red block", "a blue block", box=BOX),))
+    v = checker(picture(), edited, plan)[0]
+    model, proc = CLIPModel.from_pretrained(tiny_clip).eval(), CLIPProcessor.from_pretrained(tiny_clip)
+    with torch.no_grad():  # by hand: the crop's and both texts' embeddings, cosine x logit scale, softmax
+        img = proc(images=edited.crop((5, 5, 15, 15)), return_tensors="pt")
+        i = model.vision_model(**img).pooler_output
+        i = model.visual_projection(i)
+        t = model.text_projection(
+            model.text_model(
+                **proc(text=["a blue block", "a red block"], padding=True, return_tensors="pt")
+            ).pooler_output
+        )
+        cos = torch.nn.functional.cosine_similarity(i, t)
+        logits = cos * model.logit_scale.exp()
+    expected = float(math.exp(logits[0]) / (math.exp(logits[0]) + math.exp(logits[1])))
+    assert v.scores["clip_target"] == pytest.approx(expected, abs=1e-5)
+    assert v.verdict == by_threshold(expected, 0.6, 0.4)
+
+
+def test_a_clip_folder_that_cannot_load_is_one_error_naming_the_flag(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(GasError, match="--check_clip"):
+        make_checker(CheckSpec(check_clip=str(tmp_path)), world=False)
+
+
+def test_refine_on_a_photo_without_a_checker_names_the_flags():
+    with pytest.raises(GasError, match="--refine.*--detector.*--check_clip"):
+        make_checker(CheckSpec(refine=1), world=False)
+    assert make_checker(CheckSpec(), world=False) is None  # auto: a photo without a checker is not checked
+
+
+# refine plan --------------------------------------------------------------------------------------
+def test_refine_plan_reruns_the_failed_harder_and_holds_the_passed_as_keep_terms():
+    plan = EditPlan(
+        "s",
+        "t",
+        (
+            Subtask("a red circle", "a blue circle", box=BOX),
+            Subtask("the snow", "grass"),
+            Subtask("a green square", "a green square", box=BOX),
+            Subtask("a red square", "a blue square", box=BOX, intensity=0.0),
+        ),
+    )
+    verdicts = [
+        Verdict(0, "a red circle", "a blue circle", False, UNSURE),
+        Verdict(1, "the snow", "grass", False, DONE),
+        Verdict(2, "a green square", "a green square", True, NOT_DONE),
+        Verdict(3, "a red square", "a blue square", False, NOT_DONE),
+    ]
+    assert failed(plan, verdicts) == [0]  # keep and switched-off subtasks are never rerun
+    new = refine_plan(plan, verdicts, boost=1.5, passes_failed=[2, 0, 0, 0])
+    assert [(s.source, s.target, s.intensity) for s in new.subtasks] == [
+        ("a red circle", "a blue circle", 2.25),  # 1.5 ** 2
+        ("grass", "grass", 1.0),
+        ("a green square", "a green square", 1.0),
+        ("a red square", "a blue square", 0.0),
+    ]
+    assert new.subtasks[1].keep
+
+
+# preservation -------------------------------------------------------------------------------------
+def test_preservation_psnr_and_leak_by_hand():
+    src = Image.new("RGB", (4, 4), (0, 0, 0))
+    arr = np.zeros((4, 4, 3), dtype=np.uint8)
+    arr[0, 0] = 255  # inside the edit box: not a leak
+    arr[3, 3] = (51, 51, 51)  # outside: a leak of 0.2
+    edited = Image.fromarray(arr)
+    plan = EditPlan("s", "t", (Subtask("a", "b", box=(0, 0, 0.5, 0.5)), Subtask("c", "c", box=(0.75, 0.75, 1, 1))))
+    assert int(edit_area(plan, 4, 4).sum()) == 4
+    values, leak = preservation(src, edited, plan)
+    # outside: 12 pixels x 3 channels, one pixel 0.2 off in each channel: mse = 3 * 0.04 / 36
+    assert values["psnr_outside"] == pytest.approx(10 * math.log10(1 / (0.12 / 36)), abs=1e-4)
+    assert values["kept"][0]["psnr"] == pytest.approx(10 * math.log10(1 / 0.04), abs=1e-4)  # its one pixel
+    assert values["leak_max"] == pytest.approx(0.2, abs=1e-6) and leak[0, 0] == 0
+    assert values["leak_mean"] == pytest.approx(0.2 / 12, abs=1e-6)
+    assert values["lpips_outside"] is None and values["lpips_unavailable"]
+
+
+# the edit path ------------------------------------------------------------------------------------
+def world_edit(tmp_path, **kw):
+    from gas_lightning import edit
+
+    return edit(
+        "gas-lightning:example.png",
+        "change the red circle into a blue circle.",
+        steps=3,
+        output_dir=tmp_path / "out",
+        trainer_kwargs={"enable_progress_bar": False},
+        **kw,
+    )
+
+
+def test_a_world_edit_writes_report_files_and_returns_the_report(tmp_path):
+    result = world_edit(tmp_path, refine=1, refine_steps=2)
+    out = tmp_path / "out"
+    report = json.loads((out / "report.json").read_text())
+    assert result.report == report and (out / "report.png").is_file()
+    assert report["checker"] == "world" and len(report["verdicts"]) == len(result.plan.subtasks)
+    first = report["passes"][0]
+    assert first["steps"] == 3 and first["pass"] == 0
+    ran = 3 + sum(p["steps"] for p in report["passes"][1:])
+    assert report["steps"] == result.steps == ran and len(report["passes"]) == (2 if first["counts"]["done"] < 1 else 1)
+    for p in report["passes"][1:]:
+        assert p["steps"] == 2 and p["rerun"] == [0]
+    assert "refine: 1" in (out / "config.yaml").read_text()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out))
+    events.Reload()
+    assert "check/report" in events.Tags()["images"] and "check/0/verdict" in events.Tags()["scalars"]
+    assert json.loads((out / "plan.json").read_text())["subtasks"][0]["target"] == "a blue circle"
+
+
+def test_a_failing_check_keeps_the_finished_edit(tmp_path, monkeypatch):
+    def broken(self, source, edited, plan):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(WorldChecker, "__call__", broken)
+    with pytest.raises(GasError, match="checking the edit failed.*boom.*edited.png"):
+        world_edit(tmp_path)
+    assert (tmp_path / "out" / "edited.png").is_file() and (tmp_path / "out" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_refine_on_a_photo_without_a_checker_is_refused_before_the_edit(tiny_sd, image_file, tmp_path):
+    from gas_lightning import edit
+
+    with pytest.raises(GasError, match="--refine.*--detector"):
+        edit(
+            image_file,
+            "change the red block into a blue block.",
+            boxes=[[0, 0, 0.5, 0.5]],
+            model=tiny_sd,
+            steps=1,
+            refine=1,
+            output_dir=tmp_path / "out",
+        )
+    assert not (tmp_path / "out" / "edited.png").exists()
+
+
+def world_boxes(image, phrases):
+    from gas_lightning.worlds.grounder import WorldGrounder
+
+    return WorldGrounder().ground(image, phrases)
+
+
+# the app --------------------------------------------------------------------------------------------
+def test_the_apps_rows_and_its_rerun_of_what_failed(tmp_path):
+    from gas_lightning.app import EditApp, check_rows
+    from gas_lightning.resolve import resolve_bundled
+
+    done = tmp_path / "done"
+    done.mkdir()
+    edited = Image.open(resolve_bundled("gas-lightning:example.png")).convert("RGB").resize((32, 32))
+    edited.save(done / "edited.png")
+    (circle,) = world_boxes(edited, ["the red circle"])
+    plan = EditPlan(
+        "s",
+        "t",
+        (
+            Subtask("the red circle", "a yellow circle", box=circle),
+            Subtask("the snow", "sand", box=WHOLE_IMAGE),
+        ),
+    )
+    plan.save(done / "plan.json")
+    verdicts = [
+        Verdict(0, "the red circle", "a yellow circle", False, NOT_DONE, {"target": 0.0, "source": 1.0}),
+        Verdict(1, "the snow", "sand", False, DONE, {"target": 0.9}),
+    ]
+    (done / "report.json").write_text(json.dumps({"verdicts": [v.to_dict() for v in verdicts]}))
+    assert check_rows(json.loads((done / "report.json").read_text())) == [
+        [0, "the red circle -> a yellow circle", "not done", "target 0.00, source 1.00"],
+        [1, "the snow -> sand", "done", "target 0.90"],
+    ]
+    app = EditApp(output_dir=str(tmp_path / "app"))
+    events = list(app.rerun("s", done, steps=2))
+    result = events[-1][1]
+    assert events[-1][0] == "done"
+    ran = [(s.source, s.target, s.intensity) for s in result.plan.subtasks]
+    # the failed one again, 1.5x; the done background held at its result; kept objects added by the detector
+    assert ran[:2] == [("the red circle", "a yellow circle", 1.5), ("sand", "sand", 1.0)]
+    assert all(s.keep for s in result.plan.subtasks[1:])
+
+
+def test_batch_summarises_each_jobs_check(tmp_path):
+    from gas_lightning.cli import main
+
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(
+        json.dumps(
+            {
+                "name": "one",
+                "image": "gas-lightning:example.png",
+                "request": "change the red circle into a blue circle.",
+            }
+        )
+        + "\n"
+    )
+    out = tmp_path / "batch"
+    with pytest.raises(SystemExit) as code:
+        main(["batch", "--config", "configs/shapes.yaml", "--jobs", str(jobs), "--output_dir", str(out),
+              "--trainer.max_steps", "2"])  # fmt: skip
+    assert code.value.code == 0
+    report = json.loads((out / "one" / "report.json").read_text())
+    row = json.loads((out / "summary.json").read_text())["jobs"][0]["metrics"]
+    assert row["check_done"] == report["counts"]["done"] and row["refine_passes"] == 0
+    assert row["check_done"] + row["check_not_done"] + row["check_unsure"] == 1  # one edit subtask
+    assert "check_done" in (out / "summary.csv").read_text().splitlines()[0]

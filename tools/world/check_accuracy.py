@@ -1,0 +1,142 @@
+"""The checker against the exact scorer on held-out shapes-world cases, and one pass against --refine.
+
+    python tools/world/check_accuracy.py --cases 50 --seed 112 --refine 2 --refine_steps 50 --compare
+
+Each case is edited through `gas_lightning.edit()` (the bundled preset, the case's request as a user
+writes it, `--requests user` without its keep sentences), so the checker, the grounding and the refine
+passes are the ones `gas-edit` runs. Every requested attribute of the exact scorer
+(gas_lightning/worlds/scorer.py) is matched to the subtask that owns it (its object's source phrase, or
+the background); the checker *catches* a failed attribute when that subtask's verdict is not "done", and
+*flags* a right one when it is not "done" either. Both are measured on the first pass's verdicts (what a
+user of one pass is told) and on the last pass's. With --compare each case is also edited in one pass
+of the same total step budget (steps + refine x refine_steps), so the two can be set side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from gas_lightning import edit
+from gas_lightning.worlds import held_out_cases, render_pil, score
+from gas_lightning.worlds.grounder import parse_phrase
+
+PRESET = "gas-lightning:shapes.yaml"
+
+
+def owner(attribute: dict, case, plan: dict) -> int | None:
+    """The index of the plan's subtask that owns a scorer attribute (None when no subtask does)."""
+    subtasks = plan["subtasks"]
+    if attribute["kind"] == "background":
+        return next((k for k, s in enumerate(subtasks) if parse_phrase(s["target"])[0] == "background"), None)
+    o = case.source.objects[attribute["index"]]
+    return next((k for k, s in enumerate(subtasks) if parse_phrase(s["source"]) == ("object", o.colour, o.shape)), None)
+
+
+def tally(rows: list[tuple[bool, str]]) -> dict:
+    """rows of (attribute right, its subtask's verdict) -> caught share of wrong, flagged share of right."""
+    wrong = [v for ok, v in rows if not ok]
+    right = [v for ok, v in rows if ok]
+    return {
+        "failed_attributes": len(wrong),
+        "caught": float(np.mean([v != "done" for v in wrong])) if wrong else None,
+        "caught_as_not_done": float(np.mean([v == "not done" for v in wrong])) if wrong else None,
+        "right_attributes": len(right),
+        "flagged": float(np.mean([v != "done" for v in right])) if right else None,
+        "flagged_as_not_done": float(np.mean([v == "not done" for v in right])) if right else None,
+    }
+
+
+def run_case(case, args, seed: int, steps: int, refine: int) -> dict:
+    request = case.request_text(keep=args.requests == "case")
+    with tempfile.TemporaryDirectory(prefix="check-accuracy-") as out:
+        start = time.perf_counter()
+        result = edit(
+            render_pil(case.source),
+            request,
+            config=args.config,
+            model=args.model,
+            steps=steps,
+            seed=seed,
+            output_dir=out,
+            refine=refine,
+            refine_steps=args.refine_steps,
+            trainer_kwargs={"enable_progress_bar": False, "logger": False},
+        )
+        seconds = time.perf_counter() - start
+    scored = score(result.image, case)
+    report, plan = result.report, result.plan.to_dict()
+    rows = {}
+    for name, verdicts in (("first_pass", report["passes"][0]["verdicts"]), ("last_pass", report["verdicts"])):
+        rows[name] = [
+            (a["ok"], "unowned" if (k := owner(a, case, plan)) is None else verdicts[k]["verdict"])
+            for a in scored["attributes"]
+        ]
+    return {
+        "all_attributes": scored["all_attributes"],
+        "per_attribute": scored["per_attribute"],
+        "preserved": scored["preserved"],
+        "seconds": seconds,
+        "steps": result.steps,
+        "passes": len(report["passes"]),
+        "rows": rows,
+    }
+
+
+def summary(records: list[dict]) -> dict:
+    out = {k: float(np.mean([r[k] for r in records])) for k in ("all_attributes", "per_attribute", "preserved")}
+    out.update(
+        seconds=float(np.mean([r["seconds"] for r in records])), steps=float(np.mean([r["steps"] for r in records]))
+    )
+    for name in ("first_pass", "last_pass"):
+        out[f"checker_{name}"] = tally([row for r in records for row in r["rows"][name]])
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0, help="the held-out seed (cases seed*100000 + 0..cases-1)")
+    p.add_argument("--config", default=PRESET, help="the gas-edit config (default: the bundled preset)")
+    p.add_argument("--model", default=None, help="a model other than the config's")
+    p.add_argument("--steps", type=int, default=150, help="the first pass's steps")
+    p.add_argument("--refine", type=int, default=0, help="extra passes of the subtasks not judged done")
+    p.add_argument("--refine_steps", type=int, default=50, help="steps of each extra pass")
+    p.add_argument("--requests", choices=("case", "user"), default="case", help="user: without the keep sentences")
+    p.add_argument("--compare", action="store_true", help="also one pass of steps + refine x refine_steps")
+    p.add_argument("--json", type=Path, default=None, help="write the records and summaries here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.model is not None and args.config == PRESET:
+        args.config = None
+    cases = held_out_cases(args.cases, seed=args.seed)
+    budget = args.steps + args.refine * args.refine_steps
+    records, baseline = [], []
+    for i, case in enumerate(cases):
+        seed = args.seed * 1000 + (case.seed or 0)
+        records.append(run_case(case, args, seed, args.steps, args.refine))
+        line = f"case {i}: all {records[-1]['all_attributes']:.0f}, steps {records[-1]['steps']}"
+        if args.compare:
+            baseline.append(run_case(case, args, seed, budget, 0))
+            line += f"; one pass of {budget}: all {baseline[-1]['all_attributes']:.0f}"
+        print(line, flush=True)
+    results = {"args": {k: str(v) for k, v in vars(args).items()}, "checked": summary(records)}
+    if baseline:
+        results["one_pass_same_budget"] = summary(baseline)
+    print(json.dumps(results, indent=2))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({**results, "records": records, "baseline": baseline}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
