@@ -296,3 +296,30 @@ def test_batch_summarises_each_jobs_check(tmp_path):
     assert row["check_done"] == report["counts"]["done"] and row["refine_passes"] == 0
     assert row["check_done"] + row["check_not_done"] + row["check_unsure"] == 1  # one edit subtask
     assert "check_done" in (out / "summary.csv").read_text().splitlines()[0]
+
+
+def test_a_photo_edit_checked_by_clip_refines_what_clip_does_not_call_done(
+    tiny_sd, tiny_clip, image_file, tmp_path, monkeypatch
+):
+    from gas_lightning import edit
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # an empty cache: no LPIPS weights
+
+    result = edit(
+        image_file,
+        "change the red block into a blue block.",
+        boxes=[[0.05, 0.05, 0.45, 0.5]],
+        model=tiny_sd,
+        steps=1,
+        refine=1,
+        refine_steps=1,
+        check_clip=str(tiny_clip),
+        output_dir=tmp_path / "out",
+        trainer_kwargs={"enable_progress_bar": False},
+    )
+    report = result.report
+    assert report["checker"] == "clip" and set(report["verdicts"][0]["scores"]) == {"clip_target"}
+    first = report["passes"][0]["verdicts"][0]["verdict"]
+    assert len(report["passes"]) == (1 if first == DONE else 2) and result.steps == len(report["passes"])
+    assert report["preservation"]["lpips_outside"] is None  # no weights: said why, not guessed
+    assert "alexnet-owt-7be5be79.pth" in report["preservation"]["lpips_unavailable"]
