@@ -160,6 +160,20 @@ class PromptEmbeddings:
         return self.hidden.device
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(value: bool | str | None) -> str | None:
+    """The torch.compile mode a `compile` setting asks for (None: eager)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "default"
+    if value not in COMPILE_MODES:
+        raise ModelLoadError(f"compile must be true, false or one of {', '.join(COMPILE_MODES)}; got {value!r}")
+    return value
+
+
 @dataclass
 class Backbone:
     """The frozen networks of one diffusion model plus what guidance needs to know about it.
@@ -180,6 +194,7 @@ class Backbone:
     config_source: str | None = None  # the --model_config folder of a single-file checkpoint
     micro_batch: int | None = None  # most samples per UNet call; None: the whole batch in one call
     offload: bool = False  # text encoders and VAE wait on the CPU, visiting the UNet's device when used
+    compiled: str | None = None  # the torch.compile mode the UNet was compiled with (None: not compiled)
 
     family = "sd"
 
@@ -218,7 +233,7 @@ class Backbone:
 
     def tune(
         self,
-        compile: bool = False,
+        compile: bool | str = False,
         low_memory: bool = False,
         micro_batch: int | None = None,
         channels_last: bool = False,
@@ -228,7 +243,9 @@ class Backbone:
         `low_memory`: UNet calls of at most `micro_batch` (default 4, the sequential schedule's call
         size) samples, and the text encoder and VAE kept on the CPU between uses. Attention is not
         sliced: SDPA and xformers already run attention without the (tokens x tokens) matrix.
-        `compile`: torch.compile of the UNet in place (hooks and attribute access keep working).
+        `compile`: torch.compile of the UNet in place (hooks and attribute access keep working); True
+        is torch's "default" mode, or one of COMPILE_MODES ("reduce-overhead" adds CUDA graphs). Asking
+        again for the mode in use does nothing, so the edits of a batch share one compilation.
         `channels_last`: the UNet's weights in NHWC order (no gain measured on the CPU; for GPUs see
         tools/bench/gpu_bench.sh).
         """
@@ -240,8 +257,12 @@ class Backbone:
         self.to(self.device)
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
-        if compile:
-            self.unet.compile()
+        mode = compile_mode(compile)
+        if mode is not None and mode != self.compiled:
+            # Static shapes: an edit's UNet calls keep one batch size, and CUDA graphs need static
+            # shapes; a batch job with another number of subtasks compiles once more (cached after).
+            self.unet.compile(mode=None if mode == "default" else mode, dynamic=False)
+            self.compiled = mode
         return self
 
     def _tokens(self, tokenizer: Any, encoder: nn.Module, prompts: Sequence[str]) -> torch.Tensor:

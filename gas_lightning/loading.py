@@ -174,7 +174,7 @@ def load_backbone(
     local_files_only: bool | None = None,
     allow_pickle_weights: bool = False,
     model_config: str | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
     low_memory: bool = False,
     micro_batch: int | None = None,
 ) -> Backbone:

@@ -12,7 +12,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 from jsonargparse import ActionConfigFile, Namespace
 
@@ -130,7 +130,13 @@ def build_parser(exit_on_error: bool = True):
         default=None,
         help="most samples per UNet call (default: all in one; 4 with --low_memory)",
     )
-    p.add_argument("--compile", type=bool, default=False, help="torch.compile the UNet (minutes before the first step)")
+    p.add_argument(
+        "--compile",
+        type=Union[bool, Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]],
+        default=False,
+        help="torch.compile the UNet: true, or a mode (reduce-overhead adds CUDA graphs); minutes before the "
+        "first step, once per model and batch size (the jobs of a batch share it)",
+    )
     p.add_argument(
         "--allow_pickle_weights",
         type=bool,

@@ -36,7 +36,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from gas_lightning.backbone import Backbone, resolve_dtype, set_attention
+from gas_lightning.backbone import COMPILE_MODES, Backbone, resolve_dtype, set_attention
 from gas_lightning.callbacks import NullTextPenalty
 from gas_lightning.errors import GasError
 from gas_lightning.guidance.dds import BATCHED_NOISE, GuidanceConfig
@@ -87,15 +87,22 @@ class StepTimer(Callback):
     def __init__(self, counter: UNetCounter, warmup: int, steps: int):
         self.counter, self.warmup, self.steps = counter, warmup, steps
         self.start = self.seconds = self.cpu_start = self.cpu_seconds = None
+        self.first_start = self.first_step = None
         self.calls = self.samples = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if batch_idx == 0:
+            synchronize(pl_module.device)
+            self.first_start = time.perf_counter()
         if batch_idx == self.warmup:
             synchronize(pl_module.device)
             self.counter.reset()
             self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if batch_idx == 0:  # with --compile the first repeat's first step holds the compilation
+            synchronize(pl_module.device)
+            self.first_step = time.perf_counter() - self.first_start
         if batch_idx == self.warmup + self.steps - 1:
             synchronize(pl_module.device)
             self.seconds = time.perf_counter() - self.start
@@ -213,7 +220,7 @@ def timed_run(backbone: Backbone, counter: UNetCounter, image, plan: EditPlan, s
     timer = StepTimer(counter, args.warmup, args.steps)
     _trainer(args, [timer], args.warmup + args.steps, log_dir).fit(module)
     n = args.steps
-    return timer.seconds / n, timer.cpu_seconds / n, timer.calls / n, timer.samples / n, module
+    return timer.seconds / n, timer.cpu_seconds / n, timer.calls / n, timer.samples / n, timer.first_step, module
 
 
 def peak_memory(backbone: Backbone, image, plan: EditPlan, schedule: str, args, log_dir: str) -> float:
@@ -250,7 +257,7 @@ def run(backbone: Backbone, counter: UNetCounter, image, plan: EditPlan, schedul
             for schedule in schedules:
                 runs[schedule].append(timed_run(backbone, counter, image, plan, schedule, args, log_dir))
         for schedule in schedules:
-            seconds, cpu_seconds, calls, samples, module = zip(*runs[schedule])
+            seconds, cpu_seconds, calls, samples, first, module = zip(*runs[schedule])
             s = statistics.median(seconds)
             out[schedule] = {
                 **(
@@ -261,6 +268,10 @@ def run(backbone: Backbone, counter: UNetCounter, image, plan: EditPlan, schedul
                 "s_per_step": s,
                 "s_per_500_steps": 500 * s,
                 "s_per_step_repeats": list(seconds),
+                # Step 0 of each repeat, a fresh edit on the same model: with --compile the first one
+                # holds the compilation, the later ones show it reused across edits (as in a batch).
+                "first_step_s_repeats": list(first),
+                "compile_s": first[0] - s if args.compile else 0.0,
                 "cpu_s_per_step": statistics.median(cpu_seconds),
                 "unet_calls_per_step": statistics.median(calls),
                 "unet_samples_per_step": statistics.median(samples),
@@ -311,7 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"], help="weights dtype")
     p.add_argument("--precision", default="32-true", help="Trainer precision, e.g. 16-mixed (autocast, fp32 weights)")
     p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "xformers"])
-    p.add_argument("--compile", type=flag, default=False, help="torch.compile the UNet (true/false)")
+    p.add_argument(
+        "--compile",
+        type=lambda v: v if v in COMPILE_MODES else flag(v),
+        default=False,
+        help=f"torch.compile the UNet: true/false or a mode ({', '.join(COMPILE_MODES)})",
+    )
     p.add_argument("--channels_last", type=flag, default=False, help="UNet weights in NHWC order (true/false)")
     p.add_argument(
         "--low_memory",
@@ -412,6 +428,12 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{schedule:<11} {r['s_per_step']:>9.4f} {r['s_per_500_steps']:>12.1f} {r['cpu_s_per_step']:>11.4f} "
             f"{r['unet_calls_per_step']:>11g} {r['unet_samples_per_step']:>8g} {r['peak_mem_mb']:>9.0f}"
+        )
+    for schedule in schedules if args.compile else ():
+        r = result[schedule]
+        print(
+            f"{schedule}: compilation {r['compile_s']:.1f} s (the first edit's first step less a step); first step "
+            f"of the later edits {', '.join(f'{v:.2f}' for v in r['first_step_s_repeats'][1:]) or '-'} s"
         )
     if "ratio" in result:
         print(
