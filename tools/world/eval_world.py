@@ -172,6 +172,7 @@ METHODS = {
             guidance_scale=7.5,
             wide_guidance_scale=None,
             target_balance=False,
+            batched_noise="shared",  # configs/sd15.yaml's (records before 2026-12-07 have keep_aware)
         ),
         Method("gas_no_keep", keep=False),
         Method("gas_no_wide", wide_guidance_scale=None),
