@@ -174,6 +174,22 @@ def compile_mode(value: bool | str | None) -> str | None:
     return value
 
 
+def apply_tuning(backbone: Any, net: nn.Module, compile: bool | str, low_memory: bool, micro_batch: int | None) -> None:
+    """Micro-batching, offloading and torch.compile of `net` (the denoiser): what every family's `tune` shares."""
+    if micro_batch is not None and micro_batch < 1:
+        raise ModelLoadError(f"micro_batch must be at least 1, got {micro_batch}")
+    backbone.micro_batch = micro_batch if micro_batch is not None else (4 if low_memory else None)
+    backbone.offload = bool(low_memory)
+    backbone.codec.offloaded = backbone.offload
+    backbone.to(backbone.device)
+    mode = compile_mode(compile)
+    if mode is not None and mode != backbone.compiled:
+        # Static shapes: an edit's denoiser calls keep one batch size, and CUDA graphs need static
+        # shapes; a batch job with another number of subtasks compiles once more (cached after).
+        net.compile(mode=None if mode == "default" else mode, dynamic=False)
+        backbone.compiled = mode
+
+
 @dataclass
 class Backbone:
     """The frozen networks of one diffusion model plus what guidance needs to know about it.
@@ -249,20 +265,9 @@ class Backbone:
         `channels_last`: the UNet's weights in NHWC order (no gain measured on the CPU; for GPUs see
         tools/bench/gpu_bench.sh).
         """
-        if micro_batch is not None and micro_batch < 1:
-            raise ModelLoadError(f"micro_batch must be at least 1, got {micro_batch}")
-        self.micro_batch = micro_batch if micro_batch is not None else (4 if low_memory else None)
-        self.offload = bool(low_memory)
-        self.codec.offloaded = self.offload
-        self.to(self.device)
+        apply_tuning(self, self.unet, compile, low_memory, micro_batch)
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
-        mode = compile_mode(compile)
-        if mode is not None and mode != self.compiled:
-            # Static shapes: an edit's UNet calls keep one batch size, and CUDA graphs need static
-            # shapes; a batch job with another number of subtasks compiles once more (cached after).
-            self.unet.compile(mode=None if mode == "default" else mode, dynamic=False)
-            self.compiled = mode
         return self
 
     def _tokens(self, tokenizer: Any, encoder: nn.Module, prompts: Sequence[str]) -> torch.Tensor:
@@ -377,7 +382,8 @@ def alpha_sigma(alphas_cumprod: torch.Tensor, t: torch.Tensor, ndim: int) -> tup
 
 
 def resolve_dtype(dtype: str, device: str | torch.device, family: str = "sd") -> torch.dtype:
-    """The weights' dtype. 'auto' is float32 on the CPU; on CUDA float32 for SD 1.x/2.x and float16 for SDXL.
+    """The weights' dtype. 'auto' is float32 on the CPU; on CUDA float32 for SD 1.x/2.x, float16 for SDXL and
+    SD3 (FlowEdit runs SD3 in float16) and bfloat16 for FLUX (diffusers' FLUX dtype: float16 overflows there).
 
     SD 1.x/2.x as the reference: float32 weights, the DDS UNet call in fp16 under the trainer's
     `16-mixed` autocast, and the VAE and the preserve-form (CDS) forward and backward in float32
@@ -391,7 +397,7 @@ def resolve_dtype(dtype: str, device: str | torch.device, family: str = "sd") ->
     if dtype == "auto":
         if torch.device(device).type != "cuda":
             return torch.float32
-        return torch.float16 if family == "sdxl" else torch.float32
+        return {"sdxl": torch.float16, "sd3": torch.float16, "flux": torch.bfloat16}.get(family, torch.float32)
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]

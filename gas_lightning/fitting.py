@@ -57,12 +57,14 @@ def make_trainer(cfg, init, out: Path, ckpt_dir: Path, callbacks=(), version: st
 
 def build_pass(backbone, image, plan, cfg, init):
     """The ready module of a pass from its config (`cfg`) and that config's instantiated objects (`init`)."""
-    from gas_lightning.pipeline import build_edit
+    from gas_lightning.solvers import build_solver_edit
 
-    return build_edit(
+    return build_solver_edit(
         backbone,
         image,
         plan,
+        solver=cfg.get("solver"),
+        flow_config=init.get("flow"),
         guidance_config=init.guidance,
         resolution=cfg.resolution,
         schedule=cfg.schedule,

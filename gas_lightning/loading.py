@@ -14,7 +14,6 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -28,78 +27,22 @@ from gas_lightning.backbone import (
     set_attention,
 )
 from gas_lightning.components import (
-    PICKLE_SUFFIXES,
     SUPPORTED,
     Components,
     check_components,
+    from_pretrained,
     model_family,
     settle_vae,
     vae_dtype,
+    without_accelerate,
 )
 from gas_lightning.errors import ModelLoadError
+from gas_lightning.flow_backbone import FLOW_FAMILIES, FlowBackbone
+from gas_lightning.flow_loading import check_flow_components, finish_flow, load_flow_folder
 from gas_lightning.io import looks_like_path
-from gas_lightning.single_file import load_single_file
+from gas_lightning.single_file import load_single_file, single_file_family
 
 log = logging.getLogger(__name__)
-
-
-def _without_accelerate() -> dict[str, bool]:
-    """Without accelerate, ask diffusers for its plain load outright: it would fall back to it anyway,
-    after a "pip install accelerate" hint on every load. Measured on the SD 1.5 architecture, accelerate
-    made loading neither faster nor lighter (tools/bench/load_check.py; docs/speed.md)."""
-    from diffusers.utils import is_accelerate_available
-
-    return {} if is_accelerate_available() else {"low_cpu_mem_usage": False}
-
-
-def _from_pretrained(cls: Any, source: str, subfolder: str, **kwargs: Any) -> Any:
-    try:
-        return cls.from_pretrained(source, subfolder=subfolder, **kwargs)
-    except (OSError, ValueError, RuntimeError) as e:
-        first = " ".join(str(e).split())[:300]
-        if isinstance(e, RuntimeError) and "size mismatch" not in str(e):
-            raise  # not a loading problem the user can fix
-        raise ModelLoadError(_load_failure(source, subfolder, kwargs, e, first)) from None
-    except Exception as e:
-        from safetensors import SafetensorError
-
-        if not isinstance(e, SafetensorError):
-            raise
-        raise ModelLoadError(_corrupted(source, subfolder, f"{type(e).__name__}: {e}")) from None
-
-
-def _corrupted(source: str, subfolder: str, why: str) -> str:
-    return (
-        f"the weights in '{Path(source) / subfolder}' are corrupted or incomplete ({why}); "
-        "download the model again (an interrupted copy leaves a truncated .safetensors file)"
-    )
-
-
-def _load_failure(source: str, subfolder: str, kwargs: dict, e: Exception, first: str) -> str:
-    """Say which of the usual causes it is: pickle-only weights, a config that does not fit the
-    weights, a damaged file, a missing component, or a hub id that cannot be reached."""
-    folder = Path(source) / subfolder
-    if not Path(source).exists():
-        return (
-            f"could not load {source!r} from the Hugging Face hub (offline, or no such model); "
-            f"download the model once and pass the local folder with --model /path/to/model ({first})"
-        )
-    if isinstance(e, RuntimeError):
-        mismatch = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), first)
-        return (
-            f"the weights in '{folder}' do not fit its config.json ({mismatch[:300]}); the config was edited "
-            "or belongs to another model: restore the config.json saved with these weights"
-        )
-    pickles = sorted(f.name for f in folder.glob("*") if f.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
-    if kwargs.get("use_safetensors") and pickles:
-        return (
-            f"'{folder}' holds only pickle weights ({', '.join(pickles)}); gas-edit loads .safetensors only, "
-            "because loading a pickle can run code. Convert the model to safetensors (save_pretrained), "
-            "or pass --allow_pickle_weights true if you trust where it came from"
-        )
-    if "Unable to load weights" in first or "header" in first.lower():
-        return _corrupted(source, subfolder, first)
-    return f"the folder {source!r} has no loadable '{subfolder}/' component ({type(e).__name__}: {first})"
 
 
 def _model_index(source: str, local_files_only: bool) -> dict:
@@ -144,26 +87,39 @@ def _load_folder(
 
     kw = {"local_files_only": local_files_only}
     weights = {**kw, "use_safetensors": None if allow_pickle_weights else True}
-    unet_vae = {**weights, **_without_accelerate()}
+    unet_vae = {**weights, **without_accelerate()}
     parts = Components(
         family=family,
-        unet=_from_pretrained(UNet2DConditionModel, model, "unet", torch_dtype=torch_dtype, **unet_vae),
-        text_encoder=_from_pretrained(CLIPTextModel, model, "text_encoder", dtype=torch_dtype, **weights),
-        tokenizer=_from_pretrained(AutoTokenizer, model, "tokenizer", **kw),
-        scheduler=_from_pretrained(DDPMScheduler, model, "scheduler", **kw),
+        unet=from_pretrained(UNet2DConditionModel, model, "unet", torch_dtype=torch_dtype, **unet_vae),
+        text_encoder=from_pretrained(CLIPTextModel, model, "text_encoder", dtype=torch_dtype, **weights),
+        tokenizer=from_pretrained(AutoTokenizer, model, "tokenizer", **kw),
+        scheduler=from_pretrained(DDPMScheduler, model, "scheduler", **kw),
         vae=None,
         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
     )
     if family == "sdxl":
-        parts.text_encoder_2 = _from_pretrained(
+        parts.text_encoder_2 = from_pretrained(
             CLIPTextModelWithProjection, model, "text_encoder_2", dtype=torch_dtype, **weights
         )
-        parts.tokenizer_2 = _from_pretrained(AutoTokenizer, model, "tokenizer_2", **kw)
+        parts.tokenizer_2 = from_pretrained(AutoTokenizer, model, "tokenizer_2", **kw)
     if (index.get("vae") or [None])[0] is not None:
         _check_world_vae(model, index)
-        vae = _from_pretrained(AutoencoderKL, model, "vae", torch_dtype=vae_dtype(family, torch_dtype), **unet_vae)
+        vae = from_pretrained(AutoencoderKL, model, "vae", torch_dtype=vae_dtype(family, torch_dtype), **unet_vae)
         parts.vae = settle_vae(vae, torch_dtype)
     return parts
+
+
+def _flow_source(
+    model: str, model_config: str | None, local_files_only: bool, allow_pickle_weights: bool
+) -> tuple[str, str, str | None] | None:
+    """(family, folder, transformer file) when `model` is an SD3/FLUX model, else None (an SD model, or an error)."""
+    if Path(model).is_file():
+        family, _ = single_file_family(model, model_config, allow_pickle_weights)
+        return (family, model_config, model) if family in FLOW_FAMILIES else None
+    if model_config is not None:
+        return None  # load_backbone refuses --model_config with a folder
+    family = model_family(model, _model_index(model, local_files_only))
+    return (family, model, None) if family in FLOW_FAMILIES else None
 
 
 def load_backbone(
@@ -177,8 +133,9 @@ def load_backbone(
     compile: bool | str = False,
     low_memory: bool = False,
     micro_batch: int | None = None,
-) -> Backbone:
-    """Load UNet, text encoder(s), tokenizer(s), scheduler constants and (if present) the VAE.
+) -> Backbone | FlowBackbone:
+    """Load UNet, text encoder(s), tokenizer(s), scheduler constants and (if present) the VAE; for SD3/FLUX
+    the transformer, text encoders and VAE (flow_loading.py).
 
     `model` is a diffusers folder, a hub id, or a single-file checkpoint; the latter needs
     `model_config`, a local diffusers-layout folder with the family's configs and tokenizers.
@@ -189,6 +146,21 @@ def load_backbone(
     if local_files_only is None:
         local_files_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
     resolve_dtype(dtype, device)  # an unknown dtype fails here, before any file is read
+    flow = _flow_source(model, model_config, local_files_only, allow_pickle_weights)
+    if flow is not None:
+        family, folder, transformer_file = flow
+        check_flow_components(folder, _model_index(folder, local_files_only), family)
+        loaded = load_flow_folder(
+            folder,
+            family,
+            resolve_dtype(dtype, device, family),
+            local_files_only,
+            allow_pickle_weights,
+            transformer_file,
+        )
+        backbone_flow = finish_flow(loaded, device)
+        backbone_flow.config_source = model_config
+        return backbone_flow.tune(compile=compile, low_memory=low_memory, micro_batch=micro_batch)
     if Path(model).is_file():
         parts = load_single_file(
             model, model_config, lambda family: resolve_dtype(dtype, device, family), allow_pickle_weights

@@ -47,6 +47,8 @@ class _Ticks(IterableDataset):
 
 
 class GroundAScoreEdit(L.LightningModule):
+    solver = "dds"  # named in checkpoints: a resume under the other solver is refused
+
     def __init__(
         self,
         guidance: GroundedScoreGuidance,
@@ -166,6 +168,17 @@ class GroundAScoreEdit(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> None:
         gen = step_generator(self.seed, self.global_step, self.global_rank)
         terms = self.active_terms
+        logs = self._schedule_step(gen, terms)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        self.last_logs = logs
+        self._count_nonfinite(terms, logs)
+        if self._should_log():
+            self._log_terms(terms, logs)
+
+    def _schedule_step(self, gen: torch.Generator, terms: Sequence[Term]) -> list[TermLog]:
+        """The optimiser step(s) of one Trainer step under the schedule; the solver's part of the step."""
         z = self.latent.detach()
         if self.schedule == "batched":
             sampling = self.guidance.config.batched_noise
@@ -185,13 +198,7 @@ class GroundAScoreEdit(L.LightningModule):
                 grad, tlog = self.guidance.term_gradient(self.latent.detach(), self.z_src, term, t, eps, gen)
                 self._optimise(self._finite(grad), last=i == len(terms) - 1)
                 logs.append(tlog)
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
-        self.last_logs = logs
-        self._count_nonfinite(terms, logs)
-        if self._should_log():
-            self._log_terms(terms, logs)
+        return logs
 
     def _should_log(self) -> bool:
         """Whether the Trainer writes this step's metrics. Logging reads tensors as numbers, which
@@ -230,7 +237,12 @@ class GroundAScoreEdit(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # What the latent belongs to, so a resume with a different plan or seed is refused.
-        checkpoint["gas_lightning"] = {"plan": self.plan.to_dict(), "seed": self.seed, "schedule": self.schedule}
+        checkpoint["gas_lightning"] = {
+            "plan": self.plan.to_dict(),
+            "seed": self.seed,
+            "schedule": self.schedule,
+            "solver": self.solver,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         meta = checkpoint.get("gas_lightning")
@@ -242,6 +254,11 @@ class GroundAScoreEdit(L.LightningModule):
             raise GasError(
                 "the checkpoint was made for a different edit plan; resume with the same --plan/--request/boxes "
                 "(its plan.json is next to the checkpoints) or start a new run without --resume"
+            )
+        if meta.get("solver", "dds") != self.solver:
+            raise GasError(
+                f"the checkpoint was made by the {meta.get('solver', 'dds')} solver and this edit runs the "
+                f"{self.solver} solver; resume with --solver {meta.get('solver', 'dds')} or start a new run"
             )
         if meta["seed"] != self.seed or meta["schedule"] != self.schedule:
             log.warning(

@@ -59,6 +59,7 @@ def build_parser(exit_on_error: bool = True):
 
     from gas_lightning.checking import CheckSpec
     from gas_lightning.guidance import GuidanceConfig
+    from gas_lightning.guidance.flow import FlowConfig
     from gas_lightning.resolve import GroundingSpec, PlanSpec
 
     p = LightningArgumentParser(
@@ -161,7 +162,14 @@ def build_parser(exit_on_error: bool = True):
     p.add_class_arguments(PlanSpec, nested_key=None, as_group=True, fail_untyped=True)
     p.add_class_arguments(GroundingSpec, nested_key=None, as_group=True)
     p.add_class_arguments(CheckSpec, nested_key=None, as_group=True)
+    p.add_argument(
+        "--solver",
+        type=Optional[Literal["dds", "flow"]],
+        default=None,
+        help="dds: grounded DDS (SD 1.x/2.x, SDXL); flow: grounded FlowEdit (SD3, FLUX); default: the model's own",
+    )
     p.add_class_arguments(GuidanceConfig, "guidance")
+    p.add_class_arguments(FlowConfig, "flow")
     p.add_lightning_class_args(Trainer, "trainer")
     p.set_defaults(
         {

@@ -3,8 +3,10 @@
 Fine-tuned SD 1.x and SDXL models are mostly shared as one file in the original (LDM/SGM) key
 layout. diffusers' `from_single_file` converts them; it needs the family's diffusers configs and
 tokenizers, which `--model_config` supplies as a local folder (nothing is fetched). The file's
-family is read from its key names before loading, so an SDXL file with an SD 1.5 config folder,
-a LoRA or an SD3/Flux file each get one message instead of a conversion traceback.
+family is read from its key names before loading, so an SDXL file with an SD 1.5 config folder, a
+FLUX file with an SD config folder (or the reverse) or a LoRA each get one message instead of a
+conversion traceback. An SD3/FLUX file is a transformer: flow_loading.py takes the rest of the model
+from the config folder.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import torch
 from gas_lightning.components import (
     PICKLE_SUFFIXES,
     SINGLE_FILE_SUFFIXES,
-    SUPPORTED,
     Components,
     check_components,
     model_family,
@@ -29,7 +30,8 @@ from gas_lightning.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
-FAMILY_NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL"}
+FAMILY_NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3/SD3.5", "flux": "FLUX.1"}
+FLOW_BASES = {"sd3": "stabilityai/stable-diffusion-3-medium-diffusers", "flux": "black-forest-labs/FLUX.1-dev"}
 CONFIG_HINT = (
     "a diffusers-layout folder with the configs and tokenizers of the checkpoint's base model, e.g. "
     "`hf download stabilityai/stable-diffusion-xl-base-1.0 --include '*.json' '*.txt' --local-dir sdxl-config` "
@@ -38,19 +40,18 @@ CONFIG_HINT = (
 
 
 def checkpoint_family(keys: set[str]) -> str | None:
-    """'sd', 'sdxl', or None (unknown) from original-layout key names; refuses what cannot be an SD/SDXL model."""
-    if any(
-        k.startswith(
-            (
-                "joint_blocks.",
-                "double_blocks.",
-                "model.diffusion_model.joint_blocks.",
-                "model.diffusion_model.double_blocks.",
-            )
-        )
-        for k in keys
+    """'sd', 'sdxl', 'sd3', 'flux' or None (unknown) from key names; refuses what cannot be a whole model.
+
+    SD3 and FLUX files are transformer checkpoints, in the original layout (joint_blocks / double_blocks,
+    possibly under model.diffusion_model.) or in diffusers' (FLUX's single_transformer_blocks, SD3's pos_embed).
+    """
+    bare = {k.removeprefix("model.diffusion_model.") for k in keys}
+    if any(k.startswith(("double_blocks.", "single_transformer_blocks.")) for k in bare):
+        return "flux"
+    if any(k.startswith("joint_blocks.") for k in bare) or (
+        any(k.startswith("pos_embed.") for k in bare) and any(k.startswith("transformer_blocks.") for k in bare)
     ):
-        raise ModelLoadError(f"this single file is an SD3/Flux-style transformer checkpoint; {SUPPORTED}")
+        return "sd3"
     if not any(k.startswith("model.diffusion_model.") for k in keys):
         raise ModelLoadError(
             "this single file holds no UNet weights (no model.diffusion_model.* keys): a LoRA, an "
@@ -95,15 +96,9 @@ def _config_index(model_config: str | None, path: Path) -> dict:
         ) from None
 
 
-def load_single_file(
-    path: str, model_config: str | None, dtype_for: Callable[[str], torch.dtype], allow_pickle_weights: bool
-) -> Components:
-    """UNet, VAE and text encoders from the file; tokenizers and scheduler from the config folder.
-    `dtype_for(family)`: the weights' dtype, which depends on the family read from the config folder."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-    from diffusers.loaders.single_file_utils import SingleFileComponentError
-    from diffusers.utils import logging as diffusers_logging
-
+def single_file_family(path: str, model_config: str | None, allow_pickle_weights: bool) -> tuple[str, dict]:
+    """The family of a single-file checkpoint and its config folder's model_index.json, after refusing a
+    file that is no checkpoint, a pickle (unless allowed), and a file whose family is not the folder's."""
     file = Path(path)
     if file.suffix not in SINGLE_FILE_SUFFIXES:
         raise ModelLoadError(
@@ -118,14 +113,36 @@ def load_single_file(
         )
     index = _config_index(model_config, file)
     family = model_family(model_config, index)
-    check_components(model_config, index, flag="--model_config")
+    if family in ("sd", "sdxl"):  # a flow family's folder is checked by flow_loading, which loads the rest from it
+        check_components(model_config, index, flag="--model_config")
     keys = _keys(file)
     found = checkpoint_family(keys) if keys is not None else None
     if found is not None and found != family:
+        hint = (
+            CONFIG_HINT
+            if found not in FLOW_BASES
+            else (
+                f"the diffusers folder of its base model (text encoders and VAE included), e.g. "
+                f"`hf download {FLOW_BASES[found]} --local-dir FOLDER`"
+            )
+        )
         raise ModelLoadError(
             f"--model {path!r} is a checkpoint of {FAMILY_NAMES[found]} but --model_config {model_config!r} "
-            f"is a config folder of {FAMILY_NAMES[family]}; pass {CONFIG_HINT}"
+            f"is a config folder of {FAMILY_NAMES[family]}; pass {hint}"
         )
+    return family, index
+
+
+def load_single_file(
+    path: str, model_config: str | None, dtype_for: Callable[[str], torch.dtype], allow_pickle_weights: bool
+) -> Components:
+    """UNet, VAE and text encoders from the file; tokenizers and scheduler from the config folder.
+    `dtype_for(family)`: the weights' dtype, which depends on the family read from the config folder."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+    from diffusers.utils import logging as diffusers_logging
+
+    family, index = single_file_family(path, model_config, allow_pickle_weights)
     torch_dtype = dtype_for(family)
     pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     common = {"config": model_config, "local_files_only": True}

@@ -367,3 +367,123 @@ def build_arch_backbone(
     backbone.to(device)
     backbone.attention = set_attention(unet, "auto")
     return backbone
+
+
+def _tiny_t5(folder: Path, vocab_size: int, d_model: int) -> None:
+    """A one-layer random T5 encoder (the third text encoder of SD3, the second of FLUX)."""
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=64, num_layers=1, num_heads=2)
+    T5EncoderModel(cfg).save_pretrained(folder)
+
+
+def _tiny_clip(folder: Path, vocab_size: int, hidden: int, projection: int | None, max_length: int) -> None:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=max_length,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        projection_dim=projection or hidden,
+    )
+    (CLIPTextModel if projection is None else CLIPTextModelWithProjection)(cfg).save_pretrained(folder)
+
+
+def build_tiny_sd3(folder: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random SD3-layout model: the folders and classes of stabilityai/stable-diffusion-3-medium-diffusers
+    (transformer, vae, two CLIPs with projection, T5, their tokenizers, a FlowMatchEulerDiscreteScheduler with
+    shift 3). The CLIPs are 16 and 24 wide and T5 48, so the joined CLIP states are zero-padded (40 -> 48) as in
+    the real model. The tokenizers are character-level CLIP tokenizers (the T5 one included): no download."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    for name, length in (("tokenizer", 16), ("tokenizer_2", 16), ("tokenizer_3", 24)):
+        write_char_clip_tokenizer(folder / name, length)
+    vocab = len(json.loads((folder / "tokenizer" / "vocab.json").read_text()))
+    _tiny_clip(folder / "text_encoder", vocab, 16, 8, 16)
+    _tiny_clip(folder / "text_encoder_2", vocab, 24, 8, 16)
+    _tiny_t5(folder / "text_encoder_3", vocab, 48)
+    SD3Transformer2DModel(
+        sample_size=TINY_RESOLUTION // 2,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=48,
+        caption_projection_dim=16,
+        pooled_projection_dim=16,
+        pos_embed_max_size=16,
+    ).save_pretrained(folder / "transformer")
+    # no attention in the VAE's mid-block (the real one has it): a decoded pixel then depends mostly on nearby
+    # latents (GroupNorm still couples all of them), so a test can see which part of the image an edit moved
+    _tiny_vae(scaling_factor=1.5305, shift_factor=0.0609, mid_block_add_attention=False).save_pretrained(folder / "vae")
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0).save_pretrained(folder / "scheduler")
+    encoders = ["CLIPTextModelWithProjection", "CLIPTextModelWithProjection", "T5EncoderModel"]
+    _write_flow_index(folder, "StableDiffusion3Pipeline", "SD3Transformer2DModel", encoders)
+    return folder
+
+
+def build_tiny_flux(folder: str | Path, dev: bool = True, seed: int = 0) -> Path:
+    """Write a tiny random FLUX.1-layout model (black-forest-labs/FLUX.1-dev's folders and classes; `dev=False`:
+    schnell's, without the guidance embedding and with its unshifted scheduler). 4 latent channels packed 2x2
+    into 16-wide tokens; CLIP 16 wide (pooled), T5 32 wide; character-level tokenizers."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    write_char_clip_tokenizer(folder / "tokenizer", 16)
+    write_char_clip_tokenizer(folder / "tokenizer_2", 24)
+    vocab = len(json.loads((folder / "tokenizer" / "vocab.json").read_text()))
+    _tiny_clip(folder / "text_encoder", vocab, 16, None, 16)
+    _tiny_t5(folder / "text_encoder_2", vocab, 32)
+    FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=16,
+        guidance_embeds=dev,
+        axes_dims_rope=(2, 2, 4),
+    ).save_pretrained(folder / "transformer")
+    _tiny_vae(scaling_factor=0.3611, shift_factor=0.1159, mid_block_add_attention=False).save_pretrained(folder / "vae")
+    shifting = (
+        dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+        if dev
+        else dict(shift=1.0, use_dynamic_shifting=False)
+    )
+    FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, base_image_seq_len=256, max_image_seq_len=4096, **shifting
+    ).save_pretrained(folder / "scheduler")
+    _write_flow_index(folder, "FluxPipeline", "FluxTransformer2DModel", ["CLIPTextModel", "T5EncoderModel"])
+    return folder
+
+
+def _write_flow_index(folder: Path, pipeline: str, transformer: str, encoders: list[str]) -> None:
+    """model_index.json of a flow model: its transformer, VAE, scheduler, and one character-level CLIP tokenizer per
+    text encoder (the real models' T5 tokenizer is a T5TokenizerFast)."""
+    index = {
+        "_class_name": pipeline,
+        "_diffusers_version": "0.30.0",
+        "transformer": ["diffusers", transformer],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    }
+    for i, encoder in enumerate(encoders):
+        suffix = "" if i == 0 else f"_{i + 1}"
+        index[f"text_encoder{suffix}"] = ["transformers", encoder]
+        index[f"tokenizer{suffix}"] = ["transformers", "CLIPTokenizer"]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))

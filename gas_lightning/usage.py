@@ -28,7 +28,7 @@ GROUPS = {
         "--detector",
         "--segmenter",
     ),
-    "model": ("--model", "--config", "--resolution", "--dtype"),
+    "model": ("--model", "--config", "--solver", "--resolution", "--dtype"),
     "output": ("--output_dir", "--overwrite", "--plan_only"),
     "run": (
         "--trainer.max_steps",

@@ -127,15 +127,19 @@ def test_vae_ignores_a_surrounding_autocast(sdxl):
     torch.testing.assert_close(under, plain, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("pipeline", ["StableDiffusion3Pipeline", "FluxPipeline"])
-def test_other_families_are_refused_with_one_message(tiny_sdxl, tmp_path, pipeline):
+@pytest.mark.parametrize(
+    ("pipeline", "transformer"),
+    [("PixArtSigmaPipeline", "PixArtTransformer2DModel"), ("HunyuanDiTPipeline", "HunyuanDiT2DModel")],
+)
+def test_other_families_are_refused_with_one_message(tiny_sdxl, tmp_path, pipeline, transformer):
+    """Diffusion transformers other than SD3's and FLUX's (those load: tests/test_flow.py)."""
     from gas_lightning.loading import load_backbone
 
     folder = tmp_path / pipeline
     folder.mkdir()
     index = {
         "_class_name": pipeline,
-        "transformer": ["diffusers", "SD3Transformer2DModel"],
+        "transformer": ["diffusers", transformer],
         "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
         "vae": ["diffusers", "AutoencoderKL"],
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],

@@ -18,7 +18,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_fidelity_units import _one_thread  # noqa: F401  (autouse: one torch thread in this process)
 
-from gas_lightning.errors import ModelLoadError
 from gas_lightning.testing import build_tiny_sd, build_tiny_sdxl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -339,10 +338,11 @@ def test_single_file_errors(single, tmp_path, image_file, capsys):
     )
 
 
-def test_single_file_family_check_refuses_transformers():
+def test_single_file_family_check_reads_the_family_from_key_names():
     from gas_lightning.single_file import checkpoint_family
 
-    with pytest.raises(ModelLoadError, match="SD3/Flux"):
-        checkpoint_family({"model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias"})
+    # SD3 and FLUX files are transformers, loaded by flow_loading.py (tests/test_flow.py)
+    assert checkpoint_family({"model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias"}) == "sd3"
+    assert checkpoint_family({"double_blocks.0.img_attn.qkv.weight"}) == "flux"
     assert checkpoint_family({"model.diffusion_model.out.0.weight", "conditioner.embedders.0.transformer.x"}) == "sdxl"
     assert checkpoint_family({"model.diffusion_model.out.0.weight", "cond_stage_model.transformer.x"}) == "sd"

@@ -460,10 +460,13 @@ STAGES = [
     ("regions: boxes and masks -> latent weights", ["masks"]),
     ("grounding: boxes and masks from detectors and segmenters", ["grounding"]),
     ("the bundled world: scenes, cases, scorer, grounder, models", ["worlds"]),
-    ("the frozen model: backbones and their loading", ["components", "backbone", "loading", "single_file", "testing"]),
-    ("guidance: the DDS terms, schedules and the CDS loss", ["guidance"]),
-    ("the LightningModule", ["module"]),
-    ("image + plan + backbone -> a ready edit", ["pipeline"]),
+    (
+        "the frozen model: backbones and their loading",
+        ["components", "backbone", "flow_backbone", "flow_loading", "loading", "single_file", "testing"],
+    ),
+    ("guidance: the DDS terms, schedules and the CDS loss; the flow solver's terms", ["guidance"]),
+    ("the LightningModule (the DDS edit, the flow edit)", ["module", "flow_module"]),
+    ("image + plan + backbone -> a ready edit; the solver registry", ["pipeline", "flow_pipeline", "solvers"]),
     ("callbacks: penalty, previews, outputs, progress", ["callbacks"]),
     ("choosing the planner and box source", ["resolve"]),
     (
