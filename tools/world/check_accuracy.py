@@ -26,8 +26,6 @@ from gas_lightning import edit
 from gas_lightning.worlds import held_out_cases, render_pil, score
 from gas_lightning.worlds.grounder import parse_phrase
 
-PRESET = "gas-lightning:shapes.yaml"
-
 
 def owner(attribute: dict, case, plan: dict) -> int | None:
     """The index of the plan's subtask that owns a scorer attribute (None when no subtask does)."""
@@ -102,7 +100,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", type=int, default=50)
     p.add_argument("--seed", type=int, default=0, help="the held-out seed (cases seed*100000 + 0..cases-1)")
-    p.add_argument("--config", default=PRESET, help="the gas-edit config (default: the bundled preset)")
+    p.add_argument(
+        "--config", default=None, help="a gas-edit config (default: the bundled preset, configs/shapes.yaml)"
+    )
     p.add_argument("--model", default=None, help="a model other than the config's")
     p.add_argument("--steps", type=int, default=150, help="the first pass's steps")
     p.add_argument("--refine", type=int, default=0, help="extra passes of the subtasks not judged done")
@@ -115,8 +115,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.model is not None and args.config == PRESET:
-        args.config = None
     cases = held_out_cases(args.cases, seed=args.seed)
     budget = args.steps + args.refine * args.refine_steps
     records, baseline = [], []
