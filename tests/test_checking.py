@@ -323,3 +323,30 @@ def test_a_photo_edit_checked_by_clip_refines_what_clip_does_not_call_done(
     assert len(report["passes"]) == (1 if first == DONE else 2) and result.steps == len(report["passes"])
     assert report["preservation"]["lpips_outside"] is None  # no weights: said why, not guessed
     assert "alexnet-owt-7be5be79.pth" in report["preservation"]["lpips_unavailable"]
+
+
+# the accuracy tool ---------------------------------------------------------------------------------
+def test_check_accuracy_counts_caught_failures_and_flagged_successes_by_hand():
+    import importlib.util
+    from pathlib import Path
+
+    from gas_lightning.worlds import held_out_cases
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "world" / "check_accuracy.py"
+    spec = importlib.util.spec_from_file_location("check_accuracy", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    rows = [(False, "not done"), (False, "done"), (False, "unsure"), (True, "unsure"), (True, "done")]
+    got = tool.tally(rows)
+    assert got["failed_attributes"] == 3 and got["caught"] == pytest.approx(2 / 3)
+    assert got["caught_as_not_done"] == pytest.approx(1 / 3)
+    assert got["right_attributes"] == 2 and got["flagged"] == 0.5 and got["flagged_as_not_done"] == 0.0
+    case = held_out_cases(1, seed=112)[0]
+    plan = case.edit_plan(keep=True).to_dict()
+    for a in [{"kind": c.kind, "index": c.index} for c in case.changes]:
+        k = tool.owner(a, case, plan)
+        s = plan["subtasks"][k]
+        if a["kind"] == "background":
+            assert s["source"] == case.source.background
+        else:
+            assert s["source"] == case.source.objects[a["index"]].phrase
