@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import test_grounding
 import test_metrics
 import torch
 from PIL import Image
@@ -22,6 +23,7 @@ from gas_lightning.report import edit_area, preservation
 from gas_lightning.worlds.scenes import BACKGROUNDS, COLOURS
 
 tiny_clip = test_metrics.tiny_clip  # the random CLIP folder fixture, shared
+tokenizer, tiny_gdino = test_grounding.tokenizer, test_grounding.tiny_gdino  # a random GroundingDINO folder
 BOX = (5 / 32, 5 / 32, 15 / 32, 15 / 32)  # the 10x10 square drawn at pixels 5..14
 
 
@@ -106,6 +108,36 @@ def test_clip_share_is_the_softmax_of_scaled_cosines_of_the_crop(tiny_clip):
     expected = float(math.exp(logits[0]) / (math.exp(logits[0]) + math.exp(logits[1])))
     assert v.scores["clip_target"] == pytest.approx(expected, abs=1e-5)
     assert v.verdict == by_threshold(expected, 0.6, 0.4)
+
+
+def test_detector_scores_are_the_best_sigmoid_over_each_phrases_tokens_in_the_crop(tiny_gdino):
+    from gas_lightning.checking.photo import PhotoChecker
+    from gas_lightning.grounding.gdino_hf import GroundingDinoGrounder
+
+    grounder = GroundingDinoGrounder(str(tiny_gdino), box_threshold=0.3)
+    edited = picture(colour="blue")
+    wide = (0.0, 0.0, 1.0, 0.75)  # a 32x24 crop: the tiny detector's deepest map needs a non-square input
+    plan = EditPlan("s", "t", (Subtask("a red car", "a dog", box=wide), Subtask("a cat", "a cat", box=wide)))
+    swap, kept = PhotoChecker(detector=grounder)(picture(), edited, plan)
+    proc, model = grounder.processor, grounder.model
+    crop = edited.crop((0, 0, 32, 24))
+    with torch.no_grad():  # by hand: the caption "a dog . a red car .", each phrase's tokens located by their ids
+        inputs = proc(images=crop, text="a dog . a red car .", return_tensors="pt")
+        probs = model(**inputs).logits[0].sigmoid()
+    ids = inputs["input_ids"][0].tolist()
+    dog, red, car = (proc.tokenizer.convert_tokens_to_ids(w) for w in ("dog", "red", "car"))
+    a = proc.tokenizer.convert_tokens_to_ids("a")
+    first_a, second_a = [i for i, t in enumerate(ids) if t == a][:2]
+    target = probs[:, first_a : ids.index(dog) + 1].max()
+    source = probs[:, second_a : ids.index(car) + 1].max()
+    assert ids.index(red) == second_a + 1
+    assert swap.scores["det_target"] == pytest.approx(float(target), abs=1e-5)
+    assert swap.scores["det_source"] == pytest.approx(float(source), abs=1e-5)
+    t, src = float(target), float(source)
+    assert swap.verdict == (DONE if t >= 0.3 and t > src else NOT_DONE if t < 0.3 <= src else UNSURE)
+    assert set(kept.scores) == {"det_target"} and kept.verdict == (
+        DONE if kept.scores["det_target"] >= 0.3 else NOT_DONE
+    )
 
 
 def test_a_clip_folder_that_cannot_load_is_one_error_naming_the_flag(tmp_path):
