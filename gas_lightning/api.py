@@ -295,5 +295,6 @@ def _is_plan(x) -> bool:
 
 def _is_backbone(x) -> bool:
     from gas_lightning.backbone import Backbone
+    from gas_lightning.flow_backbone import FlowBackbone
 
-    return isinstance(x, Backbone)
+    return isinstance(x, (Backbone, FlowBackbone))

@@ -367,3 +367,22 @@ def test_regions_for_another_latent_size_and_a_wrong_step_count_are_one_message_
         GroundedFlowEdit(module.guidance, module.z_src, terms, module.plan)
     with pytest.raises(GasError, match="runs flow.n_max = 2 steps .* set --trainer.max_steps 2"):
         fit(module, 5)
+
+
+def test_the_python_api_edits_with_a_loaded_flow_model(flux, tmp_path):
+    from gas_lightning import edit
+
+    result = edit(
+        picture(), "change the green block into a cat.", boxes=[[0.1, 0.2, 0.45, 0.8]], model=flux,
+        config=str(REPO / "configs" / "flux.yaml"), flow={"steps": 4, "n_max": 2}, trainer_kwargs={"max_steps": 2},
+        output_dir=str(tmp_path / "api"),
+    )  # fmt: skip
+    assert result.steps == 2 and result.image.size == (32, 32)
+    from gas_lightning.pipeline import image_to_tensor
+
+    change = (result.latent - flux.codec.encode(image_to_tensor(picture(), (32, 32))))[0].abs().sum(0)
+    inside, outside = (
+        change[4:12, 2:7],
+        torch.cat([change[:, 8:].flatten(), change[:2].flatten(), change[14:].flatten()]),
+    )
+    assert inside.min() > 0 and outside.max() == 0  # the box (and the whole-scene term's union, the same box) only
