@@ -73,8 +73,8 @@ def build_parser(exit_on_error: bool = True):
         "--model",
         type=Optional[str],
         default=None,
-        help="SD 1.x/2.x or SDXL model: hub id, local diffusers folder, a single-file .safetensors checkpoint "
-        "(with --model_config), or gas-lightning:shapes-model (bundled)",
+        help="SD 1.x/2.x, SDXL, SD3 or FLUX model: hub id, local diffusers folder, a single-file .safetensors "
+        "checkpoint (with --model_config), or gas-lightning:shapes-model (bundled)",
     )
     p.add_argument(
         "--model_config",
