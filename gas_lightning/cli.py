@@ -55,6 +55,12 @@ def run(argv: list[str] | None = None) -> int:
             f"edited: {out / 'edited.png'}  (comparison.png, plan.json, config.yaml, checkpoints/ beside it; "
             f"attention={result.attention}; tensorboard --logdir {out})"
         )
+        if result.report is not None:  # docs/guide/checking.md
+            c, passes = result.report["counts"], len(result.report["passes"]) - 1
+            print(
+                f"checked ({result.report['checker']}): {c['done']} done, {c['not done']} not done, "
+                f"{c['unsure']} unsure after {passes} refine pass{'' if passes == 1 else 'es'}: {out / 'report.json'}"
+            )
     return 0
 
 

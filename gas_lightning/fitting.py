@@ -15,8 +15,8 @@ from gas_lightning.errors import EditInterrupted
 log = logging.getLogger("gas_lightning")
 
 
-def make_trainer(cfg, init, out: Path, ckpt_dir: Path, callbacks=(), version: str = "", source_latent=None):
-    """(Trainer, FinalCheckpoint) for a pass; `version` names its TensorBoard folder under `out` ("" the first
+def make_trainer(cfg, init, out: Path, ckpt_dir: Path, callbacks=(), events: str = "", source_latent=None):
+    """(Trainer, FinalCheckpoint) for a pass; `events` names its TensorBoard folder under `out` ("" the first
     pass's); `source_latent`: what comparison.png shows as the source (default: the pass's own reference)."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -44,7 +44,7 @@ def make_trainer(cfg, init, out: Path, ckpt_dir: Path, callbacks=(), version: st
     trainer_kwargs = {k: v for k, v in vars(init.trainer).items() if k != "callbacks"}
     if trainer_kwargs.get("logger") in (None, True):
         trainer_kwargs["logger"] = TensorBoardLogger(
-            save_dir=str(out), name="", version=version, default_hp_metric=False
+            save_dir=str(out), name=events, version="", default_hp_metric=False
         )
     if trainer_kwargs.get("default_root_dir") is None:
         trainer_kwargs["default_root_dir"] = str(out)

@@ -234,6 +234,24 @@ def test_a_world_edit_writes_report_files_and_returns_the_report(tmp_path):
     assert json.loads((out / "plan.json").read_text())["subtasks"][0]["target"] == "a blue circle"
 
 
+def test_gas_edit_prints_the_checks_counts_and_a_refine_pass_logs_to_its_own_folder(tmp_path, capsys):
+    from gas_lightning.cli import main
+
+    out = tmp_path / "cli"
+    args = ["--config", "configs/shapes.yaml", "--request", "change the red circle into a blue circle."]
+    with pytest.raises(SystemExit) as code:
+        main([*args, "--trainer.max_steps", "1", "--refine", "1", "--refine_steps", "1", "--output_dir", str(out)])
+    assert code.value.code == 0
+    report = json.loads((out / "report.json").read_text())
+    c, passes = report["counts"], len(report["passes"]) - 1
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line == (
+        f"checked (world): {c['done']} done, {c['not done']} not done, {c['unsure']} unsure after {passes} "
+        f"refine pass{'' if passes == 1 else 'es'}: {out / 'report.json'}"
+    )
+    assert passes == 0 or any((out / "refine1").glob("events.out.tfevents.*"))
+
+
 def test_a_failing_check_keeps_the_finished_edit(tmp_path, monkeypatch):
     def broken(self, source, edited, plan):
         raise RuntimeError("boom")
