@@ -465,12 +465,13 @@ def test_nan_mid_edit_names_the_last_good_checkpoint(capsys, tmp_path, image_fil
 
 
 def test_out_of_memory_is_a_run_failure(capsys, tmp_path, image_file, tiny_pixel, monkeypatch):
-    import gas_lightning.pipeline
+    import gas_lightning.solvers
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(gas_lightning.pipeline, "build_edit", oom)
+    # the runner builds every edit through its solver (solvers.py), which holds its own build_edit name
+    monkeypatch.setattr(gas_lightning.solvers, "build_edit", oom)
     code, err = edit(capsys, tmp_path, tiny_pixel, image_file)
     assert code == 1 and "out of memory" in err and "--resolution" in err
 
