@@ -165,9 +165,24 @@ def test_train_latent_world_both_stages_and_resume(tmp_path):
         unet = ["unet", "--batch-size", "2", "--refresh", "2", "--pool", "4", "--channels", "8,16,16", *common]
         tl.main([*unet, "--steps", "2"])
         tl.main([*unet, "--steps", "3", "--resume", str(tmp_path / "unet" / "last.ckpt")])
+        # a run whose checkpoint is gone continues from its snapshot folder alone (default widths asked for)
+        snap = tmp_path / "unet" / "ema-latest"
+        tl.main(
+            ["unet", "--batch-size", "2", "--refresh", "2", "--pool", "4", *common[2:], "--steps", "1"]
+            + ["--out", str(tmp_path / "again"), "--vae", str(snap / "vae"), "--text", str(snap), "--unet", str(snap)]
+            + ["--lr", "1e-4", "--text-lr", "1e-4"]
+        )
     finally:
         torch.set_num_threads(threads)
     assert json.loads((tmp_path / "unet" / "ema-latest" / "progress.json").read_text())["step"] == 3
+    from diffusers import UNet2DConditionModel
+
+    before = UNet2DConditionModel.from_pretrained(str(snap / "unet"))
+    after = UNet2DConditionModel.from_pretrained(str(tmp_path / "again" / "unet" / "ema-latest" / "unet"))
+    assert tuple(after.config.block_out_channels) == (8, 16, 16)
+    # one AdamW step moves a weight by about the lr; a fresh random UNet would differ by far more
+    drift = max(float((a - b).abs().max()) for a, b in zip(after.parameters(), before.parameters()))
+    assert drift < 1e-3
     bb = load_backbone(str(tmp_path / "unet" / "ema-latest"), device="cpu", attention="sdpa")
     assert bb.codec.vae.config.scaling_factor == pytest.approx(stats["scaling_factor"])
     # the measured factor scales the held-out scenes' latents to unit spread

@@ -4,6 +4,7 @@
     nice -n 5 python tools/world/train_latent_world.py unet --out runs/latent_world --max-minutes 80
     python tools/world/train_latent_world.py unet --out runs/latent_world --resume runs/latent_world/unet/last.ckpt
     python tools/world/train_latent_world.py vae --out runs/latent_world/decoder --vae MODEL/vae --decoder-only
+    python tools/world/train_latent_world.py unet --out runs/latent_world --unet SNAP --text SNAP --vae SNAP/vae
 
 Stage `vae` trains the AutoencoderKL on 128 px scenes (L1 + MSE, SD's KL weight 1e-6); every
 --save-every steps its EMA weights, the held-out round-trip PSNR and the measured scaling_factor
@@ -12,6 +13,8 @@ freezes that VAE and trains the UNet (and fine-tunes the pixel world's CLIP text
 scaled latents; every --save-every steps the EMA weights are written as a complete SD 1.x-layout
 folder, OUT/unet/ema-latest, so a run stopped early still leaves a usable model. Both stages write
 Lightning checkpoints (OUT/STAGE/last.ckpt, EMA state included) that --resume continues from.
+--unet SNAP continues from a snapshot folder alone (results/latent_world/snapshot is the one kept
+in the repository between sessions, whose run folders do not survive); its optimiser state starts afresh.
 --decoder-only improves a VAE's decoder after the UNet is trained: the encoder, and so the
 latents and the scaling_factor the UNet learnt, stay as they were.
 Data are generated on the fly (gas_lightning.worlds.scenes), so there is no dataset and no epoch.
@@ -253,7 +256,7 @@ def resumed_minutes(ckpt: str | None) -> float:
 
 
 def build_stage(args):
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     schedule = Schedule(args.warmup, args.steps, 60 * (args.max_minutes - 1.0))
@@ -266,11 +269,14 @@ def build_stage(args):
     vae = AutoencoderKL.from_pretrained(args.vae or str(Path(args.out) / "vae" / "ema-latest"))
     tok = CLIPTokenizer.from_pretrained(str(Path(args.text) / "tokenizer"))
     text = CLIPTextModel.from_pretrained(str(Path(args.text) / "text_encoder"))
-    channels = tuple(int(c) for c in args.channels.split(","))
+    if args.unet:  # a saved snapshot's weights (its own widths); the optimiser state starts afresh
+        unet = UNet2DConditionModel.from_pretrained(str(Path(args.unet) / "unet"))
+    else:
+        unet = build_unet(tuple(int(c) for c in args.channels.split(",")))
     module = UnetStage(
         tok,
         text.train(),
-        build_unet(channels),
+        unet,
         vae,
         build_scheduler(),
         args.lr,
@@ -316,6 +322,12 @@ def main(argv=None) -> None:
     )
     ap.add_argument(
         "--text", default=str(MODEL_DIR), help="unet stage: the folder whose tokenizer/ and text_encoder/ start the run"
+    )
+    ap.add_argument(
+        "--unet",
+        default=None,
+        help="unet stage: start from this SD-layout folder's unet/ weights (an ema-latest snapshot) instead of "
+        "random ones; pass the same folder as --text and --vae FOLDER/vae to continue a run whose checkpoint is gone",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
