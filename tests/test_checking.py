@@ -71,6 +71,45 @@ def test_a_few_noisy_pixels_inside_a_kept_square_keep_it_a_square():
     assert v.verdict == DONE and v.scores == {"target": 1.0}
 
 
+def _triangle(x0: int, side: int = 10, y0: int = 5) -> np.ndarray:
+    """The world's triangle (apex top centre, base along the bottom) by pixel centres, footprint at x0, y0."""
+    ys, xs = np.mgrid[0:32, 0:32] + 0.5
+    v = (ys - y0) / side
+    return (v >= 0) & (v < 1) & (np.abs(xs - x0 - side / 2) <= 0.5 * v * side)
+
+
+def _drawn(mask: np.ndarray, colour: str = "red") -> Image.Image:
+    arr = np.zeros((32, 32, 3), dtype=np.uint8)
+    arr[:] = BACKGROUNDS["snow"]
+    arr[mask] = COLOURS[colour]
+    return Image.fromarray(arr)
+
+
+def test_a_shape_change_is_held_to_the_target_outline_in_the_source_footprint():
+    # the red 10x10 square at 5..14 becomes a triangle: drawn in the square's footprint it is done
+    whole = judged(_drawn(_triangle(5)), "the red square", "a red triangle")
+    assert whole.verdict == DONE and whole.scores["outline_target"] == 1.0
+    # the same triangle 3 pixels to the left: as large (50 of the square's 100 pixels) and no red square left,
+    # so area alone calls it done, but its outline overlaps the square more than the triangle it should be
+    shifted = _triangle(2)
+    near = np.zeros((32, 32), dtype=bool)
+    near[4:16, 4:16] = True  # the square's box grown by one pixel
+    square = np.zeros((32, 32), dtype=bool)
+    square[5:15, 5:15] = True
+    edited = shifted & near
+
+    def iou(a, b):
+        return (a & b).sum() / (a | b).sum()
+
+    v = judged(_drawn(shifted), "the red square", "a red triangle")
+    assert v.scores["target"] == 0.5 and v.scores["source"] == 0.0
+    assert v.scores["outline_target"] == pytest.approx(iou(edited, _triangle(5)))
+    assert v.scores["outline_source"] == pytest.approx(iou(edited, square))
+    assert iou(edited, _triangle(5)) < iou(edited, square) and v.verdict == NOT_DONE
+    # a recolour is not held to an outline
+    assert "outline_target" not in judged(picture(colour="blue")).scores
+
+
 def test_a_background_change_reads_the_share_of_ground_pixels():
     done = judged(picture("grass"), "the snow", "grass", WHOLE_IMAGE)
     assert done.verdict == DONE and done.scores == {"target": 1.0, "source": 0.0}

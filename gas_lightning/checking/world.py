@@ -3,7 +3,10 @@
 An object subtask is done when an object of the target phrase's colour and shape fills its box
 about as much as the source object did (`target`: that object's area over the source object's) and
 no object of the source phrase is left there (`source`, the same ratio). Shrunk objects (erased into
-the ground half-way) score between the bands and come out unsure. A background subtask compares
+the ground half-way) score between the bands and come out unsure. A shape change is also held to
+the outline: the edited object-coloured pixels around the source object must overlap the target
+shape drawn in that object's footprint (its box in the source image) by IoU >= 0.5, and more than
+they overlap the source shape, or a half-changed shape passes by its fill ratio alone. A background subtask compares
 the share of ground pixels of the target and of the source background. Built on the same colour
 naming and fill-ratio shapes as the WorldGrounder, so it needs the source image and the plan only.
 """
@@ -18,7 +21,7 @@ from PIL import Image
 from gas_lightning.checking.verdict import DONE, NOT_DONE, UNSURE, Verdict, by_threshold
 from gas_lightning.plan import WHOLE_IMAGE, EditPlan, Subtask
 from gas_lightning.worlds.grounder import classify_shape, components, parse_phrase
-from gas_lightning.worlds.scenes import BACKGROUNDS, COLOURS, PALETTE, nearest_colour_names
+from gas_lightning.worlds.scenes import BACKGROUNDS, COLOURS, PALETTE, SceneObject, coverages, nearest_colour_names
 
 NAMES = list(PALETTE)
 # An object is there when its area is at least half the source object's; gone below a fifth.
@@ -27,6 +30,7 @@ PRESENT, ABSENT = 0.5, 0.2
 # A background is changed when most ground pixels are the target's and few the source's.
 GROUND_DONE, GROUND_FAILED = 0.6, 0.4
 MIN_PIXELS = 3  # smaller components are anti-aliasing specks
+OUTLINE_IOU = 0.5  # a changed shape's outline against the target shape drawn in the source footprint
 
 
 def _labels(image: Image.Image) -> np.ndarray:
@@ -74,6 +78,30 @@ def _inside(objects, region: np.ndarray):
     return [(c, s, p) for c, s, p in objects if region[p[:, 0], p[:, 1]].mean() >= 0.5]
 
 
+def _silhouette(shape: str, pix: np.ndarray, size: int) -> np.ndarray:
+    """`shape` drawn as the world draws it, in the footprint (pixel box) of the component `pix`."""
+    (y0, x0), (y1, x1) = pix.min(axis=0), pix.max(axis=0) + 1
+    return coverages([SceneObject(shape, NAMES[0], (x0 / size, y0 / size, x1 / size, y1 / size))], size)[0] >= 0.5
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def _outline(src_shape: str, tgt_shape: str, pix: np.ndarray, after: np.ndarray, others) -> tuple[float, float]:
+    """IoU of the edited object pixels around the source object (its box grown by one, other source
+    objects left out) with the target shape and with the source shape, both drawn in its footprint."""
+    size = after.shape[0]
+    (y0, x0), (y1, x1) = pix.min(axis=0), pix.max(axis=0) + 1
+    near = np.zeros(after.shape, dtype=bool)
+    near[max(0, y0 - 1) : y1 + 1, max(0, x0 - 1) : x1 + 1] = True
+    for p in others:
+        near[p[:, 0], p[:, 1]] = False
+    edited = near & (after < len(COLOURS))
+    return _iou(edited, _silhouette(tgt_shape, pix, size)), _iou(edited, _silhouette(src_shape, pix, size))
+
+
 def _fits(phrase: tuple[str, str | None, str | None], colour: str, shape: str) -> bool:
     _, want_colour, want_shape = phrase
     return want_colour in (None, colour) and want_shape in (None, shape)
@@ -101,12 +129,13 @@ class WorldChecker:
         if tgt[0] == "background":
             return self._ground(k, s, after)
         region = _region(s.box, *after.shape)
-        ref = [len(p) for c, sh, p in _inside(objs_before, region) if _fits(src, c, sh)]
+        ref = [p for c, sh, p in _inside(objs_before, region) if _fits(src, c, sh)]
         if not ref:  # the source phrase's object is not in its box: nothing to compare with
-            ref = [len(p) for _, _, p in _inside(objs_before, region)]
+            ref = [p for _, _, p in _inside(objs_before, region)]
         if not ref:
             return Verdict(k, s.source, s.target, s.keep, UNSURE, {}, "no object in the box of the source image")
-        area = float(max(ref))
+        own = max(ref, key=len)
+        area = float(len(own))
         here = _inside(objs_after, region)
         target = min(1.0, max((len(p) for c, sh, p in here if _fits(tgt, c, sh)), default=0) / area)
         scores = {"target": target}
@@ -121,6 +150,14 @@ class WorldChecker:
             verdict, why = NOT_DONE, "the target object is missing or the source object is still there"
         else:
             verdict, why = UNSURE, "the target object is smaller than the source object was (half-erased)"
+        square = after.shape[0] == after.shape[1]
+        if verdict == DONE and square and src[2] is not None and tgt[2] is not None and src[2] != tgt[2]:
+            others = [p for _, _, p in objs_before if p is not own]
+            scores["outline_target"], scores["outline_source"] = _outline(src[2], tgt[2], own, after, others)
+            if scores["outline_target"] <= scores["outline_source"]:
+                verdict, why = NOT_DONE, "the new outline is closer to the source shape than to the target shape"
+            elif scores["outline_target"] < OUTLINE_IOU:
+                verdict, why = UNSURE, "the new outline is only part of the target shape (half-changed)"
         return Verdict(k, s.source, s.target, s.keep, verdict, scores, why)
 
     def _ground(self, k: int, s: Subtask, after: np.ndarray) -> Verdict:
