@@ -47,7 +47,7 @@ def judged(edited, source="the red square", target="a blue square", box=BOX, bef
 # world verdicts ------------------------------------------------------------------------------------
 def test_a_recoloured_square_is_done_with_full_target_and_no_source():
     v = judged(picture(colour="blue"))
-    assert v.verdict == DONE and v.scores == {"target": 1.0, "source": 0.0}
+    assert v.verdict == DONE and v.scores == {"target": 1.0, "source": 0.0, "in_place": 1.0}
 
 
 def test_an_unchanged_square_is_not_done():
@@ -108,6 +108,19 @@ def test_a_shape_change_is_held_to_the_target_outline_in_the_source_footprint():
     assert iou(edited, _triangle(5)) < iou(edited, square) and v.verdict == NOT_DONE
     # a recolour is not held to an outline
     assert "outline_target" not in judged(picture(colour="blue")).scores
+
+
+def test_a_recolour_is_held_to_the_source_objects_own_pixels():
+    # a blue 10x5 block over the top half of the red square: 50 of its 100 pixels carry the target colour
+    top = judged(picture(colour="blue", rect=(5, 5, 15, 10)), target="a blue object")
+    assert top.verdict == DONE and top.scores["in_place"] == 0.5
+    # a whole blue square moved 6 pixels right: as large as the red one (target 1.0) and no red left, but only
+    # its 4 columns over x = 11..14 lie on the square's own pixels: 40 of 100, between 0.2 and 0.5
+    moved = judged(picture(colour="blue", rect=(11, 5, 21, 15)))
+    assert moved.scores["target"] == 1.0 and moved.scores["source"] == 0.0
+    assert moved.scores["in_place"] == pytest.approx(0.4) and moved.verdict == UNSURE
+    # 8 pixels right: 2 columns (20 pixels) stay, below 0.2, but half its pixels must lie in the box to count at all
+    assert judged(picture(colour="blue", rect=(13, 5, 23, 15))).verdict == NOT_DONE
 
 
 def test_a_background_change_reads_the_share_of_ground_pixels():

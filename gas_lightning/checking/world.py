@@ -6,7 +6,9 @@ no object of the source phrase is left there (`source`, the same ratio). Shrunk 
 the ground half-way) score between the bands and come out unsure. A shape change is also held to
 the outline: the edited object-coloured pixels around the source object must overlap the target
 shape drawn in that object's footprint (its box in the source image) by IoU >= 0.5, and more than
-they overlap the source shape, or a half-changed shape passes by its fill ratio alone. A background subtask compares
+they overlap the source shape, or a half-changed shape passes by its fill ratio alone. A recolour
+is held to its place: at least half of the source object's own pixels must now carry the target
+colour (`in_place`), or an object shrunk or moved inside its box would pass by its area. A background subtask compares
 the share of ground pixels of the target and of the source background. Built on the same colour
 naming and fill-ratio shapes as the WorldGrounder, so it needs the source image and the plan only.
 """
@@ -151,7 +153,13 @@ class WorldChecker:
         else:
             verdict, why = UNSURE, "the target object is smaller than the source object was (half-erased)"
         square = after.shape[0] == after.shape[1]
-        if verdict == DONE and square and src[2] is not None and tgt[2] is not None and src[2] != tgt[2]:
+        if verdict == DONE and (tgt[2] is None or tgt[2] == src[2]) and tgt[1] is not None:
+            # a recolour in place: most of the source object's own pixels now carry the target colour
+            scores["in_place"] = float((after[own[:, 0], own[:, 1]] == NAMES.index(tgt[1])).mean())
+            if scores["in_place"] < PRESENT:
+                verdict = NOT_DONE if scores["in_place"] < ABSENT else UNSURE
+                why = "the target colour covers too little of where the source object was (shrunk or moved)"
+        elif verdict == DONE and square and src[2] is not None and tgt[2] is not None and src[2] != tgt[2]:
             others = [p for _, _, p in objs_before if p is not own]
             scores["outline_target"], scores["outline_source"] = _outline(src[2], tgt[2], own, after, others)
             if scores["outline_target"] <= scores["outline_source"]:
