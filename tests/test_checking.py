@@ -88,8 +88,9 @@ def _drawn(mask: np.ndarray, colour: str = "red") -> Image.Image:
 def test_a_shape_change_is_held_to_the_target_outline_in_the_source_footprint():
     # the red 10x10 square at 5..14 becomes a triangle: drawn in the square's footprint it is done
     whole = judged(_drawn(_triangle(5)), "the red square", "a red triangle")
-    assert whole.verdict == DONE and whole.scores["outline_target"] == 1.0
-    # the same triangle 3 pixels to the left: as large (50 of the square's 100 pixels) and no red square left,
+    # its 50 pixels are all a triangle in that footprint has (half the square's 100): the target is whole
+    assert whole.verdict == DONE and whole.scores["outline_target"] == 1.0 and whole.scores["target"] == 1.0
+    # the same triangle 3 pixels to the left: as large (target 1.0) and no red square left,
     # so area alone calls it done, but its outline overlaps the square more than the triangle it should be
     shifted = _triangle(2)
     near = np.zeros((32, 32), dtype=bool)
@@ -102,12 +103,16 @@ def test_a_shape_change_is_held_to_the_target_outline_in_the_source_footprint():
         return (a & b).sum() / (a | b).sum()
 
     v = judged(_drawn(shifted), "the red square", "a red triangle")
-    assert v.scores["target"] == 0.5 and v.scores["source"] == 0.0
+    assert v.scores["target"] == 1.0 and v.scores["source"] == 0.0
     assert v.scores["outline_target"] == pytest.approx(iou(edited, _triangle(5)))
     assert v.scores["outline_source"] == pytest.approx(iou(edited, square))
     assert iou(edited, _triangle(5)) < iou(edited, square) and v.verdict == NOT_DONE
-    # a recolour is not held to an outline
+    # a recolour is not held to an outline, and is read by colour: a blue block of any shape where the square was
     assert "outline_target" not in judged(picture(colour="blue")).scores
+    rounded = square.copy()
+    for y, x in [(5, 5), (5, 13), (13, 5), (13, 13)]:
+        rounded[y : y + 2, x : x + 2] = False  # 84 of its box's 100 pixels: a circle by fill ratio
+    assert judged(_drawn(rounded, "blue")).verdict == DONE
 
 
 def test_a_recolour_is_held_to_the_source_objects_own_pixels():
@@ -231,6 +236,66 @@ def test_refine_plan_reruns_the_failed_harder_and_holds_the_passed_as_keep_terms
         ("a red square", "a blue square", 0.0),
     ]
     assert new.subtasks[1].keep
+
+
+def test_a_refine_pass_restarts_where_a_failed_subtasks_mask_owns_the_image():
+    from gas_lightning.guidance.dds import Term
+    from gas_lightning.refine import reset_region
+
+    ground = torch.ones(4, 4)
+    ground[:2, :2] = 0.3  # the overlap rule: the background's weight inside the object's box
+    obj = torch.zeros(4, 4)
+    obj[:2, :2] = 1.0
+    kept = torch.zeros(4, 4)
+    kept[3, 3] = 1.0
+    ground[3, 3] = 0.3
+
+    def term(mask, **kw):
+        return Term("t", None, None, mask, 1.0, **kw)
+
+    terms = [term(obj), term(ground), term(kept, keep=True), term(torch.ones(4, 4), is_full=True)]
+    # the object failed: its box restarts; the ground and the kept object do not (the whole-scene term never counts)
+    assert torch.equal(reset_region(terms, [0]), obj)
+    # the ground failed: everywhere it owns, at its weight, but not the object's box nor the kept object
+    expected = torch.ones(4, 4)
+    expected[:2, :2] = 0.0
+    expected[3, 3] = 0.0
+    assert torch.equal(reset_region(terms, [1]), expected)
+    assert torch.equal(reset_region(terms, [0, 1]), torch.where(kept > 0, 0.0, torch.where(obj > 0, 1.0, ground)))
+
+
+def test_a_refine_pass_starts_from_the_source_where_the_failed_subtask_is(tmp_path, monkeypatch):
+    import gas_lightning.fitting as fitting
+    from gas_lightning import edit
+
+    def circle_failed(self, source, edited, plan):
+        return [
+            Verdict(k, s.source, s.target, s.keep, NOT_DONE if k == 0 else DONE) for k, s in enumerate(plan.subtasks)
+        ]
+
+    modules, real_fit = [], fitting.fit
+
+    def first_pass_only(trainer, module, final, out, *rest):  # the refine pass is built, not run: its start stays
+        modules.append(module)
+        return real_fit(trainer, module, final, out, *rest) if len(modules) == 1 else None
+
+    monkeypatch.setattr(WorldChecker, "__call__", circle_failed)
+    monkeypatch.setattr(fitting, "fit", first_pass_only)
+    request = "change the red circle into a blue circle. change the snow into grass."
+    edit("gas-lightning:example.png", request, steps=3, refine=1, refine_steps=1, output_dir=tmp_path / "o")
+    first, refine = modules
+    circle = first.terms[0].mask
+    others = torch.stack([t.mask for t in first.terms[1:] if not t.is_full]).amax(0)
+    owned, away = (circle == 1) & (others < 1), circle == 0
+    assert owned.any() and away.any() and not torch.equal(first.latent, first.z_src)  # the first pass moved
+    start = refine.latent.detach()
+    assert torch.equal(start[..., owned], first.z_src[..., owned])  # the circle's place: the source again
+    assert torch.equal(start[..., away], first.latent.detach()[..., away])  # elsewhere: the first pass's result
+    assert torch.equal(refine.z_src, start)  # and the pass's reference is where it starts
+    from gas_lightning.pipeline import tensor_to_image
+
+    kept = np.asarray(Image.open(tmp_path / "o" / "edited_pass0.png").convert("RGB"))
+    assert np.array_equal(kept, np.asarray(tensor_to_image(first.decode().cpu())))  # the first pass's picture
 
 
 # preservation -------------------------------------------------------------------------------------

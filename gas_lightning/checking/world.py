@@ -1,16 +1,17 @@
 """Verdicts for shapes-world edits without weights: read each subtask's box in the edited image.
 
-An object subtask is done when an object of the target phrase's colour and shape fills its box
-about as much as the source object did (`target`: that object's area over the source object's) and
-no object of the source phrase is left there (`source`, the same ratio). Shrunk objects (erased into
-the ground half-way) score between the bands and come out unsure. A shape change is also held to
-the outline: the edited object-coloured pixels around the source object must overlap the target
-shape drawn in that object's footprint (its box in the source image) by IoU >= 0.5, and more than
-they overlap the source shape, or a half-changed shape passes by its fill ratio alone. A recolour
-is held to its place: at least half of the source object's own pixels must now carry the target
-colour (`in_place`), or an object shrunk or moved inside its box would pass by its area. A background subtask compares
-the share of ground pixels of the target and of the source background. Built on the same colour
-naming and fill-ratio shapes as the WorldGrounder, so it needs the source image and the plan only.
+An object subtask is done when an object of the target phrase fills its box about as much as it
+should (`target`: its area over the source object's, or for a shape change over the target shape's
+area drawn in the source object's footprint) and no object of the source phrase is left there
+(`source`: its area over the source object's). A recolour matches objects by colour alone. Shrunk
+objects (erased into the ground half-way) score between the bands and come out unsure. A shape
+change is also held to its outline: the edited object pixels around the source object must overlap
+the target shape drawn in that footprint by IoU >= 0.5, and more than they overlap the source
+shape, or a half-changed shape passes by its fill ratio alone. A recolour is held to its place: at
+least half of the source object's own pixels must now carry the target colour (`in_place`), or an
+object shrunk or moved inside its box would pass by its area. A background subtask compares the
+share of ground pixels of the target and of the source background. Built on the same colour naming
+and fill-ratio shapes as the WorldGrounder, so it needs the source image and the plan only.
 """
 
 from __future__ import annotations
@@ -139,27 +140,34 @@ class WorldChecker:
         own = max(ref, key=len)
         area = float(len(own))
         here = _inside(objs_after, region)
-        target = min(1.0, max((len(p) for c, sh, p in here if _fits(tgt, c, sh)), default=0) / area)
-        scores = {"target": target}
         if s.keep or src == tgt:
+            target = min(1.0, max((len(p) for c, sh, p in here if _fits(tgt, c, sh)), default=0) / area)
             verdict = by_threshold(target, PRESENT, ABSENT)
-            return Verdict(k, s.source, s.target, s.keep, verdict, scores, "the kept object's area over its own")
-        source = min(1.0, max((len(p) for c, sh, p in here if _fits(src, c, sh)), default=0) / area)
-        scores["source"] = source
+            return Verdict(
+                k, s.source, s.target, s.keep, verdict, {"target": target}, "the kept object's area over its own"
+            )
+        reshaped = after.shape[0] == after.shape[1] and None not in (src[2], tgt[2]) and src[2] != tgt[2]
+        if reshaped:  # the target shape's own area in the source footprint (a triangle is half its square)
+            expected, want, was = float(_silhouette(tgt[2], own, after.shape[0]).sum()), tgt, src
+        else:  # a recolour is judged by colour: a shape read off a few blurred pixels must not fail it
+            expected = area
+            want, was = (tgt[0], tgt[1], None) if tgt[1] else tgt, (src[0], src[1], None) if src[1] else src
+        target = min(1.0, max((len(p) for c, sh, p in here if _fits(want, c, sh)), default=0) / max(expected, 1.0))
+        source = min(1.0, max((len(p) for c, sh, p in here if _fits(was, c, sh)), default=0) / area)
+        scores = {"target": target, "source": source}
         if target >= PRESENT and source < ABSENT:
             verdict, why = DONE, "the target object is there and the source object gone"
         elif target < ABSENT or source >= PRESENT:
             verdict, why = NOT_DONE, "the target object is missing or the source object is still there"
         else:
-            verdict, why = UNSURE, "the target object is smaller than the source object was (half-erased)"
-        square = after.shape[0] == after.shape[1]
-        if verdict == DONE and (tgt[2] is None or tgt[2] == src[2]) and tgt[1] is not None:
+            verdict, why = UNSURE, "the target object is smaller than it should be (half-erased)"
+        if verdict == DONE and not reshaped and tgt[1] is not None:
             # a recolour in place: most of the source object's own pixels now carry the target colour
             scores["in_place"] = float((after[own[:, 0], own[:, 1]] == NAMES.index(tgt[1])).mean())
             if scores["in_place"] < PRESENT:
                 verdict = NOT_DONE if scores["in_place"] < ABSENT else UNSURE
                 why = "the target colour covers too little of where the source object was (shrunk or moved)"
-        elif verdict == DONE and square and src[2] is not None and tgt[2] is not None and src[2] != tgt[2]:
+        elif verdict == DONE and reshaped:
             others = [p for _, _, p in objs_before if p is not own]
             scores["outline_target"], scores["outline_source"] = _outline(src[2], tgt[2], own, after, others)
             if scores["outline_target"] <= scores["outline_source"]:

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from gas_lightning import edit
 from gas_lightning.worlds import held_out_cases, render_pil, score
@@ -67,15 +68,22 @@ def run_case(case, args, seed: int, steps: int, refine: int) -> dict:
             trainer_kwargs={"enable_progress_bar": False, "logger": False},
         )
         seconds = time.perf_counter() - start
-    scored = score(result.image, case)
+        first_image = Path(out) / "edited_pass0.png"  # written when a refine pass ran
+        first_image = Image.open(first_image).convert("RGB") if first_image.exists() else result.image
+        scored, first = score(result.image, case), score(first_image, case)
     report, plan = result.report, result.plan.to_dict()
     rows = {}
-    for name, verdicts in (("first_pass", report["passes"][0]["verdicts"]), ("last_pass", report["verdicts"])):
+    # each pass's verdicts against that pass's own picture, scored exactly
+    for name, verdicts, truth in (
+        ("first_pass", report["passes"][0]["verdicts"], first),
+        ("last_pass", report["verdicts"], scored),
+    ):
         rows[name] = [
             (a["ok"], "unowned" if (k := owner(a, case, plan)) is None else verdicts[k]["verdict"])
-            for a in scored["attributes"]
+            for a in truth["attributes"]
         ]
     return {
+        "first_pass_all_attributes": first["all_attributes"],
         "all_attributes": scored["all_attributes"],
         "per_attribute": scored["per_attribute"],
         "preserved": scored["preserved"],
@@ -87,7 +95,8 @@ def run_case(case, args, seed: int, steps: int, refine: int) -> dict:
 
 
 def summary(records: list[dict]) -> dict:
-    out = {k: float(np.mean([r[k] for r in records])) for k in ("all_attributes", "per_attribute", "preserved")}
+    keys = ("first_pass_all_attributes", "all_attributes", "per_attribute", "preserved")
+    out = {k: float(np.mean([r[k] for r in records])) for k in keys}
     out.update(
         seconds=float(np.mean([r["seconds"] for r in records])), steps=float(np.mean([r["steps"] for r in records]))
     )

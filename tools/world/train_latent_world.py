@@ -270,7 +270,7 @@ def build_stage(args):
     tok = CLIPTokenizer.from_pretrained(str(Path(args.text) / "tokenizer"))
     text = CLIPTextModel.from_pretrained(str(Path(args.text) / "text_encoder"))
     if args.unet:  # a saved snapshot's weights (its own widths); the optimiser state starts afresh
-        unet = UNet2DConditionModel.from_pretrained(str(Path(args.unet) / "unet"))
+        unet = UNet2DConditionModel.from_pretrained(str(Path(args.unet) / "unet"), torch_dtype=torch.float32)
     else:
         unet = build_unet(tuple(int(c) for c in args.channels.split(",")))
     module = UnetStage(
