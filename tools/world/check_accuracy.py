@@ -118,7 +118,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--refine_steps", type=int, default=50, help="steps of each extra pass")
     p.add_argument("--requests", choices=("case", "user"), default="case", help="user: without the keep sentences")
     p.add_argument("--compare", action="store_true", help="also one pass of steps + refine x refine_steps")
+    p.add_argument("--start", type=int, default=0, help="skip the seed's first cases (split a seed across processes)")
     p.add_argument("--json", type=Path, default=None, help="write the records and summaries here")
+    p.add_argument("--jsonl", type=Path, default=None, help="append each case's records here as it finishes")
     return p
 
 
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = held_out_cases(args.cases, seed=args.seed)
     budget = args.steps + args.refine * args.refine_steps
     records, baseline = [], []
-    for i, case in enumerate(cases):
+    for i, case in list(enumerate(cases))[args.start :]:
         seed = args.seed * 1000 + (case.seed or 0)
         records.append(run_case(case, args, seed, args.steps, args.refine))
         line = f"case {i}: all {records[-1]['all_attributes']:.0f}, steps {records[-1]['steps']}"
@@ -135,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
             baseline.append(run_case(case, args, seed, budget, 0))
             line += f"; one pass of {budget}: all {baseline[-1]['all_attributes']:.0f}"
         print(line, flush=True)
+        if args.jsonl is not None:
+            with args.jsonl.open("a") as f:
+                f.write(json.dumps({"case": i, "checked": records[-1], "one_pass": baseline[-1] if baseline else None}))
+                f.write("\n")
     results = {"args": {k: str(v) for k, v in vars(args).items()}, "checked": summary(records)}
     if baseline:
         results["one_pass_same_budget"] = summary(baseline)
