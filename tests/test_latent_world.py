@@ -164,9 +164,9 @@ def test_train_latent_world_both_stages_and_resume(tmp_path):
         assert stats["scaling_factor"] * stats["latent_std"] == pytest.approx(1.0)
         unet = ["unet", "--batch-size", "2", "--refresh", "2", "--pool", "4", "--channels", "8,16,16", *common]
         tl.main([*unet, "--steps", "2"])
-        tl.main([*unet, "--steps", "3", "--resume", str(tmp_path / "unet" / "last.ckpt")])
-        # a run whose checkpoint is gone continues from its snapshot folder alone (default widths asked for)
-        snap = tmp_path / "unet" / "ema-latest"
+        snap = tmp_path / "kept"  # the EMA snapshot, its UNet in float16
+        tl.main([*unet, "--steps", "3", "--resume", str(tmp_path / "unet" / "last.ckpt"), "--keep", str(snap)])
+        # a run whose checkpoint is gone continues from its kept snapshot alone (default widths asked for)
         tl.main(
             ["unet", "--batch-size", "2", "--refresh", "2", "--pool", "4", *common[2:], "--steps", "1"]
             + ["--out", str(tmp_path / "again"), "--vae", str(snap / "vae"), "--text", str(snap), "--unet", str(snap)]
@@ -176,8 +176,13 @@ def test_train_latent_world_both_stages_and_resume(tmp_path):
         torch.set_num_threads(threads)
     assert json.loads((tmp_path / "unet" / "ema-latest" / "progress.json").read_text())["step"] == 3
     from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
 
-    before = UNet2DConditionModel.from_pretrained(str(snap / "unet"))
+    half = load_file(str(snap / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert {t.dtype for t in half.values()} == {torch.float16}
+    full = load_file(str(tmp_path / "unet" / "ema-latest" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.allclose(half[k].float(), full[k], rtol=1e-3, atol=1e-4) for k in full)
+    before = UNet2DConditionModel.from_pretrained(str(snap / "unet"), torch_dtype=torch.float32)
     after = UNet2DConditionModel.from_pretrained(str(tmp_path / "again" / "unet" / "ema-latest" / "unet"))
     assert tuple(after.config.block_out_channels) == (8, 16, 16)
     # one AdamW step moves a weight by about the lr; a fresh random UNet would differ by far more

@@ -246,6 +246,24 @@ class Snapshot(L.Callback):
         print(f"[{minutes:.1f} min] step {step}: EMA saved to {folder} {stats}", flush=True)
 
 
+def keep_snapshot(snapshot: Path, dest: Path) -> None:
+    """Copy an ema-latest folder to `dest` with the UNet's weights in float16 (half the bytes): the copy
+    kept in the repository between sessions, whose run folders do not survive. `--unet dest` reads it
+    back in float32."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(snapshot, tmp)
+    unet = UNet2DConditionModel.from_pretrained(str(snapshot / "unet"), torch_dtype=torch.float32)
+    shutil.rmtree(tmp / "unet")
+    unet.to(torch.float16).save_pretrained(str(tmp / "unet"))
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
 def resumed_minutes(ckpt: str | None) -> float:
     """Training minutes a checkpoint's Timer already counted (0 without one)."""
     if not ckpt:
@@ -329,6 +347,13 @@ def main(argv=None) -> None:
         help="unet stage: start from this SD-layout folder's unet/ weights (an ema-latest snapshot) instead of "
         "random ones; pass the same folder as --text and --vae FOLDER/vae to continue a run whose checkpoint is gone",
     )
+    ap.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        help="unet stage: after training, copy the EMA snapshot here with the UNet in float16 "
+        "(results/latent_world/snapshot: the copy the repository keeps between sessions)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save-every", type=int, default=250)
@@ -389,6 +414,9 @@ def main(argv=None) -> None:
         f"done: {trainer.global_step} steps in {(time.time() - t0) / 60:.1f} min; EMA in {out / 'ema-latest'}",
         flush=True,
     )
+    if args.keep is not None and not vae_stage:
+        keep_snapshot(out / "ema-latest", args.keep)
+        print(f"kept: {args.keep}", flush=True)
 
 
 if __name__ == "__main__":
