@@ -24,7 +24,15 @@ from PIL import Image
 from gas_lightning.checking.verdict import DONE, NOT_DONE, UNSURE, Verdict, by_threshold
 from gas_lightning.plan import WHOLE_IMAGE, EditPlan, Subtask
 from gas_lightning.worlds.grounder import classify_shape, components, parse_phrase
-from gas_lightning.worlds.scenes import BACKGROUNDS, COLOURS, PALETTE, SceneObject, coverages, nearest_colour_names
+from gas_lightning.worlds.scenes import (
+    BACKGROUNDS,
+    COLOURS,
+    PALETTE,
+    SceneObject,
+    coverages,
+    mask_iou,
+    nearest_colour_names,
+)
 
 NAMES = list(PALETTE)
 # An object is there when its area is at least half the source object's; gone below a fifth.
@@ -87,22 +95,16 @@ def _silhouette(shape: str, pix: np.ndarray, size: int) -> np.ndarray:
     return coverages([SceneObject(shape, NAMES[0], (x0 / size, y0 / size, x1 / size, y1 / size))], size)[0] >= 0.5
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 0.0
-
-
-def _outline(src_shape: str, tgt_shape: str, pix: np.ndarray, after: np.ndarray, others) -> tuple[float, float]:
-    """IoU of the edited object pixels around the source object (its box grown by one, other source
-    objects left out) with the target shape and with the source shape, both drawn in its footprint."""
-    size = after.shape[0]
+def _outline(target: np.ndarray, source: np.ndarray, pix: np.ndarray, after: np.ndarray, others) -> tuple[float, float]:
+    """IoU of the edited object pixels around the source object `pix` (its box grown by one, other source
+    objects left out) with the target and the source shape's silhouettes drawn in its footprint."""
     (y0, x0), (y1, x1) = pix.min(axis=0), pix.max(axis=0) + 1
     near = np.zeros(after.shape, dtype=bool)
     near[max(0, y0 - 1) : y1 + 1, max(0, x0 - 1) : x1 + 1] = True
     for p in others:
         near[p[:, 0], p[:, 1]] = False
     edited = near & (after < len(COLOURS))
-    return _iou(edited, _silhouette(tgt_shape, pix, size)), _iou(edited, _silhouette(src_shape, pix, size))
+    return mask_iou(edited, target), mask_iou(edited, source)
 
 
 def _fits(phrase: tuple[str, str | None, str | None], colour: str, shape: str) -> bool:
@@ -148,7 +150,8 @@ class WorldChecker:
             )
         reshaped = after.shape[0] == after.shape[1] and None not in (src[2], tgt[2]) and src[2] != tgt[2]
         if reshaped:  # the target shape's own area in the source footprint (a triangle is half its square)
-            expected, want, was = float(_silhouette(tgt[2], own, after.shape[0]).sum()), tgt, src
+            drawn = _silhouette(tgt[2], own, after.shape[0])
+            expected, want, was = float(drawn.sum()), tgt, src
         else:  # a recolour is judged by colour: a shape read off a few blurred pixels must not fail it
             expected = area
             want, was = (tgt[0], tgt[1], None) if tgt[1] else tgt, (src[0], src[1], None) if src[1] else src
@@ -169,7 +172,8 @@ class WorldChecker:
                 why = "the target colour covers too little of where the source object was (shrunk or moved)"
         elif verdict == DONE and reshaped:
             others = [p for _, _, p in objs_before if p is not own]
-            scores["outline_target"], scores["outline_source"] = _outline(src[2], tgt[2], own, after, others)
+            was_drawn = _silhouette(src[2], own, after.shape[0])
+            scores["outline_target"], scores["outline_source"] = _outline(drawn, was_drawn, own, after, others)
             if scores["outline_target"] <= scores["outline_source"]:
                 verdict, why = NOT_DONE, "the new outline is closer to the source shape than to the target shape"
             elif scores["outline_target"] < OUTLINE_IOU:

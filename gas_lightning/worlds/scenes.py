@@ -122,6 +122,12 @@ def mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
     return (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
 
 
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boolean masks (0 when both are empty)."""
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
 def _shape_inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Inside test in the footprint's unit square (u right, v down)."""
     if shape == "square":

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from gas_lightning.worlds.cases import EditCase
-from gas_lightning.worlds.scenes import COLOURS, PALETTE, Scene, nearest_colour_names
+from gas_lightning.worlds.scenes import COLOURS, PALETTE, Scene, mask_iou, nearest_colour_names
 
 NAMES = list(PALETTE)
 N_OBJECT_COLOURS = len(COLOURS)
@@ -73,11 +73,6 @@ def _box_mask(box: tuple[int, int, int, int], size: int, pad: int = 0) -> np.nda
     return m
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 0.0
-
-
 def _object_region(scene_a: Scene, scene_b: Scene, i: int, labels: np.ndarray) -> np.ndarray:
     """Object-coloured pixels around object i, other objects' masks excluded."""
     size = scene_a.size
@@ -113,7 +108,7 @@ def score(edited_image: Any, case: EditCase) -> dict[str, Any]:
             ok = got == c.after
         elif c.kind == "shape":
             region = _object_region(src, tgt, c.index, labels)
-            iou_t, iou_s = _iou(region, tgt.mask(c.index)), _iou(region, src.mask(c.index))
+            iou_t, iou_s = mask_iou(region, tgt.mask(c.index)), mask_iou(region, src.mask(c.index))
             ok = iou_t >= SHAPE_IOU and iou_t > iou_s
             got = f"iou {iou_t:.2f} with {c.after}, {iou_s:.2f} with {c.before}"
         else:
@@ -148,7 +143,7 @@ def score(edited_image: Any, case: EditCase) -> dict[str, Any]:
             continue
         o = src.objects[i]
         colour_ok = _majority(labels[src.mask(i)]) == o.colour
-        shape_ok = _iou(_object_region(src, src, i, labels), src.mask(i)) >= SHAPE_IOU
+        shape_ok = mask_iou(_object_region(src, src, i, labels), src.mask(i)) >= SHAPE_IOU
         kept.append(colour_ok and shape_ok)
 
     oks = [a["ok"] for a in attributes]
