@@ -517,3 +517,75 @@ def test_check_accuracy_counts_caught_failures_and_flagged_successes_by_hand():
             assert s["source"] == case.source.background
         else:
             assert s["source"] == case.source.objects[a["index"]].phrase
+
+
+def test_summarize_checks_combines_seeds_by_hand(tmp_path):
+    """Two seeds of --compare records: every number below is worked out by hand from the records."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "world"))
+    import summarize_checks
+
+    def edit(first, last, kept, steps, seconds, rows):
+        return {
+            "first_pass_all_attributes": first,
+            "all_attributes": last,
+            "preserved": kept,
+            "steps": steps,
+            "seconds": seconds,
+            "rows": {"first_pass": rows, "last_pass": rows},
+        }
+
+    caught, missed, right = [False, "not done"], [False, "done"], [True, "done"]
+    seed7 = [  # the first pass is right in 1 of 2 cases, refine in 2 of 2, one pass in 1 of 2
+        {
+            "case": 0,
+            "checked": edit(1.0, 1.0, 1.0, 150, 10.0, [right]),
+            "one_pass": edit(1, 1, 1.0, 250, 20.0, [right]),
+        },
+        {
+            "case": 1,
+            "checked": edit(0.0, 1.0, 1.0, 200, 14.0, [caught]),
+            "one_pass": edit(0, 0, 0.5, 250, 22.0, [right]),
+        },
+    ]
+    # a later seed writes its seed into each record; one case written twice (a rerun) counts once
+    seed9 = [
+        {
+            "seed": 9,
+            "case": 0,
+            "checked": edit(0, 0, 1.0, 250, 16.0, [missed, right]),
+            "one_pass": edit(0, 0, 1.0, 250, 18.0, [right]),
+        },
+        {
+            "seed": 9,
+            "case": 0,
+            "checked": edit(0, 0, 1.0, 250, 16.0, [missed, right]),
+            "one_pass": edit(0, 0, 1.0, 250, 18.0, [right]),
+        },
+    ]
+    a, b = tmp_path / "check_seed7.jsonl", tmp_path / "rerun.jsonl"
+    a.write_text("".join(json.dumps(r) + "\n" for r in seed7))
+    b.write_text("".join(json.dumps(r) + "\n" for r in seed9))
+    s = summarize_checks.summarize_seeds(summarize_checks.load_records([a, b]), n_boot=200)
+    assert s["cases_per_seed"] == {"7": 2, "9": 1}
+    checked, first, one = s["arms"]["checked"], s["arms"]["first_pass"], s["arms"]["one_pass"]
+    assert checked["all_attributes_per_seed"] == {"7": 1.0, "9": 0.0}
+    assert checked["all_attributes_mean"] == 0.5 and checked["all_attributes_min_seed"] == 0.0
+    assert checked["all_attributes_ci95"] == [0.5, 0.5]  # every case of a seed alike: nothing to resample
+    assert first["all_attributes_per_seed"] == {"7": 0.5, "9": 0.0} and "steps" not in first
+    assert one["all_attributes_per_seed"] == {"7": 0.5, "9": 0.0}
+    assert checked["steps"] == pytest.approx((150 + 200 + 250) / 3) and one["preserved"] == pytest.approx(2.5 / 3)
+    assert s["seconds_ratio"] == pytest.approx((10 + 14 + 16) / (20 + 22 + 18))
+    assert s["paired"]["checked - one_pass"]["difference"] == pytest.approx(1 / 3)
+    assert s["paired"]["first_pass - one_pass"]["difference"] == 0.0
+    pooled = s["checker_first_pass"]["all"]
+    assert (pooled["failed_attributes"], pooled["failed_caught"]) == (2, 1)
+    assert (pooled["right_attributes"], pooled["right_flagged"]) == (2, 0)
+    assert s["checker_first_pass"]["9"]["caught"] == 0.0
+    nameless = tmp_path / "records.jsonl"
+    nameless.write_text(json.dumps(seed7[0]) + "\n")
+    with pytest.raises(SystemExit, match="no seed"):
+        summarize_checks.load_records([nameless])

@@ -22,7 +22,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools" / "world"))
-import summarize_eval  # noqa: E402  (a sibling tool, not a package)
+import summarize_checks  # noqa: E402  (sibling tools, not a package)
+import summarize_eval  # noqa: E402
 
 RECORDS = REPO / "results" / "world"
 MARKER = re.compile(r"(<!-- generated:([\w-]+) -->\n)(.*?)(<!-- /generated -->)", re.S)
@@ -450,6 +451,72 @@ def gpu_h200() -> str:
     )
 
 
+# the --refine measurement's records, a seed each (tools/world/check_accuracy.py --jsonl)
+CHECK_USER = [f"check_refine_seed{s}_user_cases.jsonl" for s in (120, 121, 122)]
+
+
+def _check_summary(files: list[str]) -> dict:
+    return summarize_checks.summarize_seeds(
+        summarize_checks.load_records([RECORDS / f for f in files if (RECORDS / f).exists()])
+    )
+
+
+def check_refine() -> str:
+    """One pass, checked + refine, and one pass of the same budget, per seed and over seeds."""
+    s = _check_summary(CHECK_USER)
+    seeds = " / ".join(s["cases_per_seed"])
+    rows = []
+    labels = {
+        "first_pass": "one pass of 150 steps (the checked edit's first pass)",
+        "checked": "checked, `--refine 2`",
+        "one_pass": "one pass of 250 steps (the same budget)",
+    }
+    for name, label in labels.items():
+        r = s["arms"][name]
+        lo, hi = r["all_attributes_ci95"]
+        paired = s["paired"].get(f"{name} - one_pass")
+        rows.append(
+            [
+                label,
+                " / ".join(f"{v:.2f}" for v in r["all_attributes_per_seed"].values()),
+                f"{r['all_attributes_mean']:.3f} ({lo:.2f}-{hi:.2f})",
+                "" if paired is None else "{:+.3f} ({:+.2f}..{:+.2f})".format(paired["difference"], *paired["ci95"]),
+                f"{r['preserved']:.3f}" if "preserved" in r else "",
+                f"{r['steps']:.0f}" if "steps" in r else "150",
+                f"{r['seconds']:.1f}" if "seconds" in r else "",
+            ]
+        )
+    return table(
+        [
+            "user requests",
+            f"all attributes, seed {seeds}",
+            "mean (95% interval)",
+            "against one pass of 250 (paired, 95%)",
+            "untouched objects kept",
+            "mean steps",
+            "seconds per edit",
+        ],
+        rows,
+    )
+
+
+def check_checker() -> str:
+    """The checker's first-pass verdicts against the exact scorer, per seed and pooled."""
+    s = _check_summary(CHECK_USER)
+    rows = []
+    for seed, t in s["checker_first_pass"].items():
+        rows.append(
+            [
+                "all seeds" if seed == "all" else f"seed {seed}",
+                f"{t['failed_caught']} of {t['failed_attributes']}"
+                + ("" if t["caught"] is None else f" ({t['caught']:.2f})"),
+                f"{t['right_flagged']} of {t['right_attributes']}"
+                + ("" if t["flagged"] is None else f" ({t['flagged']:.3f})"),
+            ]
+        )
+    return table(["first pass", "failed attributes caught", "right attributes flagged"], rows)
+
+
 # The stages of gas_lightning, lowest first: data flows request -> plan -> boxes and masks -> guidance ->
 # module -> Trainer -> outputs, with the command line, the API, batch and the app on top. A module should
 # import only from its own stage or below; the architecture page lists the imports that do not.
@@ -560,6 +627,8 @@ TABLES = {
     **{name: (lambda spec=spec: world_table(*spec)) for name, spec in WORLD.items()},
     **{name: (lambda spec=spec: summary_table(*spec)) for name, spec in SUMMARIES.items()},
     "gpu-h200": gpu_h200,
+    "check-refine": check_refine,
+    "check-checker": check_checker,
     "stages": stages,
     "cli-help": cli_help,
     "imports": imports,

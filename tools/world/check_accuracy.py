@@ -10,12 +10,15 @@ the background); the checker *catches* a failed attribute when that subtask's ve
 *flags* a right one when it is not "done" either. Both are measured on the first pass's verdicts (what a
 user of one pass is told) and on the last pass's. With --compare each case is also edited in one pass
 of the same total step budget (steps + refine x refine_steps), so the two can be set side by side.
+
+tools/world/summarize_checks.py combines the --jsonl files of several seeds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +30,9 @@ from gas_lightning import edit
 from gas_lightning.worlds import held_out_cases, render_pil, score
 from gas_lightning.worlds.grounder import parse_phrase
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from summarize_checks import tally  # noqa: E402  (a sibling tool, not a package)
+
 
 def owner(attribute: dict, case, plan: dict) -> int | None:
     """The index of the plan's subtask that owns a scorer attribute (None when no subtask does)."""
@@ -35,20 +41,6 @@ def owner(attribute: dict, case, plan: dict) -> int | None:
         return next((k for k, s in enumerate(subtasks) if parse_phrase(s["target"])[0] == "background"), None)
     o = case.source.objects[attribute["index"]]
     return next((k for k, s in enumerate(subtasks) if parse_phrase(s["source"]) == ("object", o.colour, o.shape)), None)
-
-
-def tally(rows: list[tuple[bool, str]]) -> dict:
-    """rows of (attribute right, its subtask's verdict) -> caught share of wrong, flagged share of right."""
-    wrong = [v for ok, v in rows if not ok]
-    right = [v for ok, v in rows if ok]
-    return {
-        "failed_attributes": len(wrong),
-        "caught": float(np.mean([v != "done" for v in wrong])) if wrong else None,
-        "caught_as_not_done": float(np.mean([v == "not done" for v in wrong])) if wrong else None,
-        "right_attributes": len(right),
-        "flagged": float(np.mean([v != "done" for v in right])) if right else None,
-        "flagged_as_not_done": float(np.mean([v == "not done" for v in right])) if right else None,
-    }
 
 
 def run_case(case, args, seed: int, steps: int, refine: int) -> dict:
@@ -139,7 +131,16 @@ def main(argv: list[str] | None = None) -> int:
         print(line, flush=True)
         if args.jsonl is not None:
             with args.jsonl.open("a") as f:
-                f.write(json.dumps({"case": i, "checked": records[-1], "one_pass": baseline[-1] if baseline else None}))
+                f.write(
+                    json.dumps(
+                        {
+                            "seed": args.seed,
+                            "case": i,
+                            "checked": records[-1],
+                            "one_pass": baseline[-1] if baseline else None,
+                        }
+                    )
+                )
                 f.write("\n")
     results = {"args": {k: str(v) for k, v in vars(args).items()}, "checked": summary(records)}
     if baseline:

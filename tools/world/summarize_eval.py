@@ -47,7 +47,7 @@ def load(paths: list[Path]) -> dict[str, dict[int, dict[int, dict]]]:
     return out
 
 
-def _bootstrap_mean(per_seed: list[np.ndarray], rng: np.random.Generator, n: int = 4000) -> tuple[float, float]:
+def bootstrap_mean(per_seed: list[np.ndarray], rng: np.random.Generator, n: int = 4000) -> tuple[float, float]:
     """95% interval of the mean over seeds of per-seed means, resampling cases within each seed."""
     stats = np.empty(n)
     for b in range(n):
@@ -55,7 +55,7 @@ def _bootstrap_mean(per_seed: list[np.ndarray], rng: np.random.Generator, n: int
     return float(np.quantile(stats, 0.025)), float(np.quantile(stats, 0.975))
 
 
-def _paired_ci(diff: np.ndarray, rng: np.random.Generator, n: int) -> list[float]:
+def paired_ci(diff: np.ndarray, rng: np.random.Generator, n: int) -> list[float]:
     """95% interval of the mean of paired differences, resampling the shared cases."""
     boots = np.array([diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(n)])
     return [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))]
@@ -89,7 +89,7 @@ def summarize(data, n_boot: int = 4000) -> dict:
             s: np.array([r["all_attributes"] for _, r in sorted(cases.items())]) for s, cases in sorted(seeds.items())
         }
         means = {s: float(v.mean()) for s, v in per_seed.items()}
-        lo, hi = _bootstrap_mean(list(per_seed.values()), rng, n_boot)
+        lo, hi = bootstrap_mean(list(per_seed.values()), rng, n_boot)
         recs = [r for cases in seeds.values() for r in cases.values()]
         colour = [a["ok"] for r in recs for a in r["attributes"] if a["kind"] == "colour"]
         shape = [a["ok"] for r in recs for a in r["attributes"] if a["kind"] == "shape"]
@@ -120,7 +120,7 @@ def summarize(data, n_boot: int = 4000) -> dict:
         result["paired"][f"{a} - {b}"] = {
             "cases": len(diff),
             "difference": float(diff.mean()),
-            "ci95": _paired_ci(diff, rng, n_boot),
+            "ci95": paired_ci(diff, rng, n_boot),
             "only_first_right": int((diff > 0).sum()),
             "only_second_right": int((diff < 0).sum()),
         }
@@ -134,7 +134,7 @@ def summarize(data, n_boot: int = 4000) -> dict:
                     "cases": len(psnr),
                     "difference_db": float(psnr.mean()),
                     "median_db": float(np.median(psnr)),
-                    "ci95": _paired_ci(psnr, rng, n_boot),
+                    "ci95": paired_ci(psnr, rng, n_boot),
                 }
     return result
 
