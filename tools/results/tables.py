@@ -451,19 +451,22 @@ def gpu_h200() -> str:
     )
 
 
-# the --refine measurement's records, a seed each (tools/world/check_accuracy.py --jsonl)
-CHECK_USER = [f"check_refine_seed{s}_user_cases.jsonl" for s in (120, 121, 122)]
+# the --refine measurement's records, a seed each (tools/world/check_accuracy.py --jsonl), by request form:
+# "user" without the keep sentences (what a user types), "case" as the cases write them
+CHECK = {form: [f"check_refine_seed{s}_{form}_cases.jsonl" for s in (120, 121, 122)] for form in ("user", "case")}
 
 
 def _check_summary(files: list[str]) -> dict:
-    return summarize_checks.summarize_seeds(
-        summarize_checks.load_records([RECORDS / f for f in files if (RECORDS / f).exists()])
-    )
+    """The seeds recorded so far (a seed still to run has no file)."""
+    found = [RECORDS / f for f in files if (RECORDS / f).exists()]
+    if not found:
+        raise SystemExit(f"no records among {files}")
+    return summarize_checks.summarize_seeds(summarize_checks.load_records(found))
 
 
-def check_refine() -> str:
+def check_refine(form: str) -> str:
     """One pass, checked + refine, and one pass of the same budget, per seed and over seeds."""
-    s = _check_summary(CHECK_USER)
+    s = _check_summary(CHECK[form])
     seeds = " / ".join(s["cases_per_seed"])
     rows = []
     labels = {
@@ -488,7 +491,7 @@ def check_refine() -> str:
         )
     return table(
         [
-            "user requests",
+            {"user": "user requests", "case": "requests as the cases write them"}[form],
             f"all attributes, seed {seeds}",
             "mean (95% interval)",
             "against one pass of 250 (paired, 95%)",
@@ -500,9 +503,9 @@ def check_refine() -> str:
     )
 
 
-def check_checker() -> str:
+def check_checker(form: str) -> str:
     """The checker's first-pass verdicts against the exact scorer, per seed and pooled."""
-    s = _check_summary(CHECK_USER)
+    s = _check_summary(CHECK[form])
     rows = []
     for seed, t in s["checker_first_pass"].items():
         rows.append(
@@ -627,8 +630,8 @@ TABLES = {
     **{name: (lambda spec=spec: world_table(*spec)) for name, spec in WORLD.items()},
     **{name: (lambda spec=spec: summary_table(*spec)) for name, spec in SUMMARIES.items()},
     "gpu-h200": gpu_h200,
-    "check-refine": check_refine,
-    "check-checker": check_checker,
+    **{f"check-refine-{form}": (lambda form=form: check_refine(form)) for form in CHECK},
+    **{f"check-checker-{form}": (lambda form=form: check_checker(form)) for form in CHECK},
     "stages": stages,
     "cli-help": cli_help,
     "imports": imports,
