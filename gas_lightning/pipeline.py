@@ -132,12 +132,20 @@ def term_name(index: int, phrase: str) -> str:
     return f"subtask{index}_{slug}"
 
 
+def subtask_scale(cfg: GuidanceConfig, keep: bool, area: float) -> float | None:
+    """A subtask's own CFG scale: keep subtasks' (keep_guidance_scale), else wide boxes'; None: the config's."""
+    if keep and cfg.keep_guidance_scale is not None:
+        return cfg.keep_guidance_scale
+    if cfg.wide_guidance_scale is not None and area >= cfg.wide_area:
+        return cfg.wide_guidance_scale
+    return None
+
+
 def build_terms(
     backbone: Backbone, plan: EditPlan, masks: EditMasks, config: GuidanceConfig | None = None
 ) -> list[Term]:
     """One text-encoder call for every phrase and both sentences; then one Term per subtask (+ whole scene)."""
     cfg = config or GuidanceConfig()
-    wide = cfg.wide_guidance_scale
     n = len(plan.subtasks)
     prompts = [s.source for s in plan.subtasks] + [s.target for s in plan.subtasks]
     prompts += [plan.source_prompt, plan.target_prompt]
@@ -153,7 +161,7 @@ def build_terms(
             keep=s.keep,
             box=s.box,
             region=None if masks.regions[i] is None else masks.regions[i].to(emb.device),
-            guidance_scale=wide if wide is not None and s.area >= cfg.wide_area else None,
+            guidance_scale=subtask_scale(cfg, s.keep, s.area),
         )
         for i, s in enumerate(plan.subtasks)
     ]
@@ -204,6 +212,8 @@ def build_edit(
             f"guidance.wide_area must be in (0, 1] and guidance.wide_guidance_scale >= 0 (or null), "
             f"got {cfg.wide_area} and {cfg.wide_guidance_scale}"
         )
+    if cfg.keep_guidance_scale is not None and cfg.keep_guidance_scale < 0:
+        raise GasError(f"guidance.keep_guidance_scale must be >= 0 (or null), got {cfg.keep_guidance_scale}")
     check_preserve_form_boxes(plan, tuple(z_src.shape[-2:]), backbone.unet, backbone.codec.downscale)
     region_masks = EditMasks.from_plan(
         plan, z_src.shape[-2], z_src.shape[-1], overlap_weight=cfg.overlap_weight, masks=masks, image_size=image.size

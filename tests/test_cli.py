@@ -146,6 +146,7 @@ def test_refuses_to_overwrite_an_earlier_edit(edit_run, tiny_sd, capsys):
         (["--model", "/nonexistent/model"], "--model"),
         (["--guidance.overlap_weight", "1.5"], "overlap_weight must be in [0, 1]"),
         (["--guidance.wide_guidance_scale", "-1"], "wide_guidance_scale >= 0"),
+        (["--guidance.keep_guidance_scale", "-1"], "keep_guidance_scale must be >= 0"),
         (["--lr_scheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau"], "needs a validation metric"),
         (
             [

@@ -48,6 +48,11 @@ class GuidanceConfig:
     # None = guidance_scale. Wide uniform regions saturate at the scale small objects need.
     wide_guidance_scale: float | None = None
     wide_area: float = 0.5
+    # CFG scale of keep subtasks (source == target); None = guidance_scale, the reference. Both predictions of
+    # a keep term carry the same text, so CFG only multiplies how that text's pull differs between the edited
+    # and the source latent; on the latent world's snapshot the multiplied part points away from the source
+    # (docs/latent_world.md). Under study for configs/shapes-latent.yaml: removed if the study drops it.
+    keep_guidance_scale: float | None = None
     t_min: int = 50
     t_max: int = 948  # inclusive: the reference's torch.randint(50, 949) never draws 949
     # an edit subtask's target-text guidance raised, per step, to the source text's strength in its region:
