@@ -468,6 +468,7 @@ def check_refine(form: str) -> str:
     """One pass, checked + refine, and one pass of the same budget, per seed and over seeds."""
     s = _check_summary(CHECK[form])
     seeds = " / ".join(s["cases_per_seed"])
+    cases = " / ".join(str(n) for n in s["cases_per_seed"].values())
     rows = []
     labels = {
         "first_pass": "one pass of 150 steps (the checked edit's first pass)",
@@ -492,7 +493,7 @@ def check_refine(form: str) -> str:
     return table(
         [
             {"user": "user requests", "case": "requests as the cases write them"}[form],
-            f"all attributes, seed {seeds}",
+            f"all attributes, seed {seeds} ({cases} cases)",
             "mean (95% interval)",
             "against one pass of 250 (paired, 95%)",
             "untouched objects kept",
