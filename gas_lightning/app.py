@@ -219,7 +219,9 @@ class EditApp:
 
     def rerun(self, session: str, done_dir: str | Path, steps: int, seed: int = 0) -> Iterator[tuple]:
         """Run the subtasks of a finished edit that were not judged done again, on its result: a new
-        edit of its edited.png, with the subtasks judged done held as keep terms (as a --refine pass)."""
+        edit of its edited.png, with the subtasks judged done held as keep terms (as a --refine pass).
+        A kept object the edit lost is not restored here: edited.png, the reference, no longer holds it
+        (--refine restores it from the source)."""
         import json
 
         from gas_lightning.checking import Verdict
@@ -233,7 +235,7 @@ class EditApp:
         verdicts = [Verdict.from_dict(v) for v in json.loads((out / "report.json").read_text())["verdicts"]]
         if not failed(plan, verdicts):
             raise GasError("every subtask was judged done: nothing to run again")
-        again = refine_plan(plan, verdicts, self._cfg.refine_boost, [1] * len(plan.subtasks))
+        again = refine_plan(plan, verdicts, self._cfg.refine_boost, [1] * len(plan.subtasks), restore=False)
         yield from self.run(session, load_image(out / "edited.png"), again, steps, seed)
 
     def stop(self, session: str) -> bool:

@@ -9,6 +9,10 @@ its mask owns the image (`reset_region`) the pass's start and reference are the 
 Continued from a failed result instead, the source phrase's object is often no longer in the reference
 (erased into the ground), and the DDS difference has nothing to compare it with: on validation seed 12
 (user requests) that version repaired none of the four failed cases.
+
+A keep subtask judged not done (a kept object the edit erased, e.g. into a changed background) is
+restored the same way: its region restarts from the source and its keep term runs again, boosted.
+Without this a lost object stays lost, since the pass's reference is the result it was lost in.
 """
 
 from __future__ import annotations
@@ -28,12 +32,25 @@ def failed(plan: EditPlan, verdicts: Sequence[Verdict]) -> list[int]:
     return [v.index for v in verdicts if not v.keep and not v.passed and plan.subtasks[v.index].intensity > 0]
 
 
-def refine_plan(plan: EditPlan, verdicts: Sequence[Verdict], boost: float, passes_failed: Sequence[int]) -> EditPlan:
-    """`plan` (the user's) for the next pass; `passes_failed[k]` counts the passes subtask k failed so far."""
-    again = set(failed(plan, verdicts))
+def lost(plan: EditPlan, verdicts: Sequence[Verdict]) -> list[int]:
+    """The keep subtasks whose object the edit did not keep (not judged done): restored from the source."""
+    return [v.index for v in verdicts if v.keep and not v.passed and plan.subtasks[v.index].intensity > 0]
+
+
+def rerun(plan: EditPlan, verdicts: Sequence[Verdict]) -> list[int]:
+    """Every subtask a refine pass runs again from the source: the failed edits and the lost kept objects."""
+    return sorted(failed(plan, verdicts) + lost(plan, verdicts))
+
+
+def refine_plan(
+    plan: EditPlan, verdicts: Sequence[Verdict], boost: float, passes_failed: Sequence[int], restore: bool = True
+) -> EditPlan:
+    """`plan` (the user's) for the next pass; `passes_failed[k]` counts the passes subtask k failed so far.
+    `restore`: also boost the lost kept objects' terms (only a pass that restarts them from the source can)."""
+    again = set(rerun(plan, verdicts) if restore else failed(plan, verdicts))
     subtasks = []
     for k, s in enumerate(plan.subtasks):
-        if s.keep or s.intensity == 0:  # kept objects stay kept; a switched-off subtask stays off
+        if s.intensity == 0 or (s.keep and k not in again):  # a switched-off subtask stays off; kept stays kept
             subtasks.append(s)
         elif k in again:
             subtasks.append(replace(s, intensity=min(MAX_INTENSITY, s.intensity * boost ** passes_failed[k])))
@@ -120,7 +137,7 @@ def check_and_refine(cfg, parser, image, module, trainer, result, checker, lpips
     times_failed = [0] * len(plan.subtasks)
     steps = check.refine_steps or max(1, cfg.trainer.max_steps // 2)
     for k in range(1, check.refine + 1):
-        again = failed(plan, verdicts)
+        again = rerun(plan, verdicts)
         if not again:
             break
         if k == 1:  # the first pass's picture stays beside the refined one (edited.png is overwritten)

@@ -118,6 +118,7 @@ def build_report(
         "verdicts": [v.to_dict() for v in verdicts],
         "counts": counts(verdicts),
         "all_done": all(v.passed for v in verdicts if not v.keep) if checker else None,
+        "all_kept": all(v.passed for v in verdicts if v.keep) if checker else None,
         "preservation": preserved,
         "passes": list(passes),
         "steps": sum(p["steps"] for p in passes),

@@ -18,7 +18,7 @@ from gas_lightning.checking.verdict import by_threshold, vote
 from gas_lightning.checking.world import WorldChecker
 from gas_lightning.errors import GasError
 from gas_lightning.plan import WHOLE_IMAGE, EditPlan, Subtask
-from gas_lightning.refine import failed, refine_plan
+from gas_lightning.refine import failed, lost, refine_plan, rerun
 from gas_lightning.report import edit_area, preservation
 from gas_lightning.worlds.scenes import BACKGROUNDS, COLOURS
 
@@ -227,15 +227,18 @@ def test_refine_plan_reruns_the_failed_harder_and_holds_the_passed_as_keep_terms
         Verdict(2, "a green square", "a green square", True, NOT_DONE),
         Verdict(3, "a red square", "a blue square", False, NOT_DONE),
     ]
-    assert failed(plan, verdicts) == [0]  # keep and switched-off subtasks are never rerun
-    new = refine_plan(plan, verdicts, boost=1.5, passes_failed=[2, 0, 0, 0])
-    assert [(s.source, s.target, s.intensity) for s in new.subtasks] == [
-        ("a red circle", "a blue circle", 2.25),  # 1.5 ** 2
-        ("grass", "grass", 1.0),
-        ("a green square", "a green square", 1.0),
-        ("a red square", "a blue square", 0.0),
+    assert failed(plan, verdicts) == [0]  # keep and switched-off subtasks are never edits to redo
+    assert lost(plan, verdicts) == [2]  # the kept green square was not kept
+    assert rerun(plan, verdicts) == [0, 2]
+    new = refine_plan(plan, verdicts, boost=1.5, passes_failed=[2, 0, 1, 0])
+    assert [(s.source, s.target, s.intensity, s.keep) for s in new.subtasks] == [
+        ("a red circle", "a blue circle", 2.25, False),  # 1.5 ** 2
+        ("grass", "grass", 1.0, True),
+        ("a green square", "a green square", 1.5, True),  # lost once: its keep term, boosted
+        ("a red square", "a blue square", 0.0, False),
     ]
-    assert new.subtasks[1].keep
+    held = refine_plan(plan, verdicts, boost=1.5, passes_failed=[2, 0, 1, 0], restore=False)
+    assert held.subtasks[2].intensity == 1.0 and held.subtasks[0].intensity == 2.25  # the app's rerun
 
 
 def test_a_refine_pass_restarts_where_a_failed_subtasks_mask_owns_the_image():
@@ -296,6 +299,42 @@ def test_a_refine_pass_starts_from_the_source_where_the_failed_subtask_is(tmp_pa
 
     kept = np.asarray(Image.open(tmp_path / "o" / "edited_pass0.png").convert("RGB"))
     assert np.array_equal(kept, np.asarray(tensor_to_image(first.decode().cpu())))  # the first pass's picture
+
+
+def test_a_refine_pass_restores_a_lost_kept_object_from_the_source(tmp_path, monkeypatch):
+    import gas_lightning.fitting as fitting
+    from gas_lightning import edit
+
+    def first_kept_lost(self, source, edited, plan):
+        lost_one = next(k for k, s in enumerate(plan.subtasks) if s.keep)
+        return [
+            Verdict(k, s.source, s.target, s.keep, NOT_DONE if k == lost_one else DONE)
+            for k, s in enumerate(plan.subtasks)
+        ]
+
+    modules, real_fit = [], fitting.fit
+
+    def first_pass_only(trainer, module, final, out, *rest):
+        modules.append(module)
+        return real_fit(trainer, module, final, out, *rest) if len(modules) == 1 else None
+
+    monkeypatch.setattr(WorldChecker, "__call__", first_kept_lost)
+    monkeypatch.setattr(fitting, "fit", first_pass_only)
+    request = "change the red circle into a blue circle. change the snow into grass."  # the others are kept
+    result = edit("gas-lightning:example.png", request, steps=3, refine=1, refine_steps=1, output_dir=tmp_path / "o")
+    first, refine = modules
+    k = next(i for i, s in enumerate(result.plan.subtasks) if s.keep)
+    masks = [t.mask for t in first.terms if not t.is_full]
+    others = torch.stack([m for i, m in enumerate(masks) if i != k]).amax(0)
+    owned, away = (masks[k] > 0) & (masks[k] >= others), masks[k] == 0
+    assert owned.any() and away.any()
+    start = refine.latent.detach()
+    assert torch.equal(start[..., owned], first.z_src[..., owned])  # the kept object's place: the source again
+    assert torch.equal(start[..., away], first.latent.detach()[..., away])
+    second = result.report["passes"][1]
+    assert second["rerun"] == [k]
+    assert second["plan"]["subtasks"][k]["intensity"] == pytest.approx(1.5)  # its keep term, boosted once
+    assert result.report["all_done"] is True and result.report["all_kept"] is False
 
 
 # preservation -------------------------------------------------------------------------------------
@@ -503,8 +542,10 @@ def test_check_accuracy_counts_caught_failures_and_flagged_successes_by_hand():
     spec = importlib.util.spec_from_file_location("check_accuracy", path)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
+    import summarize_checks  # the tool put its folder on sys.path
+
     rows = [(False, "not done"), (False, "done"), (False, "unsure"), (True, "unsure"), (True, "done")]
-    got = tool.tally(rows)
+    got = summarize_checks.tally(rows)
     assert got["failed_attributes"] == 3 and got["caught"] == pytest.approx(2 / 3)
     assert got["caught_as_not_done"] == pytest.approx(1 / 3)
     assert got["right_attributes"] == 2 and got["flagged"] == 0.5 and got["flagged_as_not_done"] == 0.0
@@ -517,6 +558,11 @@ def test_check_accuracy_counts_caught_failures_and_flagged_successes_by_hand():
             assert s["source"] == case.source.background
         else:
             assert s["source"] == case.source.objects[a["index"]].phrase
+    untouched = [i for i in range(len(case.source.objects)) if i not in case.edited_objects]
+    assert untouched  # the seed's first case keeps an object
+    for i in untouched:  # an untouched object belongs to its keep subtask
+        s = plan["subtasks"][tool.owner({"index": i, "ok": True}, case, plan)]
+        assert s["source"] == s["target"] == case.source.objects[i].phrase  # a keep subtask
 
 
 def test_summarize_checks_combines_seeds_by_hand(tmp_path):

@@ -133,6 +133,7 @@ def test_scorer_perfect_noop_and_wrong_object():
     )
     perfect = score(c.target_image, c)
     assert perfect["per_attribute"] == perfect["all_attributes"] == perfect["preserved"] == 1.0
+    assert perfect["untouched"] == [{"index": 2, "ok": True}]  # the green triangle is the one not edited
     assert perfect["erosion"] == 0.0 and perfect["bg_psnr_in_boxes"] == perfect["psnr_outside"] == 60.0
     assert score(Image.fromarray(render(c.target, 128)), c)["all_attributes"] == 1.0  # any size
 
@@ -152,6 +153,7 @@ def test_scorer_perfect_noop_and_wrong_object():
     s = score(wrong.target_image, c)
     assert [a["ok"] for a in s["attributes"]] == [False, True, True]
     assert s["preserved"] == 0.0 and s["all_attributes"] == 0.0
+    assert s["untouched"] == [{"index": 2, "ok": False}]  # it was turned yellow
 
     # an edited object that vanished into the background is eroded
     gone = make_case(src, [Change("background", None, "snow", "sand")])

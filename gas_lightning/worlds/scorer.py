@@ -90,7 +90,8 @@ def score(edited_image: Any, case: EditCase) -> dict[str, Any]:
     `per_attribute` (fraction right), `all_attributes` (1.0 when all are right), the mean per
     kind (`colour`, `shape`, `background`; None when not requested), `erosion`, `eroded`,
     `bg_psnr_in_boxes`, `psnr_outside`, `psnr_outside_objects` (dB, capped at 60; NaN when there are no such pixels)
-    and `preserved` (fraction of untouched objects that kept colour and shape).
+    and `preserved` (fraction of untouched objects that kept colour and shape; `untouched` lists
+    them as {index, ok}).
     """
     src, tgt, size = case.source, case.target, case.size
     img = as_array(edited_image, size)
@@ -137,14 +138,15 @@ def score(edited_image: Any, case: EditCase) -> dict[str, Any]:
     bg_in = in_boxes & background_px
     outside = ~in_boxes
 
-    kept = []
+    untouched = []
     for i in range(n):
         if i in edited:
             continue
         o = src.objects[i]
         colour_ok = _majority(labels[src.mask(i)]) == o.colour
         shape_ok = mask_iou(_object_region(src, src, i, labels), src.mask(i)) >= SHAPE_IOU
-        kept.append(colour_ok and shape_ok)
+        untouched.append({"index": i, "ok": bool(colour_ok and shape_ok)})
+    kept = [u["ok"] for u in untouched]
 
     oks = [a["ok"] for a in attributes]
     return {
@@ -158,6 +160,7 @@ def score(edited_image: Any, case: EditCase) -> dict[str, Any]:
         "psnr_outside": _psnr(img[outside], ideal[outside]),
         "psnr_outside_objects": _psnr(img[~on_edited], ideal[~on_edited]),
         "preserved": float(np.mean(kept)) if kept else 1.0,
+        "untouched": untouched,
         "n_attributes": len(oks),
     }
 

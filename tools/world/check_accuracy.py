@@ -23,7 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from gas_lightning import edit
@@ -31,13 +30,13 @@ from gas_lightning.worlds import held_out_cases, render_pil, score
 from gas_lightning.worlds.grounder import parse_phrase
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from summarize_checks import tally  # noqa: E402  (a sibling tool, not a package)
+from summarize_checks import summarize_seeds  # noqa: E402  (a sibling tool, not a package)
 
 
 def owner(attribute: dict, case, plan: dict) -> int | None:
-    """The index of the plan's subtask that owns a scorer attribute (None when no subtask does)."""
+    """The index of the plan's subtask that owns a scorer attribute or untouched object (None when none does)."""
     subtasks = plan["subtasks"]
-    if attribute["kind"] == "background":
+    if attribute.get("kind") == "background":
         return next((k for k, s in enumerate(subtasks) if parse_phrase(s["target"])[0] == "background"), None)
     o = case.source.objects[attribute["index"]]
     return next((k for k, s in enumerate(subtasks) if parse_phrase(s["source"]) == ("object", o.colour, o.shape)), None)
@@ -65,36 +64,28 @@ def run_case(case, args, seed: int, steps: int, refine: int) -> dict:
         scored, first = score(result.image, case), score(first_image, case)
     report, plan = result.report, result.plan.to_dict()
     rows = {}
-    # each pass's verdicts against that pass's own picture, scored exactly
+    # each pass's verdicts against that pass's own picture, scored exactly: the requested attributes,
+    # and (`_kept`) each untouched object against its keep subtask's verdict
     for name, verdicts, truth in (
         ("first_pass", report["passes"][0]["verdicts"], first),
         ("last_pass", report["verdicts"], scored),
     ):
-        rows[name] = [
-            (a["ok"], "unowned" if (k := owner(a, case, plan)) is None else verdicts[k]["verdict"])
-            for a in truth["attributes"]
-        ]
+        for suffix, items in (("", truth["attributes"]), ("_kept", truth["untouched"])):
+            rows[name + suffix] = [
+                (a["ok"], "unowned" if (k := owner(a, case, plan)) is None else verdicts[k]["verdict"]) for a in items
+            ]
     return {
         "first_pass_all_attributes": first["all_attributes"],
         "all_attributes": scored["all_attributes"],
         "per_attribute": scored["per_attribute"],
+        "first_pass_preserved": first["preserved"],
         "preserved": scored["preserved"],
         "seconds": seconds,
+        "first_pass_steps": report["passes"][0]["steps"],
         "steps": result.steps,
         "passes": len(report["passes"]),
         "rows": rows,
     }
-
-
-def summary(records: list[dict]) -> dict:
-    keys = ("first_pass_all_attributes", "all_attributes", "per_attribute", "preserved")
-    out = {k: float(np.mean([r[k] for r in records])) for k in keys}
-    out.update(
-        seconds=float(np.mean([r["seconds"] for r in records])), steps=float(np.mean([r["steps"] for r in records]))
-    )
-    for name in ("first_pass", "last_pass"):
-        out[f"checker_{name}"] = tally([row for r in records for row in r["rows"][name]])
-    return out
 
 
 def parser() -> argparse.ArgumentParser:
@@ -142,9 +133,11 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 )
                 f.write("\n")
-    results = {"args": {k: str(v) for k, v in vars(args).items()}, "checked": summary(records)}
-    if baseline:
-        results["one_pass_same_budget"] = summary(baseline)
+    seed_records = [
+        {"seed": args.seed, "case": i, "checked": r, "one_pass": baseline[j] if baseline else None}
+        for j, (i, r) in enumerate(zip(range(args.start, args.cases), records, strict=True))
+    ]
+    results = {"args": {k: str(v) for k, v in vars(args).items()}, **summarize_seeds({args.seed: seed_records})}
     print(json.dumps(results, indent=2))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

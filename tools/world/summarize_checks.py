@@ -108,6 +108,10 @@ def summarize_seeds(per_seed: dict[int, list[dict]], n_boot: int = 4000) -> dict
     out["checker_first_pass"]["all"] = tally(
         [row for rs in per_seed.values() for r in rs for row in r["checked"]["rows"]["first_pass"]]
     )
+    # untouched objects against their keep subtasks' verdicts (records from before 2026-12-07 lack them)
+    kept_rows = [row for rs in per_seed.values() for r in rs for row in r["checked"]["rows"].get("first_pass_kept", [])]
+    if kept_rows:
+        out["checker_kept_first_pass"] = tally(kept_rows)
     return out
 
 
