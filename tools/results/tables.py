@@ -452,8 +452,17 @@ def gpu_h200() -> str:
 
 
 # the --refine measurement's records, a seed each (tools/world/check_accuracy.py --jsonl), by request form:
-# "user" without the keep sentences (what a user types), "case" as the cases write them
-CHECK = {form: [f"check_refine_seed{s}_{form}_cases.jsonl" for s in (120, 121, 122)] for form in ("user", "case")}
+# "user" without the keep sentences (what a user types), "case" as the cases write them. Seeds 120-122 ran
+# refine before it restored lost kept objects; "user-restore" is refine as it is now, on fresh seeds.
+CHECK = {
+    **{form: [f"check_refine_seed{s}_{form}_cases.jsonl" for s in (120, 121, 122)] for form in ("user", "case")},
+    "user-restore": [f"check_refine_restore_seed{s}_user_cases.jsonl" for s in (123, 124, 125)],
+}
+FORM_LABEL = {
+    "user": "user requests",
+    "case": "requests as the cases write them",
+    "user-restore": "user requests, refine restoring kept objects",
+}
 
 
 def _check_summary(files: list[str]) -> dict:
@@ -492,7 +501,7 @@ def check_refine(form: str) -> str:
         )
     return table(
         [
-            {"user": "user requests", "case": "requests as the cases write them"}[form],
+            FORM_LABEL[form],
             f"all attributes, seed {seeds} ({cases} cases)",
             "mean (95% interval)",
             "against one pass of 250 (paired, 95%)",
@@ -505,13 +514,17 @@ def check_refine(form: str) -> str:
 
 
 def check_checker(form: str) -> str:
-    """The checker's first-pass verdicts against the exact scorer, per seed and pooled."""
+    """The checker's first-pass verdicts against the exact scorer, per seed and pooled; and on the
+    untouched objects (their keep subtasks' verdicts) where the records have them."""
     s = _check_summary(CHECK[form])
     rows = []
-    for seed, t in s["checker_first_pass"].items():
+    found = dict(s["checker_first_pass"])
+    if "checker_kept_first_pass" in s:
+        found["kept"] = s["checker_kept_first_pass"]
+    for seed, t in found.items():
         rows.append(
             [
-                "all seeds" if seed == "all" else f"seed {seed}",
+                {"all": "all seeds", "kept": "untouched objects, all seeds"}.get(seed, f"seed {seed}"),
                 f"{t['failed_caught']} of {t['failed_attributes']}"
                 + ("" if t["caught"] is None else f" ({t['caught']:.2f})"),
                 f"{t['right_flagged']} of {t['right_attributes']}"
