@@ -170,11 +170,14 @@ def test_train_latent_world_both_stages_and_resume(tmp_path):
         tl.main(
             ["unet", "--batch-size", "2", "--refresh", "2", "--pool", "4", *common[2:], "--steps", "1"]
             + ["--out", str(tmp_path / "again"), "--vae", str(snap / "vae"), "--text", str(snap), "--unet", str(snap)]
-            + ["--lr", "1e-4", "--text-lr", "1e-4"]
+            + ["--lr", "1e-4", "--text-lr", "1e-4", "--keep", str(tmp_path / "kept2")]
         )
     finally:
         torch.set_num_threads(threads)
     assert json.loads((tmp_path / "unet" / "ema-latest" / "progress.json").read_text())["step"] == 3
+    # a kept snapshot counts the steps of every run behind it: 3, then 1 more continued from it
+    assert json.loads((snap / "progress.json").read_text())["total_steps"] == 3
+    assert json.loads((tmp_path / "kept2" / "progress.json").read_text())["total_steps"] == 4
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
 

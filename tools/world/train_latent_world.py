@@ -246,10 +246,19 @@ class Snapshot(L.Callback):
         print(f"[{minutes:.1f} min] step {step}: EMA saved to {folder} {stats}", flush=True)
 
 
-def keep_snapshot(snapshot: Path, dest: Path) -> None:
+def trained_steps(folder: str | Path | None) -> int:
+    """UNet steps behind a kept snapshot, over every run that continued it (0 for none or a fresh start)."""
+    progress = Path(folder) / "progress.json" if folder else None
+    if progress is None or not progress.is_file():
+        return 0
+    p = json.loads(progress.read_text())
+    return int(p.get("total_steps", p.get("step", 0)))
+
+
+def keep_snapshot(snapshot: Path, dest: Path, prior_steps: int = 0) -> None:
     """Copy an ema-latest folder to `dest` with the UNet's weights in float16 (half the bytes): the copy
     kept in the repository between sessions, whose run folders do not survive. `--unet dest` reads it
-    back in float32."""
+    back in float32. Its progress.json adds `total_steps`: `prior_steps` (the runs it continued) + this run's."""
     import shutil
 
     from diffusers import UNet2DConditionModel
@@ -257,6 +266,9 @@ def keep_snapshot(snapshot: Path, dest: Path) -> None:
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(snapshot, tmp)
+    progress = json.loads((tmp / "progress.json").read_text())
+    progress["total_steps"] = prior_steps + int(progress["step"])
+    (tmp / "progress.json").write_text(json.dumps(progress) + "\n")
     unet = UNet2DConditionModel.from_pretrained(str(snapshot / "unet"), torch_dtype=torch.float32)
     shutil.rmtree(tmp / "unet")
     unet.to(torch.float16).save_pretrained(str(tmp / "unet"))
@@ -409,13 +421,14 @@ def main(argv=None) -> None:
         ],
     )
     t0 = time.time()
+    prior = trained_steps(getattr(args, "unet", None))  # read before --keep may overwrite that folder
     trainer.fit(module, data, ckpt_path=args.resume)
     print(
         f"done: {trainer.global_step} steps in {(time.time() - t0) / 60:.1f} min; EMA in {out / 'ema-latest'}",
         flush=True,
     )
     if args.keep is not None and not vae_stage:
-        keep_snapshot(out / "ema-latest", args.keep)
+        keep_snapshot(out / "ema-latest", args.keep, prior)
         print(f"kept: {args.keep}", flush=True)
 
 
