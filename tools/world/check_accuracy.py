@@ -111,36 +111,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     cases = held_out_cases(args.cases, seed=args.seed)
     budget = args.steps + args.refine * args.refine_steps
-    records, baseline = [], []
+    cased = []  # the --jsonl records: a case's checked edit and its one pass of the same budget
     for i, case in list(enumerate(cases))[args.start :]:
         seed = args.seed * 1000 + (case.seed or 0)
-        records.append(run_case(case, args, seed, args.steps, args.refine))
-        line = f"case {i}: all {records[-1]['all_attributes']:.0f}, steps {records[-1]['steps']}"
-        if args.compare:
-            baseline.append(run_case(case, args, seed, budget, 0))
-            line += f"; one pass of {budget}: all {baseline[-1]['all_attributes']:.0f}"
+        record = {"seed": args.seed, "case": i, "checked": run_case(case, args, seed, args.steps, args.refine)}
+        line = f"case {i}: all {record['checked']['all_attributes']:.0f}, steps {record['checked']['steps']}"
+        record["one_pass"] = run_case(case, args, seed, budget, 0) if args.compare else None
+        if record["one_pass"] is not None:
+            line += f"; one pass of {budget}: all {record['one_pass']['all_attributes']:.0f}"
         print(line, flush=True)
+        cased.append(record)
         if args.jsonl is not None:
             with args.jsonl.open("a") as f:
-                f.write(
-                    json.dumps(
-                        {
-                            "seed": args.seed,
-                            "case": i,
-                            "checked": records[-1],
-                            "one_pass": baseline[-1] if baseline else None,
-                        }
-                    )
-                )
-                f.write("\n")
-    seed_records = [
-        {"seed": args.seed, "case": i, "checked": r, "one_pass": baseline[j] if baseline else None}
-        for j, (i, r) in enumerate(zip(range(args.start, args.cases), records, strict=True))
-    ]
-    results = {"args": {k: str(v) for k, v in vars(args).items()}, **summarize_seeds({args.seed: seed_records})}
+                f.write(json.dumps(record) + "\n")
+    results = {"args": {k: str(v) for k, v in vars(args).items()}, **summarize_seeds({args.seed: cased})}
     print(json.dumps(results, indent=2))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
+        records = [r["checked"] for r in cased]
+        baseline = [r["one_pass"] for r in cased if r["one_pass"] is not None]
         args.json.write_text(json.dumps({**results, "records": records, "baseline": baseline}, indent=2) + "\n")
     return 0
 
