@@ -242,6 +242,7 @@ def test_decoder_only_keeps_the_latents(tmp_path):
     same = lambda a, b: all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))  # noqa: E731
     assert same(before.encoder, after.encoder) and same(before.quant_conv, after.quant_conv)
     assert not same(before.decoder, after.decoder)
+    assert after.config.scaling_factor == 0.5  # the start's, not a re-measured 1 / std
 
 
 def test_eval_world_edits_latent_cases_at_the_models_size(tiny_latent, tmp_path):

@@ -105,9 +105,13 @@ class VaeStage(L.LightningModule):
     The KL term stays (SD's weight) and keeps the latents' scale in check.
     """
 
-    def __init__(self, vae, lr: float, schedule: Schedule, kl_weight: float = 1e-6, crop: int = 64):
+    def __init__(
+        self, vae, lr: float, schedule: Schedule, kl_weight: float = 1e-6, crop: int = 64, measure_scale: bool = True
+    ):
         super().__init__()
         self.vae, self.lr, self.schedule, self.kl_weight, self.crop = vae, lr, schedule, kl_weight, crop
+        # --decoder-only keeps the scaling_factor a UNet learnt on, even where a re-measure would differ
+        self.measure_scale = measure_scale
 
     def training_step(self, batch, batch_idx):
         x = random_crops(batch[0], self.crop)
@@ -130,8 +134,13 @@ class VaeStage(L.LightningModule):
     def export(self, folder: Path, held_out: torch.Tensor) -> dict:
         vae = self.vae
         std = latent_std(vae, held_out)
-        vae.register_to_config(scaling_factor=1.0 / std)
-        stats = {"psnr_db": round_trip_psnr(vae, held_out), "latent_std": std, "scaling_factor": 1.0 / std}
+        if self.measure_scale:
+            vae.register_to_config(scaling_factor=1.0 / std)
+        stats = {
+            "psnr_db": round_trip_psnr(vae, held_out),
+            "latent_std": std,
+            "scaling_factor": vae.config.scaling_factor,
+        }
         vae.save_pretrained(folder, safe_serialization=True)
         (folder / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
         vae.train()
@@ -295,7 +304,7 @@ def build_stage(args):
         if args.decoder_only:  # the latents, and so a UNet trained on them, stay valid
             for part in (vae.encoder, vae.quant_conv):
                 part.requires_grad_(False)
-        return VaeStage(vae, args.lr, schedule, crop=args.crop), None
+        return VaeStage(vae, args.lr, schedule, crop=args.crop, measure_scale=not args.decoder_only), None
     vae = AutoencoderKL.from_pretrained(args.vae or str(Path(args.out) / "vae" / "ema-latest"))
     tok = CLIPTokenizer.from_pretrained(str(Path(args.text) / "tokenizer"))
     text = CLIPTextModel.from_pretrained(str(Path(args.text) / "text_encoder"))
