@@ -453,15 +453,20 @@ def gpu_h200() -> str:
 
 # the --refine measurement's records, a seed each (tools/world/check_accuracy.py --jsonl), by request form:
 # "user" without the keep sentences (what a user types), "case" as the cases write them. Seeds 120-122 ran
-# refine before it restored lost kept objects; "user-restore" is refine as it is now, on fresh seeds.
+# refine before it restored lost kept objects; "-restore" is refine as it is now, on fresh seeds (the same
+# cases in both forms).
 CHECK = {
     **{form: [f"check_refine_seed{s}_{form}_cases.jsonl" for s in (120, 121, 122)] for form in ("user", "case")},
-    "user-restore": [f"check_refine_restore_seed{s}_user_cases.jsonl" for s in (123, 124, 125)],
+    **{
+        f"{form}-restore": [f"check_refine_restore_seed{s}_{form}_cases.jsonl" for s in (123, 124, 125)]
+        for form in ("user", "case")
+    },
 }
 FORM_LABEL = {
     "user": "user requests",
     "case": "requests as the cases write them",
     "user-restore": "user requests, refine restoring kept objects",
+    "case-restore": "requests as the cases write them, refine restoring kept objects",
 }
 
 
