@@ -462,12 +462,8 @@ CHECK = {
         for form in ("user", "case")
     },
 }
-FORM_LABEL = {
-    "user": "user requests",
-    "case": "requests as the cases write them",
-    "user-restore": "user requests, refine restoring kept objects",
-    "case-restore": "requests as the cases write them, refine restoring kept objects",
-}
+FORM_LABEL = {"user": "user requests", "case": "requests as the cases write them"}
+FORM_LABEL |= {f"{form}-restore": f"{label}, refine restoring kept objects" for form, label in FORM_LABEL.items()}
 
 
 def _check_summary(files: list[str]) -> dict:
