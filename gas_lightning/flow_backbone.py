@@ -212,15 +212,27 @@ class SD3Backbone(FlowBackbone):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeddings:
+        ids = [
+            token_ids(tokenizer, prompts, limit, self.device)
+            for tokenizer, limit in (
+                (self.tokenizer, self.text_encoder.config.max_position_embeddings),
+                (self.tokenizer_2, self.text_encoder_2.config.max_position_embeddings),
+                (self.tokenizer_3, self.t5_length),
+            )
+        ]
+        return self.embed_ids(*ids)
+
+    @torch.no_grad()
+    def embed_ids(self, clip_ids: torch.Tensor, clip_2_ids: torch.Tensor, t5_ids: torch.Tensor) -> PromptEmbeddings:
+        """The conditioning of token ids already made (a training loop's batches come as ids)."""
         clip, pooled = [], []
-        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+        for ids, encoder in ((clip_ids, self.text_encoder), (clip_2_ids, self.text_encoder_2)):
             with visiting(encoder, self.device, self.offload_text):
-                limit = encoder.config.max_position_embeddings
-                out = encoder(token_ids(tokenizer, prompts, limit, self.device), output_hidden_states=True)
+                out = encoder(ids.to(self.device), output_hidden_states=True)
             clip.append(out.hidden_states[-2])
             pooled.append(out.text_embeds)
         with visiting(self.text_encoder_3, self.device, self.offload_text):
-            t5 = self.text_encoder_3(token_ids(self.tokenizer_3, prompts, self.t5_length, self.device))[0]
+            t5 = self.text_encoder_3(t5_ids.to(self.device))[0]
         joined = torch.cat(clip, dim=-1)
         joined = F.pad(joined, (0, t5.shape[-1] - joined.shape[-1]))
         hidden = torch.cat([joined, t5.to(joined.dtype)], dim=-2)

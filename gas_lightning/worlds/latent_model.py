@@ -101,10 +101,11 @@ def load_folder(folder: str | Path = LATENT_MODEL_DIR):
 
 
 def world_size(folder: str | Path) -> int:
-    """The scene size (px) a world model folder draws: the UNet's sample size times the VAE's
-    downsampling (1 without a VAE), read from the configs alone, before any weight is loaded."""
+    """The scene size (px) a world model folder draws: the UNet's (the flow twin's transformer's) sample size
+    times the VAE's downsampling (1 without a VAE), read from the configs alone, before any weight is loaded."""
     folder = Path(folder)
-    unet = json.loads((folder / "unet" / "config.json").read_text())
+    net = "transformer" if (folder / "transformer").is_dir() else "unet"
+    unet = json.loads((folder / net / "config.json").read_text())
     vae = folder / "vae" / "config.json"
     factor = 2 ** (len(json.loads(vae.read_text())["block_out_channels"]) - 1) if vae.is_file() else 1
     return int(unet["sample_size"]) * factor

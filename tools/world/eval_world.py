@@ -93,6 +93,9 @@ class Method:
     # batched schedule's sampling, as configs/shapes.yaml: keep_aware (per-term draws, a keep term sharing the
     # draw of the edit around it), chosen on validation seed 2 over shared (docs/method.md) and per_term.
     batched_noise: str = "keep_aware"
+    # dds: the DDS solver (UNet models); flow: grounded FlowEdit on the flow twin (SD3 layout), its steps
+    # FlowEdit's grid (--flow_steps, --flow_n_max; SD3's published 50 and 33 by default), not --steps
+    solver: str = "dds"
 
     def plan(self, case: EditCase) -> EditPlan:
         if self.full_prompt_only:
@@ -184,6 +187,10 @@ METHODS = {
         Method("gas_grounded", grounded=True),
         Method("gas_grounded_keep_unmentioned", grounded=True, keep_unmentioned=True),
         Method("gas_shape_context", shape_context=True),
+        # the flow twin (--model results/flow_world/snapshot): plain FlowEdit with the whole caption, and the
+        # grounded flow solver with configs/sd3.yaml's constants (boxes, the whole-scene term, no keep subtasks)
+        Method("flowedit", solver="flow", full_prompt_only=True, keep=False, target_balance=False),
+        Method("gas_flow_reference", solver="flow", full_prompt=True, keep=False, target_balance=False),
     )
 }
 DEFAULT_METHODS = ("dds", "gas", "gas_sequential")
@@ -221,8 +228,35 @@ def edit_seed(args, case: EditCase) -> int:
     )  # tools with their own args: 0
 
 
+def flow_config(args):
+    """FlowEdit's settings of the flow methods: --flow_* where given, else the family's published ones."""
+    from gas_lightning.guidance.flow import FlowConfig
+
+    return FlowConfig(
+        steps=args.flow_steps,
+        n_max=args.flow_n_max,
+        n_avg=args.flow_n_avg,
+        source_guidance_scale=args.flow_source_guidance_scale,
+        target_guidance_scale=args.flow_target_guidance_scale,
+    )
+
+
 def case_module(backbone, case: EditCase, method: Method, args):
     """The ready edit of one case (not yet run) and the callbacks its method needs."""
+    if method.solver == "flow":
+        from gas_lightning.solvers import build_solver_edit
+
+        module = build_solver_edit(
+            backbone,
+            render_pil(case.source),
+            case_plan(case, method, args),
+            solver="flow",
+            guidance_config=method.guidance(args),
+            flow_config=flow_config(args),
+            schedule=method.schedule,
+            seed=edit_seed(args, case),
+        )
+        return module, []
     module = build_edit(
         backbone,
         render_pil(case.source),
@@ -240,8 +274,9 @@ def case_module(backbone, case: EditCase, method: Method, args):
 def edit_case(backbone, case: EditCase, method: Method, args, ready=None) -> tuple[np.ndarray, float]:
     """Edit one case; `ready`: case_module's (module, callbacks) for it, e.g. with hooks attached."""
     module, callbacks = ready if ready is not None else case_module(backbone, case, method, args)
+    flow = getattr(getattr(module, "guidance", None), "config", None)
     trainer = L.Trainer(
-        max_steps=args.steps,
+        max_steps=flow.n_max if method.solver == "flow" else args.steps,  # FlowEdit: one step per grid step
         accelerator=args.accelerator,
         devices=1,
         logger=False,
@@ -380,6 +415,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lr_final", type=float, default=0.0, help="cosine: the last steps' lr as a fraction of --lr")
     p.add_argument("--loss_scale", type=float, default=2000.0)
     p.add_argument(
+        "--flow_steps", type=int, default=None, help="flow methods: FlowEdit's grid (default: the family's, 50)"
+    )
+    p.add_argument(
+        "--flow_n_max", type=int, default=None, help="flow methods: grid steps run (default: the family's, 33)"
+    )
+    p.add_argument("--flow_n_avg", type=int, default=1, help="flow methods: noise draws per step")
+    p.add_argument("--flow_source_guidance_scale", type=float, default=None, help="flow methods (default: 3.5 on SD3)")
+    p.add_argument("--flow_target_guidance_scale", type=float, default=None, help="flow methods (default: 13.5 on SD3)")
+    p.add_argument(
         "--guidance_scale",
         type=float,
         default=12.5,
@@ -475,6 +519,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     backbone = load_backbone(folder, device="cuda" if args.accelerator == "gpu" else "cpu", attention="sdpa")
+    from gas_lightning.solvers import natural_solver
+
+    solver = natural_solver(backbone)
+    other = [n for n in names if METHODS[n].solver != solver]
+    if other:
+        p.error(
+            f"--model {args.model} runs the {solver} solver; {', '.join(other)} need"
+            + (" the flow twin (results/flow_world/snapshot)" if solver == "dds" else " a UNet world model")
+        )
     results: dict[str, dict] = {}
     per_case: dict[str, list[dict]] = {}
     fig_rows = [[c.source_image, c.target_image] for c in cases[: args.figure_cases]]

@@ -2,9 +2,10 @@
 
     python tools/world/sample_world.py --model gas_lightning/worlds/assets/shapes-model --n 96
     python tools/world/sample_world.py --model gas-lightning:shapes-latent --n 96 --steps 20 --guidance 4
+    python tools/world/sample_world.py --model results/flow_world/snapshot --n 48 --steps 28 --guidance 4
 
 Draws N single-object captions ("a red circle on snow"), balanced over colours, shapes and
-backgrounds, samples them with DDIM and classifier-free guidance, and reads every sample with
+backgrounds, samples them with DDIM (the flow twin: Euler steps on its time grid) and classifier-free guidance, and reads every sample with
 the world's nearest-named-colour logic: object colour (majority over object-coloured pixels),
 shape (fill ratio of the largest component of that colour) and background (majority over
 background-coloured pixels). Prints the rates and, with --json, writes them; --grid saves the
@@ -30,8 +31,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from gas_lightning.loading import load_backbone
 from gas_lightning.resolve import resolve_bundled
-from gas_lightning.worlds import latent_model
+from gas_lightning.worlds import flow_model, latent_model
 from gas_lightning.worlds.grounder import classify_shape, components
 from gas_lightning.worlds.model import MODEL_DIR, load_folder, sample_images
 from gas_lightning.worlds.scenes import BACKGROUNDS, COLOURS, PALETTE, SHAPES, nearest_colour_names
@@ -88,16 +90,20 @@ def main(argv=None) -> dict:
 
     t0 = time.time()
     folder = Path(resolve_bundled(args.model))
-    parts = latent_model.load_folder(folder) if (folder / "vae").is_dir() else (*load_folder(folder), None)
-    images = sample_images(
-        *parts[:4],
-        prompts,
-        steps=args.steps,
-        guidance=args.guidance,
-        seed=args.seed,
-        vae=parts[4],
-        batch_size=16 if parts[4] is not None else 64,
-    )
+    if (folder / "transformer").is_dir():  # the flow twin (SD3 layout): Euler steps on its own time grid
+        backbone = load_backbone(str(folder), device="cpu", attention="sdpa")
+        images = flow_model.sample_images(backbone, prompts, steps=args.steps, guidance=args.guidance, seed=args.seed)
+    else:
+        parts = latent_model.load_folder(folder) if (folder / "vae").is_dir() else (*load_folder(folder), None)
+        images = sample_images(
+            *parts[:4],
+            prompts,
+            steps=args.steps,
+            guidance=args.guidance,
+            seed=args.seed,
+            vae=parts[4],
+            batch_size=16 if parts[4] is not None else 64,
+        )
     seconds = time.time() - t0
     reads = [read_sample(im) for im in images]
     rates = {

@@ -1,10 +1,11 @@
-"""Train the latent-space shapes-world model (gas-lightning:shapes-latent) in two stages.
+"""Train the latent-space shapes-world model (gas-lightning:shapes-latent) and its rectified-flow twin.
 
     nice -n 5 python tools/world/train_latent_world.py vae --out runs/latent_world --max-minutes 40
     nice -n 5 python tools/world/train_latent_world.py unet --out runs/latent_world --max-minutes 80
     python tools/world/train_latent_world.py unet --out runs/latent_world --resume runs/latent_world/unet/last.ckpt
     python tools/world/train_latent_world.py vae --out runs/latent_world/decoder --vae MODEL/vae --decoder-only
     python tools/world/train_latent_world.py unet --out runs/latent_world --unet SNAP --text SNAP --vae SNAP/vae
+    python tools/world/train_latent_world.py flow --out runs/flow_world --vae SNAP/vae --text SNAP --max-minutes 90
 
 Stage `vae` trains the AutoencoderKL on 128 px scenes (L1 + MSE, SD's KL weight 1e-6); every
 --save-every steps its EMA weights, the held-out round-trip PSNR and the measured scaling_factor
@@ -17,6 +18,9 @@ Lightning checkpoints (OUT/STAGE/last.ckpt, EMA state included) that --resume co
 in the repository between sessions, whose run folders do not survive); its optimiser state starts afresh.
 --decoder-only improves a VAE's decoder after the UNet is trained: the encoder, and so the
 latents and the scaling_factor the UNet learnt, stay as they were.
+Stage `flow` trains the rectified-flow twin (gas_lightning.worlds.flow_model: an SD3-layout folder) on
+the same frozen VAE's latents with flow matching; its text encoders are the latent world's CLIP and a
+fixed random T5, frozen; --transformer SNAP --text SNAP continues from a kept snapshot.
 Data are generated on the fly (gas_lightning.worlds.scenes), so there is no dataset and no epoch.
 """
 
@@ -219,6 +223,57 @@ class UnetStage(L.LightningModule):
         return {}
 
 
+def flow_matching_loss(velocity, x0: torch.Tensor) -> torch.Tensor:
+    """Rectified flow as SD3 trains it: z_t = (1 - t) x0 + t n, the target velocity n - x0, t drawn
+    logit-normal (sigmoid of a standard normal: most samples at middle noise)."""
+    b = x0.shape[0]
+    t = torch.sigmoid(torch.randn(b, device=x0.device))
+    noise = torch.randn_like(x0)
+    tt = t.view(b, *([1] * (x0.dim() - 1)))
+    return (velocity((1 - tt) * x0 + tt * noise, t) - (noise - x0)).pow(2).mean()
+
+
+class FlowStage(L.LightningModule):
+    """The flow twin's transformer on the frozen VAE's latents, conditioned through SD3Backbone itself
+    (the same text path and velocity call an edit uses); the text encoders stay frozen."""
+
+    def __init__(self, tokenizer, clip, t5, transformer, vae, scheduler, lr, schedule: Schedule, batch_size, pool):
+        super().__init__()
+        from gas_lightning.backbone import VaeCodec
+        from gas_lightning.flow_backbone import SD3Backbone
+
+        self.tokenizer, self.noise_scheduler, self.lr, self.schedule = tokenizer, scheduler, lr, schedule
+        self.clip, self.t5 = clip.requires_grad_(False).eval(), t5.requires_grad_(False).eval()
+        self.transformer, self.codec = transformer, VaeCodec(vae.requires_grad_(False).eval())
+        self.batch_size, self.pool = batch_size, LatentPool(pool)
+        self.backbone = SD3Backbone(
+            transformer=transformer, codec=self.codec, scheduler=scheduler, source="training", offload_text=False,
+            text_encoder=clip, tokenizer=tokenizer, text_encoder_2=clip, tokenizer_2=tokenizer,
+            text_encoder_3=t5, tokenizer_3=tokenizer,
+        )  # fmt: skip
+
+    def training_step(self, batch, batch_idx):
+        x, ids = batch
+        self.pool.add(self.codec.encode(x), ids)
+        z, ids = self.pool.draw(self.batch_size)
+        cond = self.backbone.embed_ids(ids, ids, ids)
+        loss = flow_matching_loss(lambda zt, t: self.backbone.velocity(zt, t, cond), z)
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.transformer.parameters(), lr=self.lr, weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self.schedule(step))  # see UnetStage
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def export(self, folder: Path, held_out: torch.Tensor) -> dict:
+        from gas_lightning.worlds import flow_model
+
+        vae = self.codec.vae
+        flow_model.save_folder(folder, self.tokenizer, self.clip, self.t5, self.transformer, self.noise_scheduler, vae)
+        return {}
+
+
 class Snapshot(L.Callback):
     """Every `every` steps: print the mean loss, write the EMA weights to OUT/ema-latest."""
 
@@ -264,13 +319,14 @@ def trained_steps(folder: str | Path | None) -> int:
     return int(p.get("total_steps", p.get("step", 0)))
 
 
-def keep_snapshot(snapshot: Path, dest: Path, prior_steps: int = 0) -> None:
-    """Copy an ema-latest folder to `dest` with the UNet's weights in float16 (half the bytes): the copy
-    kept in the repository between sessions, whose run folders do not survive. `--unet dest` reads it
-    back in float32. Its progress.json adds `total_steps`: `prior_steps` (the runs it continued) + this run's."""
+def keep_snapshot(snapshot: Path, dest: Path, prior_steps: int = 0, net: str = "unet") -> None:
+    """Copy an ema-latest folder to `dest` with the denoiser's weights (`net`: unet/ or transformer/) in
+    float16 (half the bytes): the copy kept in the repository between sessions, whose run folders do not
+    survive. `--unet dest` (`--transformer dest`) reads it back in float32. Its progress.json adds
+    `total_steps`: `prior_steps` (the runs it continued) + this run's."""
     import shutil
 
-    from diffusers import UNet2DConditionModel
+    import diffusers
 
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -278,9 +334,10 @@ def keep_snapshot(snapshot: Path, dest: Path, prior_steps: int = 0) -> None:
     progress = json.loads((tmp / "progress.json").read_text())
     progress["total_steps"] = prior_steps + int(progress["step"])
     (tmp / "progress.json").write_text(json.dumps(progress) + "\n")
-    unet = UNet2DConditionModel.from_pretrained(str(snapshot / "unet"), torch_dtype=torch.float32)
-    shutil.rmtree(tmp / "unet")
-    unet.to(torch.float16).save_pretrained(str(tmp / "unet"))
+    cls = getattr(diffusers, json.loads((snapshot / net / "config.json").read_text())["_class_name"])
+    model = cls.from_pretrained(str(snapshot / net), torch_dtype=torch.float32)
+    shutil.rmtree(tmp / net)
+    model.to(torch.float16).save_pretrained(str(tmp / net))
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
 
@@ -307,6 +364,8 @@ def build_stage(args):
         return VaeStage(vae, args.lr, schedule, crop=args.crop, measure_scale=not args.decoder_only), None
     vae = AutoencoderKL.from_pretrained(args.vae or str(Path(args.out) / "vae" / "ema-latest"))
     tok = CLIPTokenizer.from_pretrained(str(Path(args.text) / "tokenizer"))
+    if args.stage == "flow":
+        return flow_stage(args, schedule, vae, tok), tok
     text = CLIPTextModel.from_pretrained(str(Path(args.text) / "text_encoder"))
     if args.unet:  # a saved snapshot's weights (its own widths); the optimiser state starts afresh
         unet = UNet2DConditionModel.from_pretrained(str(Path(args.unet) / "unet"), torch_dtype=torch.float32)
@@ -328,9 +387,44 @@ def build_stage(args):
     return module, tok
 
 
+def flow_stage(args, schedule: Schedule, vae, tok) -> FlowStage:
+    """The flow twin's stage: the text encoders from --text (the latent world's CLIP, or a flow snapshot's
+    own), the transformer from --transformer (a snapshot) or new."""
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
+
+    from gas_lightning.worlds import flow_model
+
+    text = Path(args.text)
+    if (text / "text_encoder_3").is_dir():  # an SD3-layout snapshot: its own (frozen) encoders
+        clip = CLIPTextModelWithProjection.from_pretrained(str(text / "text_encoder"))
+        t5 = T5EncoderModel.from_pretrained(str(text / "text_encoder_3"))
+    else:
+        clip = flow_model.clip_with_projection(CLIPTextModel.from_pretrained(str(text / "text_encoder")))
+        t5 = flow_model.build_t5(len(tok))
+    if args.transformer:
+        path = str(Path(args.transformer) / "transformer")
+        transformer = SD3Transformer2DModel.from_pretrained(path, torch_dtype=torch.float32)
+    else:
+        layers, heads, head_dim = (int(c) for c in args.transformer_size.split(","))
+        transformer = flow_model.build_transformer(layers, heads, head_dim, clip.config.hidden_size)
+    return FlowStage(
+        tok,
+        clip,
+        t5,
+        transformer,
+        vae,
+        flow_model.build_flow_scheduler(),
+        args.lr,
+        schedule,
+        args.batch_size,
+        args.pool,
+    )
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=("vae", "unet"))
+    ap.add_argument("stage", choices=("vae", "unet", "flow"))
     ap.add_argument("--out", default="runs/latent_world", help="run folder; each stage writes OUT/STAGE/")
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch-size", type=int, default=None, help="default: 8 (vae), 32 (unet)")
@@ -340,8 +434,10 @@ def main(argv=None) -> None:
     ap.add_argument("--ema", type=float, default=None, help="EMA decay; default 0.995 (vae), 0.999 (unet)")
     ap.add_argument("--min-snr", type=float, default=5.0)
     ap.add_argument("--channels", default=",".join(map(str, UNET_CHANNELS)), help="unet stage: the UNet's block widths")
-    ap.add_argument("--pool", type=int, default=512, help="unet stage: encoded scenes kept and drawn from")
-    ap.add_argument("--refresh", type=int, default=8, help="unet stage: new scenes encoded into the pool per step")
+    ap.add_argument("--pool", type=int, default=512, help="unet and flow stages: encoded scenes kept and drawn from")
+    ap.add_argument(
+        "--refresh", type=int, default=8, help="unet and flow stages: new scenes encoded into the pool per step"
+    )
     ap.add_argument(
         "--held-out", type=int, default=64, help="vae stage: scenes for the round-trip PSNR of each snapshot"
     )
@@ -351,7 +447,7 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--vae",
         default=None,
-        help="unet stage: the VAE folder (default OUT/vae/ema-latest); "
+        help="unet and flow stages: the VAE folder (default OUT/vae/ema-latest); "
         "vae stage: start from this VAE instead of random weights",
     )
     ap.add_argument(
@@ -360,7 +456,9 @@ def main(argv=None) -> None:
         help="vae stage: train the decoder alone (with --vae), so a UNet trained on the latents stays valid",
     )
     ap.add_argument(
-        "--text", default=str(MODEL_DIR), help="unet stage: the folder whose tokenizer/ and text_encoder/ start the run"
+        "--text",
+        default=str(MODEL_DIR),
+        help="unet and flow stages: the folder whose tokenizer/ and text_encoder/ start the run",
     )
     ap.add_argument(
         "--unet",
@@ -369,11 +467,22 @@ def main(argv=None) -> None:
         "random ones; pass the same folder as --text and --vae FOLDER/vae to continue a run whose checkpoint is gone",
     )
     ap.add_argument(
+        "--transformer",
+        default=None,
+        help="flow stage: start from this SD3-layout folder's transformer/ (a kept snapshot; pass it as --text too)",
+    )
+    ap.add_argument(
+        "--transformer-size",
+        default="6,4,32",
+        help="flow stage: a new transformer's layers, heads and head width",
+    )
+    ap.add_argument(
         "--keep",
         type=Path,
         default=None,
-        help="unet stage: after training, copy the EMA snapshot here with the UNet in float16 "
-        "(results/latent_world/snapshot: the copy the repository keeps between sessions)",
+        help="unet and flow stages: after training, copy the EMA snapshot here with the UNet (transformer) in "
+        "float16 (results/latent_world/snapshot, results/flow_world/snapshot: the copies the repository keeps "
+        "between sessions)",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -430,14 +539,17 @@ def main(argv=None) -> None:
         ],
     )
     t0 = time.time()
-    prior = trained_steps(getattr(args, "unet", None))  # read before --keep may overwrite that folder
+    prior = trained_steps(
+        args.transformer if args.stage == "flow" else args.unet
+    )  # read before --keep may overwrite that folder
     trainer.fit(module, data, ckpt_path=args.resume)
     print(
         f"done: {trainer.global_step} steps in {(time.time() - t0) / 60:.1f} min; EMA in {out / 'ema-latest'}",
         flush=True,
     )
     if args.keep is not None and not vae_stage:
-        keep_snapshot(out / "ema-latest", args.keep, prior)
+        net = "transformer" if args.stage == "flow" else "unet"
+        keep_snapshot(out / "ema-latest", args.keep, prior, net)
         print(f"kept: {args.keep}", flush=True)
 
 
