@@ -188,9 +188,12 @@ METHODS = {
         Method("gas_grounded_keep_unmentioned", grounded=True, keep_unmentioned=True),
         Method("gas_shape_context", shape_context=True),
         # the flow twin (--model results/flow_world/snapshot): plain FlowEdit with the whole caption, and the
-        # grounded flow solver with configs/sd3.yaml's constants (boxes, the whole-scene term, no keep subtasks)
+        # grounded flow solver with configs/sd3.yaml's constants (boxes, the whole-scene term, no keep subtasks),
+        # and the same with the cases' keep subtasks
         Method("flowedit", solver="flow", full_prompt_only=True, keep=False, target_balance=False),
         Method("gas_flow_reference", solver="flow", full_prompt=True, keep=False, target_balance=False),
+        Method("gas_flow_keep", solver="flow", full_prompt=True, target_balance=False),
+        Method("gas_flow_keep_local", solver="flow", target_balance=False),  # without the whole-scene term
     )
 }
 DEFAULT_METHODS = ("dds", "gas", "gas_sequential")
@@ -581,6 +584,13 @@ def main(argv: list[str] | None = None) -> int:
             "keeping_only": args.keeping_only,
             "model": args.model,
             "size": size,
+            "flow": {  # the flow methods' FlowEdit settings (None: the family's published value)
+                "steps": args.flow_steps,
+                "n_max": args.flow_n_max,
+                "n_avg": args.flow_n_avg,
+                "source_guidance_scale": args.flow_source_guidance_scale,
+                "target_guidance_scale": args.flow_target_guidance_scale,
+            },
         },
     }
     if args.json is not None:
