@@ -18,11 +18,6 @@ import json
 import shutil
 from pathlib import Path
 
-from gas_lightning.worlds import ASSETS_DIR
-
-FLOW_MODEL_DIR = ASSETS_DIR / "shapes-flow-model"
-"""Where the trained flow twin ships inside the package (gas-lightning:shapes-flow), once it does."""
-
 T5_WIDTH = 256  # at least both CLIPs' widths together (2 x 128): their states are zero-padded to it
 TRANSFORMER_LAYERS = 6
 TRANSFORMER_HEADS = 4

@@ -38,6 +38,7 @@ from gas_lightning.loading import load_backbone
 from gas_lightning.pipeline import build_edit, tensor_to_image
 from gas_lightning.plan import EditPlan, Subtask
 from gas_lightning.resolve import resolve_bundled
+from gas_lightning.solvers import build_solver_edit, natural_solver
 from gas_lightning.worlds import MODEL_DIR, aggregate, held_out_cases, render_pil, score
 from gas_lightning.worlds.cases import KINDS, EditCase
 from gas_lightning.worlds.latent_model import check_scene_size, world_size
@@ -247,8 +248,6 @@ def flow_config(args):
 def case_module(backbone, case: EditCase, method: Method, args):
     """The ready edit of one case (not yet run) and the callbacks its method needs."""
     if method.solver == "flow":
-        from gas_lightning.solvers import build_solver_edit
-
         module = build_solver_edit(
             backbone,
             render_pil(case.source),
@@ -277,9 +276,9 @@ def case_module(backbone, case: EditCase, method: Method, args):
 def edit_case(backbone, case: EditCase, method: Method, args, ready=None) -> tuple[np.ndarray, float]:
     """Edit one case; `ready`: case_module's (module, callbacks) for it, e.g. with hooks attached."""
     module, callbacks = ready if ready is not None else case_module(backbone, case, method, args)
-    flow = getattr(getattr(module, "guidance", None), "config", None)
     trainer = L.Trainer(
-        max_steps=flow.n_max if method.solver == "flow" else args.steps,  # FlowEdit: one step per grid step
+        # FlowEdit: one step per grid step
+        max_steps=module.guidance.config.n_max if method.solver == "flow" else args.steps,
         accelerator=args.accelerator,
         devices=1,
         logger=False,
@@ -522,8 +521,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     backbone = load_backbone(folder, device="cuda" if args.accelerator == "gpu" else "cpu", attention="sdpa")
-    from gas_lightning.solvers import natural_solver
-
     solver = natural_solver(backbone)
     other = [n for n in names if METHODS[n].solver != solver]
     if other:
